@@ -2,8 +2,16 @@
 //! semantics of system instructions shared by the interpreter and the
 //! translator's callouts.
 
+pub mod cpu;
+pub mod exception;
+pub mod interp;
 pub mod memory;
+pub mod mmu;
 pub mod platform;
+pub mod stats;
+pub mod system;
 
+pub use exception::Exception;
 pub use memory::{GuestMemory, GuestPhys};
 pub use platform::{EventSignal, NullPlatform, Platform};
+pub use interp::{Vcpu, VmExit};

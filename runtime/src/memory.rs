@@ -49,7 +49,7 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Creates `size` bytes of zeroed guest RAM backed by a memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize(size));
         }
         let fd = nix::sys::memfd::memfd_create(

@@ -1,0 +1,263 @@
+//! Arithmetic with exact x86 flags (SDM Vol. 1, 3.4.3.1 and Appendix A).
+//!
+//! Every function takes the operand size in bytes and operands already
+//! masked to that size, and returns the masked result and the arithmetic
+//! flags it defines. Flags an instruction leaves undefined are computed the
+//! way AMD and Intel parts commonly do where that is cheap, otherwise zero;
+//! differential tests mask them.
+
+use crate::cpu::rflags::{AF, CF, OF, PF, SF, ZF};
+
+use super::access::size_mask;
+
+static PARITY: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = if (i as u8).count_ones().is_multiple_of(2) { PF as u8 } else { 0 };
+        i += 1;
+    }
+    t
+};
+
+#[inline(always)]
+pub fn msb(size: u32) -> u32 {
+    size * 8 - 1
+}
+
+/// ZF, SF and PF of a result.
+#[inline(always)]
+pub fn szp(size: u32, r: u64) -> u64 {
+    let mut f = PARITY[(r & 0xff) as usize] as u64;
+    if r & size_mask(size) == 0 {
+        f |= ZF;
+    }
+    f | (((r >> msb(size)) & 1) << 7)
+}
+
+#[inline(always)]
+pub fn add(size: u32, a: u64, b: u64, carry: u64) -> (u64, u64) {
+    let m = size_mask(size);
+    let (r, cf) = if size == 8 {
+        let (s1, c1) = a.overflowing_add(b);
+        let (s2, c2) = s1.overflowing_add(carry);
+        (s2, c1 | c2)
+    } else {
+        let s = a + b + carry;
+        (s & m, s > m)
+    };
+    let of = ((a ^ r) & (b ^ r)) >> msb(size) & 1;
+    let f = szp(size, r) | (cf as u64) | ((a ^ b ^ r) & AF) | (of << 11);
+    (r, f)
+}
+
+#[inline(always)]
+pub fn sub(size: u32, a: u64, b: u64, borrow: u64) -> (u64, u64) {
+    let m = size_mask(size);
+    let r = a.wrapping_sub(b).wrapping_sub(borrow) & m;
+    let cf = (a as u128) < b as u128 + borrow as u128;
+    let of = ((a ^ b) & (a ^ r)) >> msb(size) & 1;
+    let f = szp(size, r) | (cf as u64) | ((a ^ b ^ r) & AF) | (of << 11);
+    (r, f)
+}
+
+#[inline(always)]
+pub fn logic(size: u32, r: u64) -> (u64, u64) {
+    (r, szp(size, r))
+}
+
+/// inc/dec: like add/sub of 1 but CF is not written (callers mask it out).
+#[inline(always)]
+pub fn inc(size: u32, a: u64) -> (u64, u64) {
+    add(size, a, 1, 0)
+}
+
+#[inline(always)]
+pub fn dec(size: u32, a: u64) -> (u64, u64) {
+    sub(size, a, 1, 0)
+}
+
+#[inline(always)]
+pub fn neg(size: u32, a: u64) -> (u64, u64) {
+    sub(size, 0, a, 0)
+}
+
+/// Masks a shift/rotate count as the hardware does: 6 bits for 64-bit operands, else 5.
+#[inline(always)]
+pub fn shift_count(size: u32, c: u64) -> u32 {
+    (c & if size == 8 { 0x3f } else { 0x1f }) as u32
+}
+
+/// The flags a shift or rotate changes (`mask`) and their new values.
+pub struct ShiftResult {
+    pub value: u64,
+    pub flags: u64,
+    pub mask: u64,
+}
+
+const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+
+/// shl/sal, shr, sar with an already-masked, non-zero count.
+pub fn shift(kind: ShiftKind, size: u32, a: u64, count: u32, cf_in: bool) -> ShiftResult {
+    let bits = size * 8;
+    let m = size_mask(size);
+    let top = msb(size);
+    let (r, cf, of) = match kind {
+        ShiftKind::Shl => {
+            let r = if count >= bits { 0 } else { (a << count) & m };
+            let cf = if count > bits { false } else { (a >> (bits - count)) & 1 != 0 };
+            let of = ((r >> top) & 1 != 0) ^ cf;
+            (r, cf, of)
+        }
+        ShiftKind::Shr => {
+            let r = if count >= bits { 0 } else { a >> count };
+            let cf = if count > bits { false } else { (a >> (count - 1)) & 1 != 0 };
+            (r, cf, (a >> top) & 1 != 0)
+        }
+        ShiftKind::Sar => {
+            let sa = ((a << (64 - bits)) as i64) >> (64 - bits);
+            let r = (sa >> count.min(63)) as u64 & m;
+            let cf = (sa >> (count - 1).min(63)) & 1 != 0;
+            (r, cf, false)
+        }
+        ShiftKind::Rol | ShiftKind::Ror | ShiftKind::Rcl | ShiftKind::Rcr => {
+            return rotate(kind, size, a, count, cf_in);
+        }
+    };
+    let flags = szp(size, r) | cf as u64 | ((of as u64) << 11);
+    ShiftResult { value: r, flags, mask: ALL }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ShiftKind {
+    Rol,
+    Ror,
+    Rcl,
+    Rcr,
+    Shl,
+    Shr,
+    Sar,
+}
+
+fn rotate(kind: ShiftKind, size: u32, a: u64, count: u32, cf_in: bool) -> ShiftResult {
+    let bits = size * 8;
+    let m = size_mask(size);
+    let top = msb(size);
+    let mask = CF | OF;
+    match kind {
+        ShiftKind::Rol | ShiftKind::Ror => {
+            let c = count % bits;
+            let r = if kind == ShiftKind::Rol {
+                if c == 0 { a } else { ((a << c) | (a >> (bits - c))) & m }
+            } else if c == 0 {
+                a
+            } else {
+                ((a >> c) | (a << (bits - c))) & m
+            };
+            let (cf, of) = if kind == ShiftKind::Rol {
+                let cf = r & 1 != 0;
+                (cf, ((r >> top) & 1 != 0) ^ cf)
+            } else {
+                let cf = (r >> top) & 1 != 0;
+                (cf, cf ^ ((r >> (top - 1)) & 1 != 0))
+            };
+            ShiftResult { value: r, flags: cf as u64 | ((of as u64) << 11), mask }
+        }
+        _ => {
+            // Rotate through carry: a (bits+1)-bit rotation of CF:value.
+            let c = count % (bits + 1);
+            let mut r = a;
+            let mut cf = cf_in;
+            if kind == ShiftKind::Rcl {
+                for _ in 0..c {
+                    let out = (r >> top) & 1 != 0;
+                    r = ((r << 1) | cf as u64) & m;
+                    cf = out;
+                }
+                let of = ((r >> top) & 1 != 0) ^ cf;
+                ShiftResult { value: r, flags: cf as u64 | ((of as u64) << 11), mask }
+            } else {
+                let mut of = ((r >> top) & 1 != 0) ^ cf;
+                for _ in 0..c {
+                    let out = r & 1 != 0;
+                    r = (r >> 1) | ((cf as u64) << top);
+                    cf = out;
+                }
+                if c == 0 {
+                    of = false;
+                }
+                ShiftResult { value: r, flags: cf as u64 | ((of as u64) << 11), mask }
+            }
+        }
+    }
+}
+
+/// shld (left) / shrd (right) with a masked, non-zero count.
+pub fn double_shift(left: bool, size: u32, dst: u64, src: u64, count: u32) -> (u64, u64) {
+    let bits = size * 8;
+    let m = size_mask(size);
+    let top = msb(size);
+    // Work on the 2*bits-bit concatenation. (A 16-bit count above 16 leaves
+    // the result undefined; this gives one of the values hardware gives.)
+    let (r, cf) = if left {
+        let shifted = ((((dst as u128) << bits) | src as u128) << count) >> bits;
+        ((shifted as u64) & m, (shifted >> bits) & 1 != 0)
+    } else {
+        let wide = ((src as u128) << bits) | dst as u128;
+        ((wide >> count) as u64 & m, (wide >> (count - 1)) & 1 != 0)
+    };
+    let of = ((r ^ dst) >> top) & 1;
+    (r, szp(size, r) | cf as u64 | (of << 11))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_8bit_overflow_sets_of_cf_af() {
+        let (r, f) = add(1, 0x7f, 0x01, 0);
+        assert_eq!(r, 0x80);
+        assert_eq!(f & (OF | SF | AF | CF | ZF), OF | SF | AF);
+        let (r, f) = add(1, 0xff, 0x01, 0);
+        assert_eq!(r, 0);
+        assert_eq!(f & (CF | ZF | PF), CF | ZF | PF);
+    }
+
+    #[test]
+    fn add_64bit_with_carry_in_wraps() {
+        let (r, f) = add(8, u64::MAX, 0, 1);
+        assert_eq!(r, 0);
+        assert_ne!(f & CF, 0);
+    }
+
+    #[test]
+    fn sub_borrow_rules_match_hardware() {
+        assert_eq!(sub(4, 0, 1, 0).1 & CF, CF);
+        assert_eq!(sub(4, 5, 5, 0).1 & (CF | ZF), ZF);
+        assert_eq!(sub(4, 5, 5, 1).1 & CF, CF);
+        assert_eq!(sub(8, 0, u64::MAX, 1).0, 0);
+        assert_eq!(sub(8, 0, u64::MAX, 1).1 & CF, CF);
+        let (r, f) = sub(1, 0x80, 1, 0);
+        assert_eq!(r, 0x7f);
+        assert_eq!(f & OF, OF);
+    }
+
+    #[test]
+    fn rcl_16bit_count_17_is_identity() {
+        let r = shift(ShiftKind::Rcl, 2, 0x8001, 17, true);
+        assert_eq!(r.value, 0x8001);
+    }
+
+    #[test]
+    fn sar_32bit_negative_fills_sign() {
+        let r = shift(ShiftKind::Sar, 4, 0x8000_0000, 31, false);
+        assert_eq!(r.value, 0xffff_ffff);
+    }
+
+    #[test]
+    fn shld_32bit_shifts_in_source_bits() {
+        assert_eq!(double_shift(true, 4, 0x1234_5678, 0x9abc_def0, 8).0, 0x3456_789a);
+        assert_eq!(double_shift(false, 4, 0x1234_5678, 0x9abc_def0, 8).0, 0xf012_3456);
+    }
+}

@@ -1,0 +1,373 @@
+//! The interpreter: iced-x86 decodes, handlers execute, one instruction at a time.
+//!
+//! Decoded instructions are cached in blocks keyed by (RIP, guest physical
+//! address, code size): a guest loop is decoded once. A block ends at a
+//! control transfer, at a page boundary, or after [`MAX_BLOCK`] instructions;
+//! handlers that change how code must be decoded or when interrupts may be
+//! taken (mode changes, `sti`, `hlt`, I/O) set [`Vcpu::block_break`] so the
+//! loop returns to the dispatcher. Writes to a page holding decoded code
+//! invalidate its blocks (self-modifying code): write TLB entries are never
+//! filled for such pages, so every such write reaches [`Vcpu::write_phys_u8`]
+//! or the code-page check of the slow path.
+
+pub mod access;
+mod alu;
+mod bits;
+mod control;
+mod dispatch;
+mod integer;
+mod string;
+
+pub use string::{advance_reg, run_string, string_regs, Step, StringRegs};
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
+
+pub use access::Loc;
+use crate::cpu::{rflags, seg, Cpu};
+use crate::exception::Exception;
+use crate::memory::GuestMemory;
+use crate::mmu::{tlb::Tlb, Access};
+use crate::platform::{EventSignal, Platform};
+use crate::stats::Stats;
+use std::sync::Arc;
+
+/// Most instructions in one decoded block.
+pub const MAX_BLOCK: usize = 64;
+
+/// Executes one decoded instruction. `cpu.regs.rip` already holds the
+/// address of the next instruction; on `Err` the loop restores it.
+pub type Handler = fn(&mut Vcpu, &Instruction) -> Result<(), Exception>;
+
+#[derive(Clone)]
+pub(crate) struct Decoded {
+    pub insn: Instruction,
+    pub exec: Handler,
+}
+
+pub(crate) struct Block {
+    pub insns: Vec<Decoded>,
+    /// Physical pages the block's bytes came from.
+    pub pages: [u64; 2],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct BlockKey {
+    rip: u64,
+    phys: u64,
+    bits: u32,
+}
+
+const FAST_SLOTS: usize = 4096;
+
+/// Decoded-block cache with page-granular invalidation.
+pub(crate) struct CodeMap {
+    blocks: HashMap<BlockKey, Rc<Block>>,
+    /// Direct-mapped front of `blocks`.
+    fast: Vec<Option<(BlockKey, Rc<Block>)>>,
+    by_page: HashMap<u64, Vec<BlockKey>>,
+    /// One bit per 4 KiB page of RAM: the page holds decoded code.
+    code_pages: Vec<u64>,
+}
+
+impl CodeMap {
+    fn new(ram_size: u64) -> Self {
+        Self {
+            blocks: HashMap::new(),
+            fast: vec![None; FAST_SLOTS],
+            by_page: HashMap::new(),
+            code_pages: vec![0; (ram_size >> 12).div_ceil(64) as usize + 1],
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_code_page(&self, phys_page: u64) -> bool {
+        let p = (phys_page >> 12) as usize;
+        self.code_pages.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+    }
+
+    #[inline(always)]
+    fn slot(key: &BlockKey) -> usize {
+        ((key.phys ^ (key.rip >> 2) ^ (key.rip >> 14)) as usize) % FAST_SLOTS
+    }
+
+    fn get(&mut self, key: &BlockKey) -> Option<Rc<Block>> {
+        let slot = Self::slot(key);
+        if let Some((k, b)) = &self.fast[slot] {
+            if k == key {
+                return Some(b.clone());
+            }
+        }
+        let b = self.blocks.get(key)?.clone();
+        self.fast[slot] = Some((*key, b.clone()));
+        Some(b)
+    }
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The platform asked to stop (exit port, reset, quit).
+    Stopped,
+    /// `hlt` with interrupts disabled: nothing can ever wake the vCPU.
+    HaltedForever,
+    /// A triple fault; the guest state is left as it was at the fault.
+    TripleFault,
+    /// The instruction budget of [`Vcpu::run`] ran out.
+    BudgetExhausted,
+}
+
+/// One vCPU: architectural state, its soft TLB and decoded-code cache, and
+/// the platform it performs I/O on.
+pub struct Vcpu {
+    pub cpu: Cpu,
+    pub mem: Arc<GuestMemory>,
+    pub platform: Box<dyn Platform>,
+    pub tlb: Tlb,
+    pub(crate) code: CodeMap,
+    pub stats: Stats,
+    /// Set by a handler: return to the dispatcher after this instruction.
+    pub block_break: bool,
+    /// Set by a handler when the vCPU must leave `run` (triple fault).
+    pub exit: Option<VmExit>,
+}
+
+impl Vcpu {
+    pub fn new(mem: Arc<GuestMemory>, platform: Box<dyn Platform>) -> Self {
+        let size = mem.size();
+        Self {
+            cpu: Cpu::new(),
+            mem,
+            platform,
+            tlb: Tlb::new(),
+            code: CodeMap::new(size),
+            stats: Stats::default(),
+            block_break: false,
+            exit: None,
+        }
+    }
+
+    /// Runs until the platform stops the VM, a triple fault, or `budget` instructions.
+    pub fn run(&mut self, events: &EventSignal, budget: Option<u64>) -> VmExit {
+        let limit = budget.map(|b| self.stats.instructions + b);
+        loop {
+            if events.is_raised() {
+                events.take();
+                self.platform.service();
+            }
+            if self.platform.stop_requested() {
+                return VmExit::Stopped;
+            }
+            if let Some(exit) = self.exit.take() {
+                return exit;
+            }
+            if limit.is_some_and(|l| self.stats.instructions >= l) {
+                return VmExit::BudgetExhausted;
+            }
+            if self.cpu.interrupts_enabled() && !self.cpu.interrupt_shadow && self.platform.intr_pending() {
+                if let Some(vector) = self.platform.intr_ack() {
+                    self.cpu.halted = false;
+                    self.external_interrupt(vector);
+                    continue;
+                }
+            }
+            if self.cpu.halted {
+                if !self.cpu.interrupts_enabled() {
+                    return VmExit::HaltedForever;
+                }
+                let t = std::time::Instant::now();
+                events.wait(std::time::Duration::from_millis(50));
+                self.stats.halted_ns += t.elapsed().as_nanos() as u64;
+                continue;
+            }
+            let single = self.cpu.interrupt_shadow || self.cpu.regs.rflags & rflags::TF != 0;
+            let remaining = limit.map_or(u64::MAX, |l| l - self.stats.instructions);
+            self.run_block(single, remaining);
+        }
+    }
+
+    /// Executes one block (or one instruction if `single`).
+    fn run_block(&mut self, single: bool, remaining: u64) {
+        let block = match self.fetch_block() {
+            Ok(b) => b,
+            Err(e) => {
+                self.raise(e);
+                return;
+            }
+        };
+        let trap_after = self.cpu.regs.rflags & rflags::TF != 0;
+        let n = if single { 1 } else { block.insns.len().min(remaining.max(1) as usize) };
+        self.block_break = false;
+        for d in &block.insns[..n] {
+            self.cpu.regs.rip = d.insn.next_ip();
+            if let Err(e) = (d.exec)(self, &d.insn) {
+                self.cpu.regs.rip = d.insn.ip();
+                self.stats.instructions += 1;
+                self.raise(e);
+                return;
+            }
+            self.stats.instructions += 1;
+            if self.block_break {
+                break;
+            }
+        }
+        if single {
+            self.cpu.interrupt_shadow = false;
+        }
+        if trap_after {
+            self.single_step_trap();
+        }
+    }
+
+    /// Decodes (or finds) the block at CS:RIP.
+    fn fetch_block(&mut self) -> Result<Rc<Block>, Exception> {
+        let rip = self.cpu.regs.rip;
+        let bits = self.cpu.code_bits();
+        let lin = self.code_linear(rip)?;
+        let user = self.user();
+        let phys = match self.tlb.entry(lin, Access::Execute, user) {
+            Some(e) => e.phys_page | (lin & 0xfff),
+            None => self.translate(lin, Access::Execute, user)?,
+        };
+        let key = BlockKey { rip, phys, bits };
+        if let Some(b) = self.code.get(&key) {
+            return Ok(b);
+        }
+        let block = Rc::new(self.decode_block(rip, lin, phys, bits)?);
+        self.insert_block(key, block.clone());
+        Ok(block)
+    }
+
+    /// CS:RIP -> linear, with the CS limit check outside 64-bit mode.
+    fn code_linear(&self, rip: u64) -> Result<u64, Exception> {
+        if self.cpu.long_mode() {
+            if !access::is_canonical(rip) {
+                return Err(Exception::gp0());
+            }
+            return Ok(rip);
+        }
+        let cs = &self.cpu.seg[seg::CS];
+        if rip > cs.limit as u64 {
+            return Err(Exception::gp0());
+        }
+        Ok(cs.base.wrapping_add(rip) & 0xffff_ffff)
+    }
+
+    fn decode_block(&mut self, rip: u64, lin: u64, phys: u64, bits: u32) -> Result<Block, Exception> {
+        self.stats.blocks_decoded += 1;
+        let mut insns = Vec::new();
+        let mut pages = [phys & !0xfff, u64::MAX];
+        let page_left = (0x1000 - (phys & 0xfff)) as usize;
+        let mut buf = [0u8; 0x1000 + 16];
+        self.mem.read(phys, &mut buf[..page_left]);
+        let mut off = 0usize;
+        let mut ip = rip;
+        while insns.len() < MAX_BLOCK {
+            let insn;
+            if off + 15 <= page_left {
+                let mut dec = Decoder::with_ip(bits, &buf[off..page_left], ip, DecoderOptions::NONE);
+                insn = dec.decode();
+            } else if off < page_left {
+                // The instruction may cross into the next page.
+                let mut dec = Decoder::with_ip(bits, &buf[off..page_left], ip, DecoderOptions::NONE);
+                let first = dec.decode();
+                if dec.last_error() != DecoderError::NoMoreBytes {
+                    insn = first;
+                } else {
+                    let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+                    let next = match self.code_linear_next(next_lin) {
+                        Ok(p) => p,
+                        Err(e) if insns.is_empty() => return Err(e),
+                        Err(_) => break,
+                    };
+                    pages[1] = next & !0xfff;
+                    let mut tmp = [0u8; 32];
+                    let have = page_left - off;
+                    tmp[..have].copy_from_slice(&buf[off..page_left]);
+                    self.mem.read(next, &mut tmp[have..have + 16]);
+                    let mut dec = Decoder::with_ip(bits, &tmp[..have + 16], ip, DecoderOptions::NONE);
+                    let i = dec.decode();
+                    insns.push(Decoded { exec: dispatch::handler(&i), insn: i });
+                    break;
+                }
+            } else {
+                break;
+            }
+            off += insn.len();
+            ip = insn.next_ip();
+            let ends = insn.flow_control() != FlowControl::Next || insn.is_invalid() || dispatch::ends_block(&insn);
+            insns.push(Decoded { exec: dispatch::handler(&insn), insn });
+            if ends {
+                break;
+            }
+        }
+        Ok(Block { insns, pages })
+    }
+
+    fn code_linear_next(&mut self, lin: u64) -> Result<u64, Exception> {
+        let user = self.user();
+        self.translate(lin, Access::Execute, user)
+    }
+
+    fn insert_block(&mut self, key: BlockKey, block: Rc<Block>) {
+        for &page in block.pages.iter().filter(|&&p| p != u64::MAX) {
+            let p = (page >> 12) as usize;
+            if let Some(w) = self.code.code_pages.get_mut(p / 64) {
+                if *w & (1 << (p % 64)) == 0 {
+                    *w |= 1 << (p % 64);
+                    self.tlb.protect_code_page(page);
+                }
+            }
+            self.code.by_page.entry(page).or_default().push(key);
+        }
+        self.code.blocks.insert(key, block);
+    }
+
+    /// Drops every decoded block with bytes in `phys_page` (self-modifying code).
+    pub fn invalidate_code_page(&mut self, phys_page: u64) {
+        self.stats.code_invalidations += 1;
+        if let Some(keys) = self.code.by_page.remove(&phys_page) {
+            for k in keys {
+                self.code.blocks.remove(&k);
+                let slot = CodeMap::slot(&k);
+                if self.code.fast[slot].as_ref().is_some_and(|(fk, _)| *fk == k) {
+                    self.code.fast[slot] = None;
+                }
+            }
+        }
+        let p = (phys_page >> 12) as usize;
+        if let Some(w) = self.code.code_pages.get_mut(p / 64) {
+            *w &= !(1 << (p % 64));
+        }
+        // The running block may be the one just dropped.
+        self.block_break = true;
+    }
+
+    /// Flushes the whole decoded-code cache.
+    pub fn flush_code(&mut self) {
+        let pages: Vec<u64> = self.code.by_page.keys().copied().collect();
+        for p in pages {
+            self.invalidate_code_page(p);
+        }
+    }
+
+    /// Delivers a fault raised by an instruction (or by fetching one).
+    pub fn raise(&mut self, e: Exception) {
+        self.stats.count_exception(e.vector);
+        crate::system::interrupt::deliver_exception(self, e);
+    }
+
+    fn external_interrupt(&mut self, vector: u8) {
+        self.stats.count_interrupt(vector);
+        crate::system::interrupt::deliver_external(self, vector);
+    }
+
+    fn single_step_trap(&mut self) {
+        crate::system::interrupt::single_step_trap(self);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+//! The soft TLB (DESIGN.md, "Memory"), in the manner of QEMU's softmmu.
+//!
+//! One direct-mapped table per access kind (read, write, execute) and per
+//! privilege (supervisor, user). An entry maps a 4 KiB linear page to a host
+//! address by an addend: `host = linear + addend`. Only pages in guest RAM
+//! are ever entered, and a write entry is never filled for a page that holds
+//! decoded or translated code, so such writes take the slow path, which
+//! invalidates the code.
+
+use super::{Access, Translation};
+
+pub const TLB_SIZE: usize = 256;
+const INVALID: u64 = 1;
+
+#[derive(Clone, Copy, Debug)]
+pub struct TlbEntry {
+    /// Linear page address, or `INVALID` (never page-aligned, so never matches).
+    pub tag: u64,
+    /// host address minus linear address.
+    pub addend: u64,
+    pub phys_page: u64,
+    pub global: bool,
+}
+
+impl TlbEntry {
+    const EMPTY: Self = Self { tag: INVALID, addend: 0, phys_page: 0, global: false };
+}
+
+pub struct Tlb {
+    /// Indexed `[user as usize][kind as usize][page & (TLB_SIZE-1)]`.
+    entries: Box<[[[TlbEntry; TLB_SIZE]; 3]; 2]>,
+    /// Some entry came from a large page: `invlpg` must then flush everything,
+    /// since the large mapping is spread over many 4 KiB entries.
+    has_large: bool,
+    pub flushes: u64,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tlb {
+    pub fn new() -> Self {
+        Self { entries: Box::new([[[TlbEntry::EMPTY; TLB_SIZE]; 3]; 2]), has_large: false, flushes: 0 }
+    }
+
+    #[inline(always)]
+    fn index(lin: u64) -> usize {
+        ((lin >> 12) as usize) & (TLB_SIZE - 1)
+    }
+
+    /// The host address for `lin` if the page is cached for this access.
+    #[inline(always)]
+    pub fn lookup(&self, lin: u64, kind: Access, user: bool) -> Option<u64> {
+        let e = &self.entries[user as usize][kind as usize][Self::index(lin)];
+        if e.tag == lin & !0xfff {
+            Some(lin.wrapping_add(e.addend))
+        } else {
+            None
+        }
+    }
+
+    /// The entry for `lin`, if cached (for its physical page).
+    #[inline]
+    pub fn entry(&self, lin: u64, kind: Access, user: bool) -> Option<&TlbEntry> {
+        let e = &self.entries[user as usize][kind as usize][Self::index(lin)];
+        (e.tag == lin & !0xfff).then_some(e)
+    }
+
+    /// Caches translation `t` of `lin`, whose page is at host address `host_page`.
+    pub fn fill(&mut self, lin: u64, kind: Access, user: bool, t: &Translation, host_page: u64) {
+        let page = lin & !0xfff;
+        self.has_large |= t.large;
+        self.entries[user as usize][kind as usize][Self::index(lin)] = TlbEntry {
+            tag: page,
+            addend: host_page.wrapping_sub(page),
+            phys_page: t.phys & !0xfff,
+            global: t.global,
+        };
+    }
+
+    /// Drops everything (CR0/CR4 paging bits, EFER, CR3 with `keep_global` false).
+    pub fn flush_all(&mut self) {
+        self.flush(false);
+    }
+
+    /// Drops every non-global entry, or every entry if `keep_global` is false.
+    pub fn flush(&mut self, keep_global: bool) {
+        self.flushes += 1;
+        for e in self.entries.iter_mut().flatten().flatten() {
+            if !(keep_global && e.global) {
+                *e = TlbEntry::EMPTY;
+            }
+        }
+        if !keep_global {
+            self.has_large = false;
+        }
+    }
+
+    /// `invlpg`: drops the mapping of the page holding `lin`, global or not.
+    pub fn invalidate_page(&mut self, lin: u64) {
+        if self.has_large {
+            self.flush(false);
+            return;
+        }
+        let page = lin & !0xfff;
+        for table in self.entries.iter_mut().flatten() {
+            let e = &mut table[Self::index(lin)];
+            if e.tag == page {
+                *e = TlbEntry::EMPTY;
+            }
+        }
+    }
+
+    /// Drops every write entry for a physical page that now holds code.
+    pub fn protect_code_page(&mut self, phys_page: u64) {
+        for e in self.entries.iter_mut().flat_map(|t| t[Access::Write as usize].iter_mut()) {
+            if e.tag != INVALID && e.phys_page == phys_page {
+                *e = TlbEntry::EMPTY;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tlb_fill_then_lookup_adds_offset() {
+        let mut t = Tlb::new();
+        t.fill(0x1234_5000, Access::Read, false, &Translation { phys: 0x8000, global: false, large: false }, 0x7f00_0000_8000);
+        assert_eq!(t.lookup(0x1234_5abc, Access::Read, false), Some(0x7f00_0000_8abc));
+        assert_eq!(t.lookup(0x1234_5abc, Access::Write, false), None);
+        assert_eq!(t.lookup(0x1234_5abc, Access::Read, true), None);
+    }
+
+    #[test]
+    fn tlb_flush_keeping_global_keeps_only_global() {
+        let mut t = Tlb::new();
+        t.fill(0x1000, Access::Read, false, &Translation { phys: 0x1000, global: true, large: false }, 0x9000);
+        t.fill(0x2000, Access::Read, false, &Translation { phys: 0x2000, global: false, large: false }, 0xa000);
+        t.flush(true);
+        assert!(t.lookup(0x1000, Access::Read, false).is_some());
+        assert!(t.lookup(0x2000, Access::Read, false).is_none());
+        t.invalidate_page(0x1000);
+        assert!(t.lookup(0x1000, Access::Read, false).is_none());
+    }
+
+    #[test]
+    fn tlb_protect_code_page_drops_write_entries_only() {
+        let mut t = Tlb::new();
+        t.fill(0x5000, Access::Write, false, &Translation { phys: 0x3000, global: false, large: false }, 0xb000);
+        t.fill(0x5000, Access::Read, false, &Translation { phys: 0x3000, global: false, large: false }, 0xb000);
+        t.protect_code_page(0x3000);
+        assert!(t.lookup(0x5000, Access::Write, false).is_none());
+        assert!(t.lookup(0x5000, Access::Read, false).is_some());
+    }
+}

@@ -1,0 +1,51 @@
+//! Counters for `--stats`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Default, Clone, Debug)]
+pub struct Stats {
+    pub instructions: u64,
+    pub blocks_decoded: u64,
+    pub code_invalidations: u64,
+    pub exceptions: BTreeMap<u8, u64>,
+    pub interrupts: BTreeMap<u8, u64>,
+    /// Instructions btvmm does not implement, by mnemonic: each raised #UD.
+    pub unimplemented: BTreeMap<String, u64>,
+    /// x87/SSE/AVX instructions run natively one at a time (see `simd`).
+    pub simd_native: u64,
+    pub halted_ns: u64,
+}
+
+impl Stats {
+    pub fn count_exception(&mut self, vector: u8) {
+        *self.exceptions.entry(vector).or_default() += 1;
+    }
+
+    pub fn count_interrupt(&mut self, vector: u8) {
+        *self.interrupts.entry(vector).or_default() += 1;
+    }
+
+    pub fn count_unimplemented(&mut self, mnemonic: &str) {
+        *self.unimplemented.entry(mnemonic.to_string()).or_default() += 1;
+    }
+
+    /// The report printed at exit.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
+        let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
+        let _ = writeln!(s, "x87/SSE/AVX instructions executed natively: {}", self.simd_native);
+        let _ = writeln!(s, "time halted: {:.3} s", self.halted_ns as f64 / 1e9);
+        let list = |m: &BTreeMap<u8, u64>| {
+            m.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
+        };
+        let _ = writeln!(s, "exceptions by vector: {}", list(&self.exceptions));
+        let _ = writeln!(s, "interrupts by vector: {}", list(&self.interrupts));
+        if !self.unimplemented.is_empty() {
+            let u: Vec<_> = self.unimplemented.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            let _ = writeln!(s, "unimplemented instructions (#UD): {}", u.join(" "));
+        }
+        s
+    }
+}
