@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-pub trait Platform {
+/// `Any` lets the machine reach its concrete board behind the vCPU's `Box<dyn Platform>`.
+pub trait Platform: std::any::Any {
     /// Port input of `size` bytes (1, 2 or 4). Unclaimed ports read all-ones.
     fn io_in(&mut self, port: u16, size: u8) -> u32;
     /// Port output of `size` bytes (1, 2 or 4). Unclaimed ports drop the write.

@@ -13,10 +13,12 @@ pub(crate) fn handler(i: &Instruction) -> Handler {
     if i.is_invalid() {
         return invalid;
     }
-    if let Some(h) = integer_handler(i.mnemonic()) {
+    // System first: it claims the special forms of general mnemonics
+    // (mov to/from segment, control and debug registers, far jmp/call).
+    if let Some(h) = crate::system::handler(i) {
         return h;
     }
-    if let Some(h) = crate::system::handler(i) {
+    if let Some(h) = integer_handler(i.mnemonic()) {
         return h;
     }
     if let Some(h) = crate::system::simd_handler(i) {

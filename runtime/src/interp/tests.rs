@@ -118,3 +118,112 @@ fn interp_rep_movsb_copies_and_updates_registers() {
     assert_eq!(v.cpu.regs.gpr[6], 0x6800);
     assert_eq!(v.cpu.regs.gpr[7], 0x7800);
 }
+
+/// GDT at 0x3000 matching `set_flat_protected32`: code 0x10, data 0x18, 64-bit code 0x20.
+fn install_gdt(v: &mut Vcpu) {
+    v.mem.write_u64(0x3000, 0);
+    v.mem.write_u64(0x3010, 0x00cf_9a00_0000_ffff);
+    v.mem.write_u64(0x3018, 0x00cf_9200_0000_ffff);
+    v.mem.write_u64(0x3020, 0x00af_9a00_0000_ffff);
+    v.cpu.gdtr = crate::cpu::DescriptorTable { base: 0x3000, limit: 0x27 };
+}
+
+#[test]
+fn interp_switches_to_long_mode_and_takes_interrupt_through_64bit_gate() {
+    // Identity map the first 2 MiB with one 2M page: PML4 0x10000, PDPT 0x11000, PD 0x12000.
+    let setup = assemble32(|a| {
+        a.mov(eax, 0x10000)?;
+        a.mov(cr3, eax)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, 1 << 5)?;
+        a.mov(cr4, eax)?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.or(eax, 1 << 8)?;
+        a.wrmsr()?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0001u32)?;
+        a.mov(cr0, eax)?;
+        a.db(&[0xea, 0x00, 0x20, 0x00, 0x00, 0x20, 0x00]) // jmp far 0x20:0x2000
+    }, 0x1000);
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
+    a.mov(rsp, 0x9000u64).unwrap();
+    a.int(0x80).unwrap();
+    a.hlt().unwrap();
+    let long = a.assemble(0x2000).unwrap();
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.mov(rbx, qword_ptr(rsp)).unwrap(); // return RIP
+    b.mov(rdx, qword_ptr(rsp + 8)).unwrap(); // CS
+    b.iretq().unwrap();
+    let handler = b.assemble(0x2800).unwrap();
+
+    let mut v = vcpu_with(&setup, 0x1000);
+    v.mem.write(0x2000, &long);
+    v.mem.write(0x2800, &handler);
+    install_gdt(&mut v);
+    v.mem.write_u64(0x10000, 0x11000 | 3);
+    v.mem.write_u64(0x11000, 0x12000 | 3);
+    v.mem.write_u64(0x12000, 0x83);
+    // IDT gate 0x80: 64-bit interrupt gate, DPL 0, target 0x20:0x2800.
+    v.mem.write_u64(0x5000 + 0x80 * 16, 0x0000_8e00_0020_2800);
+    v.mem.write_u64(0x5000 + 0x80 * 16 + 8, 0);
+    v.cpu.idtr = crate::cpu::DescriptorTable { base: 0x5000, limit: 0xfff };
+
+    let exit = run(&mut v);
+    assert_eq!(exit, VmExit::HaltedForever, "{}\n{:?}", v.cpu.dump(), v.stats.exceptions);
+    assert_eq!(v.cpu.mode, crate::cpu::CpuMode::Long);
+    assert_eq!(v.cpu.regs.gpr[0], 0x1234_5678_9abc_def0);
+    assert_eq!(v.cpu.regs.gpr[3], long.len() as u64 + 0x2000 - 1, "pushed RIP follows int 0x80");
+    assert_eq!(v.cpu.regs.gpr[2], 0x20);
+    assert_eq!(v.cpu.regs.gpr[4], 0x9000, "iretq restores RSP");
+    // The walk set the accessed bits.
+    assert_ne!(v.mem.read_u64(0x12000) & 0x20, 0);
+}
+
+#[test]
+fn interp_user_mode_round_trip_via_iret_and_int() {
+    // Ring 3 code at 0x2000 runs `int 0x30`; the kernel's handler halts.
+    let kernel = assemble32(|a| {
+        a.push(0x23)?; // user SS
+        a.push(0x7000)?; // user ESP
+        a.push(0x202)?; // EFLAGS with IF
+        a.push(0x1b)?; // user CS
+        a.push(0x2000)?;
+        a.iretd()
+    }, 0x1000);
+    let user = assemble32(|a| {
+        a.mov(eax, 42)?;
+        a.int(0x30)?;
+        a.jmp(0x2000)
+    }, 0x2000);
+    let handler = assemble32(|a| {
+        a.mov(ebx, dword_ptr(esp + 4))?; // CS pushed by the gate
+        a.mov(ecx, esp)?;
+        a.cli()?;
+        a.hlt()
+    }, 0x2800);
+    let mut v = vcpu_with(&kernel, 0x1000);
+    v.mem.write(0x2000, &user);
+    v.mem.write(0x2800, &handler);
+    // GDT: null, kcode 0x08, kdata 0x10, ucode 0x18, udata 0x20, TSS 0x28.
+    v.mem.write_u64(0x3000, 0);
+    v.mem.write_u64(0x3008, 0x00cf_9a00_0000_ffff);
+    v.mem.write_u64(0x3010, 0x00cf_9200_0000_ffff);
+    v.mem.write_u64(0x3018, 0x00cf_fa00_0000_ffff);
+    v.mem.write_u64(0x3020, 0x00cf_f200_0000_ffff);
+    v.mem.write_u64(0x3028, 0x0000_8900_6000_0067); // 32-bit TSS at 0x6000
+    v.cpu.gdtr = crate::cpu::DescriptorTable { base: 0x3000, limit: 0x2f };
+    v.mem.write_u32(0x6004, 0x9000); // esp0
+    v.mem.write_u32(0x6008, 0x10); // ss0
+    v.cpu.tr = crate::cpu::Segment { base: 0x6000, limit: 0x67, selector: 0x28, attr: 0x8b };
+    // IDT gate 0x30: 32-bit interrupt gate, DPL 3.
+    v.mem.write_u64(0x5000 + 0x30 * 8, 0x0000_ee00_0008_2800);
+    v.cpu.idtr = crate::cpu::DescriptorTable { base: 0x5000, limit: 0x7ff };
+
+    assert_eq!(run(&mut v), VmExit::HaltedForever);
+    assert_eq!(v.cpu.regs.gpr[0], 42);
+    assert_eq!(v.cpu.regs.gpr[3], 0x1b);
+    assert_eq!(v.cpu.regs.gpr[1], 0x9000 - 20, "five dwords on the TSS stack");
+    assert_eq!(v.cpu.cpl, 0);
+}
