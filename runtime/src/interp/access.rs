@@ -154,10 +154,18 @@ impl Vcpu {
             }
             return Ok(lin);
         }
+        // Fast path: a present, expand-up, writable data segment (or a
+        // read of any readable one) with the offset well inside the limit.
+        let ty = s.attr & 0x9e;
+        let fast = if write { ty == 0x92 } else { ty & 0x9c == 0x90 || ty & 0x9a == 0x9a };
+        if fast && offset.wrapping_add(size as u64 - 1) <= s.limit as u64 && offset <= s.limit as u64 {
+            return Ok(s.base.wrapping_add(offset) & 0xffff_ffff);
+        }
         self.check_segment(sreg, offset, size, write)?;
         Ok(s.base.wrapping_add(offset) & 0xffff_ffff)
     }
 
+    #[cold]
     fn check_segment(&self, sreg: usize, offset: u64, size: u32, write: bool) -> Result<(), Exception> {
         let s = &self.cpu.seg[sreg];
         let fault = || if sreg == seg::SS { Exception::ss(0) } else { Exception::gp0() };

@@ -18,6 +18,9 @@ pub(crate) fn handler(i: &Instruction) -> Handler {
     if let Some(h) = crate::system::handler(i) {
         return h;
     }
+    if let Some(h) = super::fast::handler(i) {
+        return h;
+    }
     if let Some(h) = integer_handler(i.mnemonic()) {
         return h;
     }

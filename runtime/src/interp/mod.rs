@@ -15,6 +15,7 @@ mod alu;
 mod bits;
 mod control;
 mod dispatch;
+mod fast;
 mod integer;
 mod string;
 
@@ -200,19 +201,21 @@ impl Vcpu {
         let trap_after = self.cpu.regs.rflags & rflags::TF != 0;
         let n = if single { 1 } else { block.insns.len().min(remaining.max(1) as usize) };
         self.block_break = false;
+        let mut done = 0u64;
         for d in &block.insns[..n] {
             self.cpu.regs.rip = d.insn.next_ip();
+            done += 1;
             if let Err(e) = (d.exec)(self, &d.insn) {
                 self.cpu.regs.rip = d.insn.ip();
-                self.stats.instructions += 1;
+                self.stats.instructions += done;
                 self.raise(e);
                 return;
             }
-            self.stats.instructions += 1;
             if self.block_break {
                 break;
             }
         }
+        self.stats.instructions += done;
         if single {
             self.cpu.interrupt_shadow = false;
         }
