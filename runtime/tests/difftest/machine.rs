@@ -7,7 +7,7 @@ use std::fmt;
 /// Guest linear address the sequence's first byte is placed at.
 pub const CODE_ADDR: u64 = 0x6000_0000;
 /// Largest sequence (in bytes) an executor must accept.
-pub const CODE_MAX: usize = 0x3000;
+pub const CODE_MAX: usize = 0x3ff0;
 /// Guest linear address of the data window (identity-mapped, read/write).
 pub const WINDOW_ADDR: u64 = 0x7000_0000;
 /// Size of the data window: a data half and a stack half.

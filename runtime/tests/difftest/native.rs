@@ -215,7 +215,7 @@ impl NativeExecutor {
         let tail = enc.take_buffer();
         let used = code.len() + tail.len();
         // SAFETY: the child is parked in read(); all writes stay inside the
-        // mappings (code.len() + 5 <= CODE_REGION checked by the caller, the
+        // mappings (code.len() <= CODE_MAX = CODE_REGION - 16 checked by run, the
         // window slice is WINDOW_SIZE long).
         unsafe {
             ptr::copy_nonoverlapping(code.as_ptr(), self.code_rw, code.len());
@@ -261,7 +261,7 @@ impl Executor for NativeExecutor {
         init: &MachineState,
         window: &mut [u8],
     ) -> Result<Outcome, ExecutorError> {
-        if code_addr != CODE_ADDR || code.len() + 5 > CODE_REGION || window.len() != WINDOW_SIZE {
+        if code_addr != CODE_ADDR || code.len() > CODE_MAX || window.len() != WINDOW_SIZE {
             return Err(ExecutorError::Unsupported("code/window outside the fixed layout".into()));
         }
         if self.child.is_none() {
