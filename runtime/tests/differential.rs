@@ -74,7 +74,8 @@ fn wrong_executor_is_detected_and_its_sequence_printed() {
 #[test]
 fn host_faults_are_reported_by_vector_and_rip() {
     use iced_x86::code_asm::*;
-    let cases: [(fn(&mut CodeAssembler) -> Result<(), IcedError>, u8, u64); 4] = [
+    type Asm = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(Asm, u8, u64); 4] = [
         (|a| { a.xor(ecx, ecx)?; a.div(rcx) }, 0, 2),
         (|a| { a.nop()?; a.ud2() }, 6, 1),
         (|a| { a.int3()?; a.nop() }, 3, 1),
@@ -164,7 +165,7 @@ impl Reference {
         set(&mut f, rflags::OF, of);
         set(&mut f, rflags::ZF, r == 0);
         set(&mut f, rflags::SF, r & sign != 0);
-        set(&mut f, rflags::PF, (r as u8).count_ones() % 2 == 0);
+        set(&mut f, rflags::PF, (r as u8).count_ones().is_multiple_of(2));
         set(&mut f, rflags::AF, (a ^ b ^ r) & 0x10 != 0);
         st.rflags = f;
         if ins.mnemonic() != Mnemonic::Cmp {
@@ -208,7 +209,40 @@ fn write(ins: &Instruction, value: u64, bits: usize, zero_extends: bool, st: &mu
         }
         _ => {
             let o = mem_offset(ins, 0, st);
-            window[o..o + (bits / 8) as usize].copy_from_slice(&value.to_le_bytes()[..(bits / 8) as usize]);
+            window[o..o + bits / 8].copy_from_slice(&value.to_le_bytes()[..bits / 8]);
         }
     }
+}
+
+
+#[test]
+fn host_survives_a_sequence_that_kills_its_child() {
+    use iced_x86::code_asm::*;
+    let mut host = NativeExecutor::new().expect("native executor");
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, 60).unwrap(); // exit(2): not a fault, the child just goes away
+    a.syscall().unwrap();
+    let exit = difftest::runner::initial_case(a.assemble(CODE_ADDR).unwrap(), 1);
+    let mut window = exit.window.clone();
+    assert!(host.run(&exit.code, CODE_ADDR, &exit.init, &mut window).is_err());
+    let nop = difftest::runner::initial_case(vec![0x90], 1);
+    let outcome = host.run(&nop.code, CODE_ADDR, &nop.init, &mut window).expect("respawned");
+    assert!(matches!(outcome, Outcome::Completed { .. }));
+    assert_eq!(host.spawns, 2);
+}
+
+#[test]
+fn host_times_out_on_an_endless_loop_and_recovers() {
+    use iced_x86::code_asm::*;
+    let mut host = NativeExecutor::new().expect("native executor");
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.jmp(top).unwrap();
+    let spin = difftest::runner::initial_case(a.assemble(CODE_ADDR).unwrap(), 1);
+    let mut window = spin.window.clone();
+    let err = host.run(&spin.code, CODE_ADDR, &spin.init, &mut window).unwrap_err();
+    assert!(matches!(err, ExecutorError::Timeout(_)), "{err}");
+    let nop = difftest::runner::initial_case(vec![0x90], 1);
+    assert!(host.run(&nop.code, CODE_ADDR, &nop.init, &mut window).is_ok());
 }

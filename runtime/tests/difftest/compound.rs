@@ -17,7 +17,8 @@ use super::sequence::Builder;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rep {
     None,
-    Rep,
+    /// F3: `rep` (movs/stos/lods) or `repe` (cmps/scas).
+    Repe,
     Repne,
 }
 
@@ -47,7 +48,7 @@ pub fn all() -> Vec<Compound> {
     let mut out = Vec::new();
     for code in STRINGS {
         let compares = matches!(code.mnemonic(), Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq | Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq);
-        let reps: &[Rep] = if compares { &[Rep::None, Rep::Rep, Rep::Repne] } else { &[Rep::None, Rep::Rep] };
+        let reps: &[Rep] = if compares { &[Rep::None, Rep::Repe, Rep::Repne] } else { &[Rep::None, Rep::Repe] };
         for &rep in reps {
             for addr32 in [false, true] {
                 out.push(Compound::Str { code, rep, addr32 });
@@ -106,7 +107,7 @@ fn string_op(code: Code, rep: Rep, addr32: bool, rng: &mut Rng, b: &mut Builder)
     b.push(Instruction::with(if down { Code::Std } else { Code::Cld }));
     let kind = match rep {
         Rep::None => RepPrefixKind::None,
-        Rep::Rep => RepPrefixKind::Repe,
+        Rep::Repe => RepPrefixKind::Repe,
         Rep::Repne => RepPrefixKind::Repne,
     };
     b.push(string_instr(code, if addr32 { 32 } else { 64 }, kind));
@@ -163,7 +164,7 @@ fn enter_leave(word: bool, rng: &mut Rng, b: &mut Builder) {
         b.push(lea.expect("lea rbp"));
     }
     let (enter, leave) = if word { (Code::Enterw_imm16_imm8, Code::Leavew) } else { (Code::Enterq_imm16_imm8, Code::Leaveq) };
-    b.push(Instruction::with2(enter, size as i32, level).expect("enter"));
+    b.push(Instruction::with2(enter, size, level).expect("enter"));
     if rng.chance(1, 2) {
         b.push(Instruction::with1(Code::Pushq_imm32, rng.value() as i32).expect("push"));
     }

@@ -138,11 +138,11 @@ impl NativeExecutor {
     fn spawn(&mut self) -> Result<(), ExecutorError> {
         let mut cmd = [0 as libc::c_int; 2];
         let mut resp = [0 as libc::c_int; 2];
-        // SAFETY: pipe2 writes two fds into the arrays we pass.
-        if unsafe { libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-            || unsafe { libc::pipe2(resp.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-        {
-            return Err(os_err("pipe2"));
+        for fds in [&mut cmd, &mut resp] {
+            // SAFETY: pipe2 writes two fds into the array we pass.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                return Err(os_err("pipe2"));
+            }
         }
         // SAFETY: the child only calls async-signal-safe functions (child_main).
         let pid = unsafe { libc::fork() };

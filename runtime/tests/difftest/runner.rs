@@ -36,7 +36,7 @@ impl Config {
     /// The whole user-level integer ISA. `DIFFTEST_SEED` overrides the seed.
     pub fn full() -> Config {
         let seed = std::env::var("DIFFTEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6274_766d);
-        Config { seed, variants: 32, random_cases: 6000, max_items: 12, keep: |_| true, compounds: true, max_reports: 5 }
+        Config { seed, variants: 40, random_cases: 8000, max_items: 12, keep: |_| true, compounds: true, max_reports: 5 }
     }
 }
 
