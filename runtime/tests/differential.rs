@@ -48,7 +48,7 @@ fn host_agrees_with_itself_over_the_full_corpus() {
 #[test]
 fn reference_agrees_with_host_on_add_sub_xor() {
     let mut host = NativeExecutor::new().expect("native executor");
-    let mut reference = Reference { zero_extends: true };
+    let mut reference = Reference { bug: None };
     let report = run_differential(&mut reference, &mut host, &small_config());
     println!("{}", report.summary());
     assert_eq!(report.reports, Vec::<String>::new());
@@ -59,7 +59,7 @@ fn reference_agrees_with_host_on_add_sub_xor() {
 fn wrong_executor_is_detected_and_its_sequence_printed() {
     let mut host = NativeExecutor::new().expect("native executor");
     // A classic bug: 32-bit results not zero-extended into the 64-bit register.
-    let mut wrong = Reference { zero_extends: false };
+    let mut wrong = Reference { bug: Some(Bug::NoZeroExtension) };
     let report = run_differential(&mut wrong, &mut host, &small_config());
     println!("{}", report.summary());
     assert!(report.mismatches > 0);
@@ -69,6 +69,19 @@ fn wrong_executor_is_detected_and_its_sequence_printed() {
     assert!(shrunk.contains("initial state"), "initial state printed");
     assert!(shrunk.contains(": expected 0x"), "register diff printed");
     assert!(shrunk.contains("d,") || shrunk.contains("d "), "a 32-bit instruction printed");
+}
+
+#[test]
+fn wrong_flag_is_detected_where_defined_only() {
+    let mut host = NativeExecutor::new().expect("native executor");
+    let mut wrong = Reference { bug: Some(Bug::NoAuxCarry) };
+    let report = run_differential(&mut wrong, &mut host, &small_config());
+    assert!(report.mismatches > 0);
+    let shrunk = report.reports.last().expect("a report");
+    println!("{shrunk}");
+    assert!(shrunk.contains("rflags: expected"), "flag diff printed");
+    // xor leaves AF undefined: a missing AF there must not count.
+    assert!(!shrunk.contains("xor "), "xor's undefined AF was compared");
 }
 
 #[test]
@@ -128,12 +141,21 @@ fn small_config() -> Config {
 /// A reference executor for `add`, `sub` and `xor` on 32/64-bit registers
 /// and memory: u64 arithmetic and the SDM's flag definitions.
 struct Reference {
-    zero_extends: bool,
+    bug: Option<Bug>,
+}
+
+/// Deliberate bugs, to prove the harness catches them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bug {
+    /// 32-bit results keep the register's upper half.
+    NoZeroExtension,
+    /// AF is never set.
+    NoAuxCarry,
 }
 
 impl Executor for Reference {
     fn name(&self) -> &str {
-        if self.zero_extends { "reference" } else { "wrong-reference" }
+        if self.bug.is_none() { "reference" } else { "wrong-reference" }
     }
 
     fn run(&mut self, code: &[u8], _: u64, init: &MachineState, window: &mut [u8]) -> Result<Outcome, ExecutorError> {
@@ -166,10 +188,10 @@ impl Reference {
         set(&mut f, rflags::ZF, r == 0);
         set(&mut f, rflags::SF, r & sign != 0);
         set(&mut f, rflags::PF, (r as u8).count_ones().is_multiple_of(2));
-        set(&mut f, rflags::AF, (a ^ b ^ r) & 0x10 != 0);
+        set(&mut f, rflags::AF, (a ^ b ^ r) & 0x10 != 0 && self.bug != Some(Bug::NoAuxCarry));
         st.rflags = f;
         if ins.mnemonic() != Mnemonic::Cmp {
-            write(ins, r, bits, self.zero_extends, st, window);
+            write(ins, r, bits, self.bug != Some(Bug::NoZeroExtension), st, window);
         }
         Ok(())
     }
@@ -246,3 +268,4 @@ fn host_times_out_on_an_endless_loop_and_recovers() {
     let nop = difftest::runner::initial_case(vec![0x90], 1);
     assert!(host.run(&nop.code, CODE_ADDR, &nop.init, &mut window).is_ok());
 }
+

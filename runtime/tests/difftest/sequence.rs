@@ -3,8 +3,10 @@
 //! iced's `BlockEncoder` at `CODE_ADDR`.
 //!
 //! Labels follow iced's convention: a labelled instruction's `ip` is the label
-//! id and a branch's target is that id; `BlockEncoder` resolves them. Every
-//! label sits on a `nop` of its own, so flag fix-ups never split a target.
+//! id and a branch's target is that id; `BlockEncoder` resolves them, keeping
+//! each branch's size as generated (`DONT_FIX_BRANCHES`: rel32 jcc stays
+//! rel32). Every label sits on a `nop` of its own, so flag fix-ups never
+//! split a target.
 
 use iced_x86::{BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock};
 
@@ -147,7 +149,7 @@ pub fn encode(instrs: &[Instruction]) -> Result<Vec<u8>, String> {
         return Ok(Vec::new());
     }
     let block = InstructionBlock::new(instrs, CODE_ADDR);
-    BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
+    BlockEncoder::encode(64, block, BlockEncoderOptions::DONT_FIX_BRANCHES)
         .map(|r| r.code_buffer)
         .map_err(|e| format!("encode: {e}"))
 }
