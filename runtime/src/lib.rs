@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod platform;
+pub mod simd;
 
 pub use memory::{GuestMemory, GuestPhys};
 pub use platform::{EventSignal, NullPlatform, Platform};
