@@ -295,7 +295,13 @@ pub(super) fn run_executor(exec: &mut SimdExecutor, insn: &Instruction, start: &
 /// Compares executor and oracle on `case` from `setup`; returns a description of
 /// the first difference.
 pub(super) fn compare(exec: &mut SimdExecutor, case: &Native, setup: &Setup) -> Result<(), String> {
-    let insn = decode(64, case.bytes);
+    compare_with(exec, &decode(64, case.bytes), case, setup)
+}
+
+/// As [`compare`], running `insn` (e.g. a 32-bit guest encoding) in the executor and
+/// `case` natively.
+pub(super) fn compare_with(exec: &mut SimdExecutor, insn: &Instruction, case: &Native, setup: &Setup) -> Result<(), String> {
+    let insn = *insn;
     let start = Start::new(setup);
     let expected = run_native(case, &start, &insn);
     let (outcome, actual) = run_executor(exec, &insn, &start);
