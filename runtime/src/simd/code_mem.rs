@@ -48,16 +48,26 @@ impl Chunk {
 }
 
 /// Append-only store of stub code.
-#[derive(Default)]
 pub(super) struct CodeArena {
     chunks: Vec<Chunk>,
     total: usize,
+    budget: usize,
+}
+
+impl Default for CodeArena {
+    fn default() -> Self {
+        Self::with_budget(ARENA_BUDGET)
+    }
 }
 
 impl CodeArena {
+    pub(super) fn with_budget(budget: usize) -> Self {
+        CodeArena { chunks: Vec::new(), total: 0, budget }
+    }
+
     /// True once the byte budget is spent; the owner then calls [`CodeArena::clear`].
     pub(super) fn is_full(&self) -> bool {
-        self.total >= ARENA_BUDGET
+        self.total >= self.budget
     }
 
     /// Copies `code` in and returns its executable address.

@@ -112,10 +112,15 @@ pub struct SimdExecutor {
 
 impl SimdExecutor {
     pub fn new() -> Result<Self, SimdError> {
+        Self::with_code_budget(code_mem::ARENA_BUDGET)
+    }
+
+    /// An executor whose stub cache is flushed whenever `budget` code bytes are used.
+    pub fn with_code_budget(budget: usize) -> Result<Self, SimdError> {
         let host = HostXsave::get().ok_or(SimdError::HostLacksXsave)?;
         Ok(SimdExecutor {
             stubs: HashMap::new(),
-            arena: CodeArena::default(),
+            arena: CodeArena::with_budget(budget),
             info: InstructionInfoFactory::new(),
             host,
             host_avx: std::arch::is_x86_feature_detected!("avx"),

@@ -269,3 +269,23 @@ fn x87_alias_encodings_run_on_host() {
         assert_eq!(exec_bytes(&mut exec, &mut start, bytes, 0), SimdOutcome::Done, "{bytes:02x?}");
     }
 }
+
+#[test]
+fn stub_cache_flushed_at_budget_keeps_working() {
+    let mut exec = SimdExecutor::with_code_budget(1024).expect("executor");
+    let mut start = Start::new(&Setup::seeded(1));
+
+    for imm in 0..=255u8 {
+        let outcome = exec_bytes(&mut exec, &mut start, &[0x66, 0x0f, 0x70, 0xc1, imm], 0); // pshufd xmm0, xmm1, imm
+        assert_eq!(outcome, SimdOutcome::Done);
+    }
+    let again = exec_bytes(&mut exec, &mut start, &[0x66, 0x0f, 0x70, 0xc1, 0x1b], 0);
+
+    assert_eq!(again, SimdOutcome::Done);
+    assert_eq!(start.fpu.xmm(0), {
+        let x = start.fpu.xmm(1);
+        let lane = |i: u32| (x >> (32 * i)) & 0xffff_ffff;
+        lane(3) | lane(2) << 32 | lane(1) << 64 | lane(0) << 96
+    });
+    assert_eq!(exec.stats().stubs_compiled, 257);
+}
