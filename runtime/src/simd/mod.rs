@@ -22,6 +22,25 @@
 //!   or MMX instruction the executor checks for a pending exception and returns
 //!   `Exception(16)`.
 //!
+//! ## What the caller (interpreter) does, in order
+//! 1. `is_simd(insn)` routes the instruction here (FXSAVE/XSAVE families, fences
+//!    and prefetches stay with the caller).
+//! 2. `check_enabled(insn, SimdControl { cr0, cr4, xcr0 })`: raise the #UD/#NM it
+//!    returns (CR0.EM/TS/MP, CR4.OSFXSR/OSXSAVE, XCR0.SSE|AVX).
+//! 3. `memory_access(insn)`: for an operand, compute its linear address (MASKMOVQ/
+//!    MASKMOVDQU: `DS:rDI`, segment override honoured), optionally
+//!    `alignment_fault` (#GP precedes #PF), do segment and page checks for the
+//!    access kind, *including write permission for `Write`* (a store that faults
+//!    after `execute` would leave e.g. FSTP's pop done), and read `Read`/`ReadWrite`
+//!    operands into `mem`.
+//! 4. `execute(...)`; on `Done` write `mem` back for `Write`/`ReadWrite`; on
+//!    `Exception(19)` raise #XM, or #UD when CR4.OSXMMEXCPT is clear; on
+//!    `Exception(16)` raise #MF (CR0.NE=0 legacy FERR# reporting is the caller's).
+//!    On anything but `Done` nothing but MXCSR/FSW status flags changed.
+//!
+//! `gpr` is indexed in iced/hardware order (RAX=0 .. R15=15); only CF PF AF ZF SF OF
+//! of `rflags` are read or written.
+//!
 //! # Safety
 //! Unsafe code here calls generated stubs. A stub only touches the `StubFrame` it is
 //! given, the guest XSAVE image and the staging buffer the frame points at (its
@@ -277,13 +296,19 @@ impl SimdExecutor {
     }
 }
 
+/// The alignment #GP(0) of a memory operand at guest linear address `guest_addr`
+/// (legacy SSE 16-byte operands, VEX aligned moves). Hardware checks this before the
+/// page walk, so the caller may call this before reading guest memory to get #GP
+/// rather than #PF first; `execute` checks it again either way.
+pub fn alignment_fault(insn: &Instruction, guest_addr: u64) -> bool {
+    required_alignment(insn).is_some_and(|align| guest_addr % align as u64 != 0)
+}
+
 /// #GP(0) checks on the memory operand made before executing: alignment of the guest
 /// address, and reserved bits in a value LDMXCSR would load.
 fn memory_exception(insn: &Instruction, mem: &[u8], guest_addr: u64) -> Option<SimdOutcome> {
-    if let Some(align) = required_alignment(insn) {
-        if guest_addr % align as u64 != 0 {
-            return Some(SimdOutcome::Exception(VECTOR_GP));
-        }
+    if alignment_fault(insn, guest_addr) {
+        return Some(SimdOutcome::Exception(VECTOR_GP));
     }
     if loads_mxcsr(insn.code()) && read_u32(mem, 0) & !FpuState::mxcsr_mask() != 0 {
         return Some(SimdOutcome::Exception(VECTOR_GP));
