@@ -8,6 +8,7 @@ pub mod interp;
 pub mod memory;
 pub mod mmu;
 pub mod platform;
+pub mod simd;
 pub mod stats;
 pub mod system;
 

@@ -1,0 +1,123 @@
+//! Executable memory for the executor's stubs, never writable and executable at the
+//! same address: each chunk is a private memfd mapped twice, read-write for the
+//! emitter and read-execute for running. Chunks only grow by appending; when the
+//! byte budget is spent the whole arena is dropped at once (callers drop every
+//! stub pointer at the same moment, see `SimdExecutor::stub_for`).
+//!
+//! # Safety
+//! A stub pointer handed out by [`CodeArena::publish`] points into a live RX
+//! mapping of bytes that were completely written before the pointer existed, and it
+//! stays valid until [`CodeArena::clear`] or drop. The memfd is created here, never
+//! shared, so no one else can change the mapped file underneath the mappings.
+
+use std::fs::File;
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+
+use super::SimdError;
+
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Total code bytes before the arena is flushed (bounds what a guest can make us
+/// allocate by executing many distinct SIMD instructions).
+pub(super) const ARENA_BUDGET: usize = 8 * 1024 * 1024;
+/// Stubs start on a cache-line boundary.
+const STUB_ALIGN: usize = 64;
+
+struct Chunk {
+    writable: MmapMut,
+    executable: Mmap,
+    used: usize,
+}
+
+impl Chunk {
+    fn new() -> Result<Chunk, SimdError> {
+        let fd = memfd_create(c"btvmm-simd-stubs", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| SimdError::CodeMemory(e.into()))?;
+        let file = File::from(fd);
+        file.set_len(CHUNK_BYTES as u64).map_err(SimdError::CodeMemory)?;
+        // SAFETY: the memfd was created just above and never escapes this module, so
+        // the shared file cannot be truncated or changed behind the mapping.
+        let writable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_mut(&file) }
+            .map_err(SimdError::CodeMemory)?;
+        // SAFETY: as above; this second view is PROT_READ|PROT_EXEC only.
+        let executable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_exec(&file) }
+            .map_err(SimdError::CodeMemory)?;
+        Ok(Chunk { writable, executable, used: 0 })
+    }
+}
+
+/// Append-only store of stub code.
+pub(super) struct CodeArena {
+    chunks: Vec<Chunk>,
+    total: usize,
+    budget: usize,
+}
+
+impl Default for CodeArena {
+    fn default() -> Self {
+        Self::with_budget(ARENA_BUDGET)
+    }
+}
+
+impl CodeArena {
+    pub(super) fn with_budget(budget: usize) -> Self {
+        CodeArena { chunks: Vec::new(), total: 0, budget }
+    }
+
+    /// True once the byte budget is spent; the owner then calls [`CodeArena::clear`].
+    pub(super) fn is_full(&self) -> bool {
+        self.total >= self.budget
+    }
+
+    /// Copies `code` in and returns its executable address.
+    pub(super) fn publish(&mut self, code: &[u8]) -> Result<*const u8, SimdError> {
+        if code.len() > CHUNK_BYTES {
+            return Err(SimdError::StubTooLarge(code.len()));
+        }
+        let fits = |c: &Chunk| c.used + code.len() <= CHUNK_BYTES;
+        if !self.chunks.last().is_some_and(fits) {
+            self.chunks.push(Chunk::new()?);
+        }
+        let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
+        let start = chunk.used;
+        chunk.writable[start..start + code.len()].copy_from_slice(code);
+        chunk.used = (start + code.len()).next_multiple_of(STUB_ALIGN).min(CHUNK_BYTES);
+        self.total += code.len();
+        // The RX view aliases the same pages, so the bytes are visible there; x86
+        // keeps instruction fetch coherent with stores to the physical page.
+        Ok(chunk.executable[start..].as_ptr())
+    }
+
+    /// Unmaps all code. Every pointer from `publish` is dangling afterwards.
+    pub(super) fn clear(&mut self) {
+        self.chunks.clear();
+        self.total = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_bytes_visible_through_executable_view() {
+        let mut arena = CodeArena::default();
+
+        let first = arena.publish(&[0xc3]).expect("publish");
+        let second = arena.publish(&[0x90, 0xc3]).expect("publish");
+
+        // SAFETY: both pointers are into live RX mappings of at least the published length.
+        let (a, b) = unsafe { (*first, std::slice::from_raw_parts(second, 2)) };
+        assert_eq!(a, 0xc3);
+        assert_eq!(b, &[0x90, 0xc3]);
+        assert_eq!(second as usize - first as usize, STUB_ALIGN);
+    }
+
+    #[test]
+    fn publish_oversized_code_rejected() {
+        let mut arena = CodeArena::default();
+
+        assert!(matches!(arena.publish(&vec![0x90; CHUNK_BYTES + 1]), Err(SimdError::StubTooLarge(_))));
+    }
+}
