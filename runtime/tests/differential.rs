@@ -10,6 +10,7 @@ mod difftest;
 
 use difftest::compare::decode;
 use difftest::machine::*;
+use difftest::interp::InterpAdapter;
 use difftest::native::NativeExecutor;
 use difftest::runner::{run_differential, Config, Report};
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
@@ -269,3 +270,9 @@ fn host_times_out_on_an_endless_loop_and_recovers() {
     assert!(host.run(&nop.code, CODE_ADDR, &nop.init, &mut window).is_ok());
 }
 
+
+#[test]
+fn interpreter_matches_host() {
+    let report = check_against_host(&mut InterpAdapter::new());
+    assert!(report.instructions >= 100_000, "only {} instructions", report.instructions);
+}

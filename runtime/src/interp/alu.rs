@@ -199,7 +199,10 @@ pub fn double_shift(left: bool, size: u32, dst: u64, src: u64, count: u32) -> (u
     let top = msb(size);
     // Work on the 2*bits-bit concatenation. (A 16-bit count above 16 leaves
     // the result undefined; this gives one of the values hardware gives.)
-    let (r, cf) = if left {
+    let (r, cf) = if left && size == 8 {
+        // count is 1..=63 here: no bits beyond the 128-bit concatenation.
+        ((dst << count) | (src >> (bits - count)), (dst >> (bits - count)) & 1 != 0)
+    } else if left {
         let shifted = ((((dst as u128) << bits) | src as u128) << count) >> bits;
         ((shifted as u64) & m, (shifted >> bits) & 1 != 0)
     } else {

@@ -98,8 +98,12 @@ pub fn cmpxchg(v: &mut Vcpu, i: &Instruction) -> R {
         let src = v.reg(i.op1_register());
         v.write_loc(loc, size, src)?;
     } else {
-        // The destination is written back unchanged even on failure.
-        v.write_loc(loc, size, dst)?;
+        // A memory destination is written back unchanged even on failure (the
+        // locked cycle); a register destination is not written at all, so a
+        // 32-bit one keeps its upper half.
+        if let Loc::Mem(_) = loc {
+            v.write_loc(loc, size, dst)?;
+        }
         set_acc(v, size, dst);
     }
     v.set_arith(ARITH, f);
@@ -391,11 +395,12 @@ pub fn shift(v: &mut Vcpu, i: &Instruction) -> R {
     };
     let count = alu::shift_count(size, count);
     let loc = v.dest(i, size)?;
-    if count == 0 {
-        // No flags change, but a memory destination is still written back.
-        return Ok(());
-    }
     let a = v.read_loc(loc, size)?;
+    if count == 0 {
+        // No flags change, but the destination is written (a 32-bit register
+        // is zero-extended) as on hardware.
+        return v.write_loc(loc, size, a);
+    }
     let kind = match i.mnemonic() {
         Mnemonic::Rol => ShiftKind::Rol,
         Mnemonic::Ror => ShiftKind::Ror,
@@ -419,10 +424,10 @@ pub fn double_shift(v: &mut Vcpu, i: &Instruction) -> R {
     };
     let count = alu::shift_count(size, count);
     let loc = v.dest(i, size)?;
-    if count == 0 {
-        return Ok(());
-    }
     let a = v.read_loc(loc, size)?;
+    if count == 0 {
+        return v.write_loc(loc, size, a);
+    }
     let b = v.reg(i.op1_register());
     let (r, f) = alu::double_shift(i.mnemonic() == Mnemonic::Shld, size, a, b, count);
     v.write_loc(loc, size, r)?;

@@ -118,6 +118,9 @@ pub enum VmExit {
     TripleFault,
     /// The instruction budget of [`Vcpu::run`] ran out.
     BudgetExhausted,
+    /// An exception was raised while [`Vcpu::trap_exceptions`] is set: it was
+    /// not delivered, RIP and registers are as the exception frame would hold.
+    Exception(Exception),
 }
 
 /// One vCPU: architectural state, its soft TLB and decoded-code cache, and
@@ -129,10 +132,17 @@ pub struct Vcpu {
     pub tlb: Tlb,
     pub(crate) code: CodeMap,
     pub stats: Stats,
+    /// Guest x87/SSE/AVX registers.
+    pub fpu: crate::simd::FpuState,
+    /// Runs x87/SSE/AVX instructions natively; started on first use.
+    pub(crate) simd: Option<Box<crate::simd::SimdExecutor>>,
     /// Set by a handler: return to the dispatcher after this instruction.
     pub block_break: bool,
     /// Set by a handler when the vCPU must leave `run` (triple fault).
     pub exit: Option<VmExit>,
+    /// Stop at the first exception or software interrupt instead of
+    /// delivering it (differential tests compare faults this way).
+    pub trap_exceptions: bool,
 }
 
 impl Vcpu {
@@ -145,8 +155,11 @@ impl Vcpu {
             tlb: Tlb::new(),
             code: CodeMap::new(size),
             stats: Stats::default(),
+            fpu: crate::simd::FpuState::new(),
+            simd: None,
             block_break: false,
             exit: None,
+            trap_exceptions: false,
         }
     }
 

@@ -26,6 +26,7 @@ pub const XCR0_AVX: u64 = 1 << 2;
 
 pub(super) const OFF_FCW: usize = 0;
 pub(super) const OFF_FSW: usize = 2;
+#[allow(dead_code)]
 pub(super) const OFF_FTW: usize = 4;
 pub(super) const OFF_FOP: usize = 6;
 pub(super) const OFF_FDP_END: usize = 24;

@@ -87,6 +87,11 @@ pub fn software_interrupt(v: &mut Vcpu, vec: u8, source: Source) -> Result<(), E
 /// has changed except memory already pushed, as on hardware.
 pub fn deliver(v: &mut Vcpu, vec: u8, src: Source, error: Option<u32>) -> Result<(), Exception> {
     v.block_break = true;
+    if v.trap_exceptions {
+        let address = if vec == vector::PF { v.cpu.cr2 } else { 0 };
+        v.exit = Some(VmExit::Exception(Exception { vector: vec, error_code: error, address }));
+        return Ok(());
+    }
     v.cpu.halted = false;
     match v.cpu.mode {
         CpuMode::Real => deliver_real(v, vec),

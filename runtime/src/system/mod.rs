@@ -7,6 +7,7 @@
 
 pub mod flags;
 pub mod flow;
+pub mod fpu;
 pub mod interrupt;
 pub mod io;
 pub mod privileged;
@@ -45,9 +46,9 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
     })
 }
 
-/// x87/SSE/AVX instructions: executed by `simd` once it lands.
-pub fn simd_handler(_i: &Instruction) -> Option<Handler> {
-    None
+/// x87/SSE/AVX instructions and their state save/restore.
+pub fn simd_handler(i: &Instruction) -> Option<Handler> {
+    fpu::handler(i)
 }
 
 /// Instructions after which the decoded block must end although they fall

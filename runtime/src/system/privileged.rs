@@ -676,9 +676,10 @@ fn xsetbv(v: &mut Vcpu, _i: &Instruction) -> R {
     let g = &v.cpu.regs.gpr;
     let val = (g[0] & 0xffff_ffff) | (g[2] << 32);
     let supported = cpuid::guest_cpuid(0xd, 0, true, 1).eax as u64;
-    if g[1] as u32 != 0 || val & 1 == 0 || val & !supported != 0 || (val & 4 != 0 && val & 2 == 0) {
+    if g[1] as u32 != 0 || val & !supported != 0 {
         return Err(Exception::gp0());
     }
+    v.fpu.set_xcr0(val).map_err(|_| Exception::gp0())?;
     v.cpu.xcr0 = val;
     Ok(())
 }

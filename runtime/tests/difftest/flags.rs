@@ -7,8 +7,9 @@
 //! so one pass over the instructions suffices, merging at branch targets.
 //!
 //! A shift or rotate whose count may be zero (a CL count, or an immediate that
-//! masks to zero) may leave every flag as it was, so it adds undefinedness
-//! but never removes it.
+//! masks to zero), and a rep-prefixed string compare (whose count may be
+//! zero), may leave every flag as it was, so it adds undefinedness but never
+//! removes it.
 
 use std::collections::HashMap;
 
@@ -61,6 +62,11 @@ impl FlagFlow {
 /// A shift/rotate whose masked count may be zero leaves flags unchanged.
 fn may_keep_flags(ins: &Instruction) -> bool {
     use Mnemonic::*;
+    // A repeated compare with a zero count runs no iteration at all.
+    let string_compare = matches!(ins.mnemonic(), Cmpsb | Cmpsw | Cmpsd | Cmpsq | Scasb | Scasw | Scasd | Scasq);
+    if string_compare && (ins.has_repe_prefix() || ins.has_repne_prefix()) {
+        return true;
+    }
     if !matches!(ins.mnemonic(), Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd) {
         return false;
     }

@@ -17,6 +17,7 @@ pub mod compare;
 pub mod compound;
 pub mod flags;
 pub mod forms;
+pub mod interp;
 pub mod machine;
 pub mod native;
 pub mod rng;
