@@ -177,6 +177,23 @@ void trap(struct frame *f) {
         handlers[f->vec](f);
         return;
     }
+    if ((f->cs & 3) == 3 && user_active) {
+        if (f->vec == 0x80)
+            user_return(
+#ifdef __x86_64__
+                        f->rax
+#else
+                        f->eax
+#endif
+            );
+        last_trap.vec = f->vec;
+        last_trap.err = f->err;
+        last_trap.ip = f->ip;
+        last_trap.cs = f->cs;
+        last_trap.cr2 = read_cr2();
+        last_trap.count++;
+        user_return(USER_FAULTED);
+    }
     if (recover_ip) {
         last_trap.vec = f->vec;
         last_trap.err = f->err;
@@ -186,12 +203,6 @@ void trap(struct frame *f) {
         last_trap.count++;
         f->ip = recover_ip;
         recover_ip = 0;
-        if ((f->cs & 3) != 0) {
-            /* Faulted in ring 3: resume in ring 0 on the same flat stack is
-             * not possible with iret semantics, so kernels that probe ring-3
-             * code install their own handler instead. */
-            fail("ring-3 fault vec=%u without handler", (uint32_t)f->vec);
-        }
         return;
     }
     printf("%s: unexpected trap vec=%u err=%lx ip=%lx cs=%lx cr2=%lx\n", kernel_name,

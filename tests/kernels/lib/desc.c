@@ -38,6 +38,7 @@ struct tss {
 #endif
 static struct tss tss __attribute__((aligned(16)));
 static uint8_t kstack0[8192] __attribute__((aligned(16)));
+uint8_t user_stack[8192] __attribute__((aligned(16)));
 
 struct desc_ptr {
     uint16_t limit;
@@ -130,6 +131,7 @@ void arch_init(void) {
 
     for (int v = 0; v < 256; v++)
         idt_set(v, isr_table[v], SEL_KCODE, 0x8e); /* present, DPL0, interrupt gate */
+    idt_set_dpl(0x80, 3); /* user_exit */
     struct desc_ptr p = { sizeof(idt) - 1, (ureg)(uintptr_t)idt };
     asm volatile("lidt %0" :: "m"(p));
 }

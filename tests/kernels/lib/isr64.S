@@ -69,3 +69,46 @@ isr_table:
     entry %i
     .set i, i + 1
 .endr
+
+/* ureg user_call(void (*fn)(ureg), ureg arg, ureg user_sp): runs fn(arg) in
+ * 64-bit ring 3 (CS 0x2b, SS 0x23, the caller's RFLAGS) via iretq; returns
+ * when the trap dispatcher calls user_return() (int 0x80 or a ring-3 fault). */
+.text
+.globl user_call, user_return
+user_call:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, user_ctx_sp(%rip)
+    andq $-16, %rdx
+    subq $8, %rdx             /* as if fn had been called */
+    movq $0, (%rdx)
+    movl $1, user_active(%rip)
+    pushq $0x23
+    pushq %rdx
+    pushfq
+    pushq $0x2b
+    pushq %rdi
+    movq %rsi, %rdi
+    iretq
+
+user_return:
+    movq %rdi, %rax
+    movq user_ctx_sp(%rip), %rsp
+    movl $0, user_active(%rip)
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+
+.bss
+.globl user_active
+user_active: .long 0
+.align 8
+user_ctx_sp: .quad 0

@@ -80,11 +80,36 @@ extern trap_handler handlers[256];
     "movl $2f, probe_start\n\tmovl $1f, recover_ip\n\t"
 #define RECOVER_CLOBBER "memory"
 #endif
+#ifdef __x86_64__
+#define SP "rsp"
+#define SI "rsi"
+#else
+#define SP "esp"
+#define SI "esi"
+#endif
 #define RECOVER_EPILOGUE "\n1:\n\t"
 
 /* Probe an instruction sequence; the first instruction is at label 2. */
 #define TRY(code, ...) \
     asm volatile(RECOVER_PROLOGUE "2: " code RECOVER_EPILOGUE __VA_ARGS__)
+
+/*
+ * Ring 3: user_call runs fn(arg) at CPL 3 on user_sp (flat segments; the
+ * pages must be user-accessible) and returns the value fn passes to
+ * user_exit (int 0x80), or USER_FAULTED with last_trap describing the
+ * fault. user_return is the dispatcher's way back; user_active says a
+ * user_call is in progress.
+ */
+#define USER_FAULTED ((ureg)-1)
+ureg user_call(void (*fn)(ureg), ureg arg, ureg user_sp);
+void user_return(ureg value) __attribute__((noreturn));
+extern volatile int user_active;
+static inline __attribute__((noreturn)) void user_exit(ureg v) {
+    asm volatile("int $0x80" :: "a"(v));
+    __builtin_unreachable();
+}
+extern uint8_t user_stack[8192];
+#define USER_STACK_TOP ((ureg)(uintptr_t)(user_stack + sizeof(user_stack)))
 
 void trap_reset(void);
 /* True when the last TRY faulted with `vec`; prints a line describing it. */
