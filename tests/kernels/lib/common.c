@@ -148,12 +148,20 @@ void trap_reset(void) {
 }
 
 int expect_fault(const char *what, int vec) {
-    int ok = last_trap.count == 1 && last_trap.vec == (ureg)vec && last_trap.ip == probe_start;
+    return expect_fault_at(what, vec, 0);
+}
+
+int expect_fault_at(const char *what, int vec, long offset) {
+    long at = (long)(last_trap.ip - probe_start);
+    int ok = last_trap.count == 1 && last_trap.vec == (ureg)vec && (offset < 0 || at == offset);
     if (last_trap.count == 0)
         printf("%s: %s: no fault FAILED\n", kernel_name, what);
+    else if (offset < 0)
+        printf("%s: %s: vec=%u err=%lx%s\n", kernel_name, what, (uint32_t)last_trap.vec,
+               last_trap.err, ok ? "" : " FAILED");
     else
         printf("%s: %s: vec=%u err=%lx at=+%ld%s\n", kernel_name, what, (uint32_t)last_trap.vec,
-               last_trap.err, (long)(last_trap.ip - probe_start), ok ? "" : " FAILED");
+               last_trap.err, at, ok ? "" : " FAILED");
     if (!ok) failures++;
     trap_reset();
     return ok;

@@ -89,6 +89,8 @@ extern trap_handler handlers[256];
 #endif
 #define RECOVER_EPILOGUE "\n1:\n\t"
 
+/* Like TRY, but `code` places label 2 itself. */
+#define TRY_RAW(code, ...) asm volatile(RECOVER_PROLOGUE code RECOVER_EPILOGUE __VA_ARGS__)
 /* Probe an instruction sequence; the first instruction is at label 2. */
 #define TRY(code, ...) \
     asm volatile(RECOVER_PROLOGUE "2: " code RECOVER_EPILOGUE __VA_ARGS__)
@@ -114,6 +116,8 @@ extern uint8_t user_stack[8192];
 void trap_reset(void);
 /* True when the last TRY faulted with `vec`; prints a line describing it. */
 int expect_fault(const char *what, int vec);
+/* Same, with the trap's IP expected at probe_start + offset (-1: any IP). */
+int expect_fault_at(const char *what, int vec, long offset);
 int expect_no_fault(const char *what);
 
 /* Serial console and printing. */
