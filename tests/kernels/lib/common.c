@@ -276,3 +276,23 @@ uint32_t cmdline_uint(const char *key, uint32_t dflt) {
     }
     return dflt;
 }
+
+/* 8259A pair: ICW1-4 remap IRQ 0-7 to vectors 0x20-0x27 and 8-15 to 0x28-0x2f. */
+void pic_remap(uint8_t master_mask, uint8_t slave_mask) {
+    outb(0x20, 0x11);
+    outb(0xa0, 0x11);
+    outb(0x21, 0x20);
+    outb(0xa1, 0x28);
+    outb(0x21, 0x04); /* slave on IRQ2 */
+    outb(0xa1, 0x02);
+    outb(0x21, 0x01); /* 8086 mode */
+    outb(0xa1, 0x01);
+    outb(0x21, master_mask);
+    outb(0xa1, slave_mask);
+}
+
+void pic_eoi(int irq) {
+    if (irq >= 8)
+        outb(0xa0, 0x20);
+    outb(0x20, 0x20);
+}

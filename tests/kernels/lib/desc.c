@@ -142,3 +142,15 @@ void kentry(void) {
     kmain();
     finish();
 }
+
+#ifdef __x86_64__
+extern uint64_t boot_pd[4 * 512];
+/* Lets ring 3 reach the boot identity map (PDEs are supervisor-only by default). */
+void boot_map_user(void) {
+    for (int i = 0; i < 4 * 512; i++)
+        boot_pd[i] |= 4;
+    write_cr3(read_cr3());
+}
+#else
+void boot_map_user(void) {} /* paging is off in 32-bit kernels until they enable it */
+#endif

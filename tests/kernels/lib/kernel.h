@@ -161,8 +161,14 @@ void idt_set_dpl(int vec, int dpl);
 void tss_set_kernel_stack(ureg sp);
 extern uint64_t gdt[GDT_ENTRIES];
 extern ureg isr_table[256];
+void boot_map_user(void); /* 64-bit: make the boot identity map user-accessible */
 void arch_init(void); /* GDT, IDT, TSS, serial: called before kmain */
 void kmain(void);
+
+/* 8259A PIC: remap to vectors 0x20-0x2f with the given masks; end of interrupt. */
+void pic_remap(uint8_t master_mask, uint8_t slave_mask);
+void pic_eoi(int irq);
+#define IRQ_VEC(n) (0x20 + (n))
 
 /* Port I/O. */
 static inline void outb(uint16_t p, uint8_t v) { asm volatile("outb %0, %1" :: "a"(v), "Nd"(p)); }
