@@ -95,6 +95,28 @@ user_call:
     movq %rsi, %rdi
     iretq
 
+/* ureg user_call_sysret(fn, arg, user_sp): like user_call, but enters ring 3
+ * with SYSRETQ (RCX = fn, R11 = RFLAGS); needs EFER.SCE and STAR. */
+.globl user_call_sysret
+user_call_sysret:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, user_ctx_sp(%rip)
+    andq $-16, %rdx
+    subq $8, %rdx
+    movq $0, (%rdx)
+    movl $1, user_active(%rip)
+    movq %rdi, %rcx
+    movq %rsi, %rdi
+    pushfq
+    popq %r11
+    movq %rdx, %rsp
+    sysretq
+
 user_return:
     movq %rdi, %rax
     movq user_ctx_sp(%rip), %rsp

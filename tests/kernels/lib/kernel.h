@@ -105,6 +105,9 @@ extern trap_handler handlers[256];
 #define USER_FAULTED ((ureg)-1)
 ureg user_call(void (*fn)(ureg), ureg arg, ureg user_sp);
 void user_return(ureg value) __attribute__((noreturn));
+#ifdef __x86_64__
+ureg user_call_sysret(void (*fn)(ureg), ureg arg, ureg user_sp);
+#endif
 extern volatile int user_active;
 static inline __attribute__((noreturn)) void user_exit(ureg v) {
     asm volatile("int $0x80" :: "a"(v));
