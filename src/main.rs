@@ -1,1 +1,4 @@
-fn main(){}
+#[allow(dead_code)]
+mod boot;
+
+fn main() {}

@@ -1,0 +1,123 @@
+//! Runs each test kernel under QEMU, the reference machine, and compares
+//! its serial output with `tests/kernels/expected/<name>.txt` and its exit
+//! status with the pass code. The cpu kernels are compared with the host
+//! build of their workload instead (cpu_expected).
+//!
+//! Needs `qemu-system-x86_64`; without it each test says so and returns.
+//! `BTVMM_BLESS=1` rewrites the expected files from QEMU's output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debug-exit code 0x10 -> exit status (0x10 << 1) | 1.
+const PASS_STATUS: i32 = 33;
+
+fn qemu() -> Option<&'static str> {
+    let found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("qemu-system-x86_64 not installed: kernel not checked against QEMU");
+    }
+    found.then_some("qemu-system-x86_64")
+}
+
+/// Runs `kernel` under QEMU; returns (exit status, lines the kernel printed,
+/// with its `name: ` prefix kept and firmware output dropped).
+fn run(kernel: &str, name: &str, extra: &[&str]) -> Option<(i32, Vec<String>)> {
+    let qemu = qemu()?;
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(qemu)
+        .args(["-cpu", "max", "-m", "128", "-kernel", kernel, "-nographic", "-serial", "stdio"])
+        .args(["-monitor", "none", "-display", "none", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args(extra)
+        .output()
+        .expect("run qemu");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{name}: ");
+    let lines = text
+        .split('\n')
+        .filter_map(|l| l.find(&prefix).map(|i| l[i..].trim_end_matches('\r').to_string()))
+        .collect();
+    Some((out.status.code().unwrap_or(-1), lines))
+}
+
+fn expected_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/expected").join(format!("{name}.txt"))
+}
+
+fn check_against_file(name: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
+    let Some((status, lines)) = run(kernel, name, extra) else { return };
+    let mut got = lines.join("\n") + "\n";
+    for (from, to) in substitutions {
+        got = got.replace(from, to);
+    }
+    let path = expected_path(name);
+    if std::env::var_os("BTVMM_BLESS").is_some() {
+        std::fs::write(&path, &got).expect("write expected output");
+    }
+    let want = std::fs::read_to_string(&path).expect("expected output file");
+    assert_eq!(got, want, "{name}: output differs from {}", path.display());
+    assert_eq!(status, PASS_STATUS, "{name}: exit status");
+}
+
+macro_rules! kernel_test {
+    ($test:ident, $name:literal, $env:literal) => {
+        #[test]
+        fn $test() {
+            check_against_file($name, env!($env), &[], &[]);
+        }
+    };
+}
+
+kernel_test!(modes_matches_qemu, "modes", "BTVMM_KERNEL_MODES");
+kernel_test!(paging32_matches_qemu, "paging32", "BTVMM_KERNEL_PAGING32");
+kernel_test!(paging_pae_matches_qemu, "paging_pae", "BTVMM_KERNEL_PAGING_PAE");
+kernel_test!(paging64_matches_qemu, "paging64", "BTVMM_KERNEL_PAGING64");
+kernel_test!(pit_matches_qemu, "pit", "BTVMM_KERNEL_PIT");
+kernel_test!(exceptions_matches_qemu, "exceptions", "BTVMM_KERNEL_EXCEPTIONS");
+kernel_test!(exceptions64_matches_qemu, "exceptions64", "BTVMM_KERNEL_EXCEPTIONS64");
+kernel_test!(sysinstr_matches_qemu, "sysinstr", "BTVMM_KERNEL_SYSINSTR");
+kernel_test!(sysinstr64_matches_qemu, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
+kernel_test!(usermode_matches_qemu, "usermode", "BTVMM_KERNEL_USERMODE");
+kernel_test!(usermode64_matches_qemu, "usermode64", "BTVMM_KERNEL_USERMODE64");
+
+#[test]
+fn multiboot_info_matches_qemu() {
+    let dir = std::env::temp_dir().join(format!("btvmm-mbi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (m0, m1) = (dir.join("mod0.bin"), dir.join("mod1.txt"));
+    std::fs::write(&m0, [0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6]).expect("module 0");
+    std::fs::write(&m1, b"second module\n").expect("module 1");
+    let (m0s, m1s) = (m0.to_string_lossy().into_owned(), m1.to_string_lossy().into_owned());
+    let initrd = format!("{m0s} arg=1,{m1s}");
+    let kernel = env!("BTVMM_KERNEL_MULTIBOOT_INFO");
+    check_against_file(
+        "multiboot_info",
+        kernel,
+        &["-append", "alpha=1 beta", "-initrd", &initrd],
+        &[(kernel, "$KERNEL"), (&m0s, "$MOD0"), (&m1s, "$MOD1")],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cpu kernels' checksums equal the host's for the same iteration count.
+fn check_cpu(name: &str, kernel: &str) {
+    let Some((status, lines)) = run(kernel, name, &["-append", "iterations=3"]) else { return };
+    let host = Command::new(env!("BTVMM_KERNEL_CPU_EXPECTED")).arg("3").output().expect("run cpu_expected");
+    let mut want: Vec<String> =
+        String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();
+    want.push(format!("{name}: PASS"));
+    assert_eq!(lines, want);
+    assert_eq!(status, PASS_STATUS);
+}
+
+#[test]
+fn cpu_checksums_match_host() {
+    check_cpu("cpu", env!("BTVMM_KERNEL_CPU"));
+}
+
+#[test]
+fn cpu64_checksums_match_host() {
+    check_cpu("cpu64", env!("BTVMM_KERNEL_CPU64"));
+}
