@@ -221,8 +221,9 @@ static void test_msrs(void) {
         wrmsr(0xc0000082, 0xffffffff81000000ull);
         check(rdmsr(0xc0000081) == 0x0018000800000000ull, "star");
         check(rdmsr(0xc0000082) == 0xffffffff81000000ull, "lstar");
-        wrmsr(0xc0000102, 0x1122334455667788ull);
-        check(rdmsr(0xc0000102) == 0x1122334455667788ull, "kernel_gs_base");
+        /* A canonical value: non-canonical ones are #GP on hardware. */
+        wrmsr(0xc0000102, 0xffff800011223344ull);
+        check(rdmsr(0xc0000102) == 0xffff800011223344ull, "kernel_gs_base");
     } else {
         printf("%s: long-mode msrs skipped (no lm)\n", kernel_name);
     }

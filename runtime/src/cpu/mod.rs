@@ -133,12 +133,13 @@ impl Cpu {
         }
     }
 
-    /// Flat 32-bit protected mode with paging off, as a multiboot loader leaves it:
-    /// CS a 4 GiB execute/read code segment, the data segments 4 GiB read/write.
+    /// Flat 32-bit protected mode with paging off, as a multiboot loader (QEMU's
+    /// boot ROM) leaves it: CS = 0x08 a 4 GiB execute/read code segment, the
+    /// data segments 0x10, 4 GiB read/write. GDTR is the loader's to set.
     pub fn set_flat_protected32(&mut self, entry: u32) {
         self.cr0 = (self.cr0 | cr0::PE) & !(cr0::PG | cr0::CD | cr0::NW);
-        let code = Segment { base: 0, limit: 0xffff_ffff, selector: 0x10, attr: 0xc09b };
-        let data = Segment { base: 0, limit: 0xffff_ffff, selector: 0x18, attr: 0xc093 };
+        let code = Segment { base: 0, limit: 0xffff_ffff, selector: 0x08, attr: 0xc09b };
+        let data = Segment { base: 0, limit: 0xffff_ffff, selector: 0x10, attr: 0xc093 };
         for (i, s) in self.seg.iter_mut().enumerate() {
             *s = if i == seg::CS { code } else { data };
         }

@@ -117,7 +117,8 @@ pub fn movs(v: &mut Vcpu, i: &Instruction) -> R {
 }
 
 /// Bulk forward `rep movs` within single pages of RAM, through the TLB.
-/// Returns false (nothing done) when the simple case does not apply.
+/// Returns false when the rest must go through the generic loop, which then
+/// continues from the registers as this left them.
 fn fast_movs(v: &mut Vcpu, i: &Instruction, r: super::string::StringRegs, size: u32, sseg: usize) -> Result<bool, Exception> {
     let mut done = 0u64;
     loop {
@@ -133,11 +134,15 @@ fn fast_movs(v: &mut Vcpu, i: &Instruction, r: super::string::StringRegs, size: 
         let si = v.reg(r.si) & r.amask;
         let di = v.reg(r.di) & r.amask;
         let (Ok(sl), Ok(dl)) = (v.linear(sseg, si, size, false), v.linear(seg::ES, di, size, true)) else {
-            return Ok(done > 0);
+            return Ok(false);
         };
         let room = (0x1000 - (sl & 0xfff)).min(0x1000 - (dl & 0xfff)) / size as u64;
         let n = room.min(count);
         let user = v.user();
+        if n == 0 {
+            // The next element straddles a page boundary.
+            return Ok(false);
+        }
         let (Some(src), Some(dst)) = (
             v.tlb.lookup(sl, crate::mmu::Access::Read, user),
             v.tlb.lookup(dl, crate::mmu::Access::Write, user),
@@ -151,14 +156,14 @@ fn fast_movs(v: &mut Vcpu, i: &Instruction, r: super::string::StringRegs, size: 
             done += 1;
             continue;
         };
-        if n == 0 || (si + n * size as u64) > r.amask || (di + n * size as u64) > r.amask {
-            return Ok(done > 0);
+        if (si + n * size as u64) > r.amask || (di + n * size as u64) > r.amask {
+            return Ok(false);
         }
         let bytes = (n * size as u64) as usize;
         // A forward copy onto an overlapping later destination repeats the
         // pattern element by element: leave that to the generic loop.
         if dst > src && dst < src + bytes as u64 {
-            return Ok(done > 0);
+            return Ok(false);
         }
         // SAFETY: both ranges lie within one RAM page each (bounded by
         // `room`), which the TLB entries map; overlap is handled by `copy`

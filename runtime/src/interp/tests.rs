@@ -119,11 +119,11 @@ fn interp_rep_movsb_copies_and_updates_registers() {
     assert_eq!(v.cpu.regs.gpr[7], 0x7800);
 }
 
-/// GDT at 0x3000 matching `set_flat_protected32`: code 0x10, data 0x18, 64-bit code 0x20.
+/// GDT at 0x3000 matching `set_flat_protected32`: code 0x08, data 0x10, 64-bit code 0x20.
 fn install_gdt(v: &mut Vcpu) {
     v.mem.write_u64(0x3000, 0);
-    v.mem.write_u64(0x3010, 0x00cf_9a00_0000_ffff);
-    v.mem.write_u64(0x3018, 0x00cf_9200_0000_ffff);
+    v.mem.write_u64(0x3008, 0x00cf_9a00_0000_ffff);
+    v.mem.write_u64(0x3010, 0x00cf_9200_0000_ffff);
     v.mem.write_u64(0x3020, 0x00af_9a00_0000_ffff);
     v.cpu.gdtr = crate::cpu::DescriptorTable { base: 0x3000, limit: 0x27 };
 }
@@ -226,4 +226,32 @@ fn interp_user_mode_round_trip_via_iret_and_int() {
     assert_eq!(v.cpu.regs.gpr[3], 0x1b);
     assert_eq!(v.cpu.regs.gpr[1], 0x9000 - 20, "five dwords on the TSS stack");
     assert_eq!(v.cpu.cpl, 0);
+}
+
+#[test]
+fn interp_rep_movsd_across_page_boundary_completes() {
+    // Source 3 bytes past the destination, both crossing 4 KiB pages at odd
+    // offsets: the bulk path must hand the straddling element to the generic loop.
+    let code = assemble32(|a| {
+        a.mov(edi, 0x5ffe)?;
+        a.mov(esi, 0x6001)?;
+        a.mov(ecx, 0x800)?;
+        a.cld()?;
+        a.rep().movsd()?;
+        a.hlt()
+    }, 0x1000);
+    let mut v = vcpu_with(&code, 0x1000);
+    let data: Vec<u8> = (0..0x2010u32).map(|x| (x * 13 + 1) as u8).collect();
+    v.mem.write(0x5ffe, &data);
+    let mut want = data.clone();
+    for k in 0..0x800usize {
+        let (d, s) = (4 * k, 3 + 4 * k);
+        let e: [u8; 4] = want[s..s + 4].try_into().unwrap();
+        want[d..d + 4].copy_from_slice(&e);
+    }
+    assert_eq!(run(&mut v), VmExit::HaltedForever);
+    assert_eq!(v.cpu.regs.gpr[1], 0, "ecx counted down to zero");
+    let mut out = vec![0u8; data.len()];
+    v.mem.read(0x5ffe, &mut out);
+    assert_eq!(out, want);
 }

@@ -1,0 +1,469 @@
+//! The board: the PC's devices on one port bus, wired to the PIC, and the
+//! timer thread that wakes a halted vCPU.
+//!
+//! Port map: PIC 0x20-0x21, 0xa0-0xa1, ELCR 0x4d0-0x4d1; PIT 0x40-0x43 and
+//! port 0x61; i8042 0x60/0x64; CMOS 0x70-0x71; POST 0x80; port 0x92;
+//! debug-exit 0xf4-0xf7; COM1 0x3f8-0x3ff. Interrupts: PIT channel 0 on
+//! IRQ 0, i8042 on IRQ 1 and 12, COM1 on IRQ 4.
+//!
+//! Threads: the vCPU thread owns the `Board` and is the only one touching
+//! device state. The timer thread only sleeps until the PIT's next channel 0
+//! deadline and raises the [`EventSignal`]; the stdin thread only queues
+//! bytes and raises it. The vCPU then calls [`Platform::service`], which
+//! brings the PIT and the UART up to date.
+
+use std::io::Write as _;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use btvmm_runtime::{EventSignal, Platform};
+
+use crate::devices::bus::{lock, Bus, BusError, PortStats, SharedDevice};
+use crate::devices::cmos::{Cmos, CMOS_PORT};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::devices::i8042::{I8042, PortA, AUX_IRQ, COMMAND_PORT, DATA_PORT, KBD_IRQ, PORT_A};
+use crate::devices::irq::IrqLines;
+use crate::devices::pic::{Pic, ELCR_PORT, MASTER_PORT, SLAVE_PORT};
+use crate::devices::pit::{Pit, PIT_PORT, PORT_B};
+use crate::devices::port80::{PostCode, POST_PORT};
+use crate::devices::serial::{self, ConsoleOut, SerialInput, Uart, COM1_IRQ, COM1_PORT};
+use crate::devices::stop::{StopHandle, StopReason};
+
+/// The timer thread never wakes the vCPU more often than this.
+const MIN_TIMER_INTERVAL: Duration = Duration::from_micros(20);
+const PIT_IRQ: u8 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    #[error("device wiring: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot start a device thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+#[derive(Default)]
+struct TimerState {
+    deadline: Option<Instant>,
+    shutdown: bool,
+}
+
+/// What the vCPU thread and the timer thread share.
+#[derive(Default)]
+struct TimerShared {
+    state: Mutex<TimerState>,
+    cond: Condvar,
+}
+
+fn run_timer(shared: &TimerShared, events: &EventSignal) {
+    let mut st = lock(&shared.state);
+    loop {
+        if st.shutdown {
+            return;
+        }
+        st = match st.deadline {
+            None => shared.cond.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    st.deadline = None;
+                    drop(st);
+                    events.raise();
+                    lock(&shared.state)
+                } else {
+                    shared
+                        .cond
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            }
+        };
+    }
+}
+
+/// The machine's devices, seen by the vCPU through [`Platform`].
+pub struct Board {
+    bus: Bus,
+    pic: Arc<Mutex<Pic>>,
+    pit: Arc<Mutex<Pit>>,
+    uart: Arc<Mutex<Uart>>,
+    post: Arc<Mutex<PostCode>>,
+    lines: Arc<IrqLines>,
+    stop: StopHandle,
+    input: Arc<SerialInput>,
+    events: Arc<EventSignal>,
+    timer: Arc<TimerShared>,
+    timer_thread: Option<JoinHandle<()>>,
+    /// The PIC's INTR output as last seen, to wake the vCPU on a rise.
+    intr_seen: bool,
+}
+
+impl Board {
+    /// A PC with `ram_size` bytes of RAM (for the CMOS), COM1 writing to
+    /// `console_out`, and `events` raised whenever a device needs the vCPU.
+    /// With `interactive_stdin`, a thread feeds the host's stdin to COM1
+    /// (Ctrl-A x quits).
+    pub fn new(
+        ram_size: u64,
+        console_out: ConsoleOut,
+        events: Arc<EventSignal>,
+        interactive_stdin: bool,
+    ) -> Result<Self, BoardError> {
+        let stop = StopHandle::new();
+        let lines = IrqLines::new();
+        let input = SerialInput::new();
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let pit = Arc::new(Mutex::new(Pit::new(Instant::now())));
+        let uart = Arc::new(Mutex::new(Uart::new(console_out, lines.line(COM1_IRQ), input.clone())));
+        let post = Arc::new(Mutex::new(PostCode::new()));
+        let kbc = Arc::new(Mutex::new(I8042::new(lines.line(KBD_IRQ), lines.line(AUX_IRQ), stop.clone())));
+
+        let mut bus = Bus::new();
+        let pic_dev: SharedDevice = pic.clone();
+        bus.register("pic", MASTER_PORT, 2, pic_dev.clone())?;
+        bus.register("pic", SLAVE_PORT, 2, pic_dev.clone())?;
+        bus.register("pic", ELCR_PORT, 2, pic_dev)?;
+        let pit_dev: SharedDevice = pit.clone();
+        bus.register("pit", PIT_PORT, 4, pit_dev.clone())?;
+        bus.register("pit", PORT_B, 1, pit_dev)?;
+        let kbc_dev: SharedDevice = kbc;
+        bus.register("i8042", DATA_PORT, 1, kbc_dev.clone())?;
+        bus.register("i8042", COMMAND_PORT, 1, kbc_dev)?;
+        bus.register("cmos", CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(ram_size))))?;
+        bus.register("port80", POST_PORT, 1, post.clone())?;
+        bus.register("port92", PORT_A, 1, Arc::new(Mutex::new(PortA::new(stop.clone()))))?;
+        let exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
+        bus.register("debug-exit", DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, exit)?;
+        bus.register("com1", COM1_PORT, 8, uart.clone())?;
+
+        let timer = Arc::new(TimerShared::default());
+        let timer_thread = {
+            let (timer, events) = (timer.clone(), events.clone());
+            std::thread::Builder::new()
+                .name("btvmm-timer".into())
+                .spawn(move || run_timer(&timer, &events))?
+        };
+        if interactive_stdin {
+            serial::spawn_stdin_reader(input.clone(), events.clone(), stop.clone())?;
+        }
+        Ok(Self {
+            bus,
+            pic,
+            pit,
+            uart,
+            post,
+            lines,
+            stop,
+            input,
+            events,
+            timer,
+            timer_thread: Some(timer_thread),
+            intr_seen: false,
+        })
+    }
+
+    /// Why the machine stopped, once `stop_requested()` is true.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop.reason()
+    }
+
+    /// A handle to stop the machine from elsewhere (a signal handler thread).
+    /// The vCPU sees it at its next `stop_requested()` check; raise the
+    /// event signal as well to wake it from `hlt`.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Queues bytes as if typed on the console (scripted input, tests).
+    pub fn push_input(&self, bytes: &[u8]) {
+        self.input.push(bytes);
+        self.events.raise();
+    }
+
+    /// I/O port accesses by device, for `--stats`.
+    pub fn port_stats(&self) -> Vec<PortStats> {
+        self.bus.stats()
+    }
+
+    /// The last POST code written to port 0x80.
+    pub fn post_code(&self) -> Option<u8> {
+        lock(&self.post).last()
+    }
+
+    /// Flushes the console writer (at exit).
+    pub fn flush_console(&self) {
+        if let Err(e) = lock(&self.uart).writer_mut().flush() {
+            tracing::debug!(target: "device", "console flush failed: {e}");
+        }
+    }
+
+    /// Moves device interrupt lines and due PIT ticks into the PIC; wakes
+    /// the vCPU if INTR just rose.
+    fn sync_interrupts(&mut self) {
+        let mut pit = lock(&self.pit);
+        let mut pic = lock(&self.pic);
+        self.lines.drain_into(&mut pic);
+        if !pic.irq_requested(PIT_IRQ) && pit.take_tick() {
+            pic.pulse_irq(PIT_IRQ);
+        }
+        let intr = pic.intr_pending();
+        if intr && !self.intr_seen {
+            self.events.raise();
+        }
+        self.intr_seen = intr;
+    }
+
+    /// Tells the timer thread when channel 0 next needs service.
+    fn update_timer(&self) {
+        let deadline = lock(&self.pit)
+            .next_deadline()
+            .map(|d| d.max(Instant::now() + MIN_TIMER_INTERVAL));
+        let mut st = lock(&self.timer.state);
+        if st.deadline != deadline {
+            st.deadline = deadline;
+            self.timer.cond.notify_one();
+        }
+    }
+
+    fn touches_timer(port: u16) -> bool {
+        (PIT_PORT..PIT_PORT + 4).contains(&port)
+    }
+}
+
+impl Platform for Board {
+    fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        let value = self.bus.read(port, size);
+        self.sync_interrupts();
+        value
+    }
+
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        self.bus.write(port, size, value);
+        if Self::touches_timer(port) {
+            self.update_timer();
+        }
+        self.sync_interrupts();
+    }
+
+    fn intr_pending(&mut self) -> bool {
+        self.sync_interrupts();
+        self.intr_seen
+    }
+
+    fn intr_ack(&mut self) -> Option<u8> {
+        self.sync_interrupts();
+        let vector = lock(&self.pic).ack();
+        // A tick held back while IRQ0 was latched can latch now.
+        self.sync_interrupts();
+        vector
+    }
+
+    fn service(&mut self) {
+        lock(&self.pit).service(Instant::now());
+        lock(&self.uart).fill_from_input();
+        self.update_timer();
+        self.sync_interrupts();
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.is_requested()
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        lock(&self.timer.state).shutdown = true;
+        self.timer.cond.notify_one();
+        if let Some(t) = self.timer_thread.take() {
+            let _ = t.join();
+        }
+        self.flush_console();
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer tests can look into.
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn board() -> (Board, SharedBuf, Arc<EventSignal>) {
+        let out = SharedBuf::default();
+        let events = Arc::new(EventSignal::new());
+        let board = Board::new(64 << 20, Box::new(out.clone()), events.clone(), false).unwrap();
+        (board, out, events)
+    }
+
+    /// Linux's init_8259A() with every line unmasked: vectors 0x30-0x3f.
+    fn init_pic(b: &mut Board) {
+        for (port, value) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x38),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0x00),
+            (0xa1, 0x00),
+        ] {
+            b.io_out(port, 1, value);
+        }
+    }
+
+    #[test]
+    fn com1_output_reaches_console_writer() {
+        let (mut b, out, _) = board();
+
+        for &c in b"ok" {
+            b.io_out(0x3f8, 1, u32::from(c));
+        }
+
+        assert_eq!(*lock(&out.0), b"ok");
+    }
+
+    #[test]
+    fn unclaimed_port_reads_all_ones() {
+        let (mut b, _, _) = board();
+
+        assert_eq!(b.io_in(0x2f8, 1), 0xff);
+    }
+
+    #[test]
+    fn debug_exit_write_stops_with_status() {
+        let (mut b, _, _) = board();
+
+        b.io_out(0xf4, 1, 0x31);
+
+        assert!(b.stop_requested());
+        assert_eq!(b.stop_reason(), Some(StopReason::DebugExit(0x63)));
+    }
+
+    #[test]
+    fn i8042_reset_command_stops_with_reset() {
+        let (mut b, _, _) = board();
+
+        b.io_out(0x64, 1, 0xfe);
+
+        assert_eq!(b.stop_reason(), Some(StopReason::Reset));
+    }
+
+    #[test]
+    fn pit_periodic_tick_wakes_vcpu_and_delivers_irq0() {
+        let (mut b, _, events) = board();
+        init_pic(&mut b);
+        // Mode 2, 1193 ticks: 1 kHz.
+        b.io_out(0x43, 1, 0x34);
+        b.io_out(0x40, 1, 1193 & 0xff);
+        b.io_out(0x40, 1, 1193 >> 8);
+        events.take();
+
+        events.wait(Duration::from_millis(500));
+        assert!(events.take(), "the timer thread raised the signal");
+        b.service();
+
+        assert!(b.intr_pending());
+        assert_eq!(b.intr_ack(), Some(0x30));
+    }
+
+    #[test]
+    fn missed_ticks_arrive_one_per_eoi() {
+        let (mut b, _, _) = board();
+        init_pic(&mut b);
+        b.io_out(0x43, 1, 0x34);
+        b.io_out(0x40, 1, 0x00);
+        b.io_out(0x40, 1, 0x01);
+        // 256 ticks is ~215 us: let several periods pass unserviced.
+        std::thread::sleep(Duration::from_millis(5));
+        b.service();
+
+        let mut delivered = 0;
+        while b.intr_ack() == Some(0x30) {
+            delivered += 1;
+            b.io_out(0x20, 1, 0x20);
+            if delivered > 1000 {
+                break;
+            }
+        }
+
+        assert!(delivered >= 2, "catch-up delivered {delivered}");
+        assert!(delivered <= 466 + 50, "bounded by the 100 ms backlog cap");
+    }
+
+    #[test]
+    fn serial_input_raises_irq4_after_service() {
+        let (mut b, _, events) = board();
+        init_pic(&mut b);
+        b.io_out(0x3fc, 1, 0x08);
+        b.io_out(0x3f9, 1, 0x01);
+
+        b.push_input(b"a");
+        assert!(events.take());
+        b.service();
+
+        assert_eq!(b.intr_ack(), Some(0x34));
+        assert_eq!(b.io_in(0x3f8, 1), u32::from(b'a'));
+    }
+
+    #[test]
+    fn cmos_reports_memory_size() {
+        let (mut b, _, _) = board();
+
+        b.io_out(0x70, 1, 0x34);
+        let low = b.io_in(0x71, 1);
+        b.io_out(0x70, 1, 0x35);
+        let high = b.io_in(0x71, 1);
+
+        assert_eq!(low | high << 8, (64 - 16) * 16);
+    }
+
+    #[test]
+    fn port_stats_count_by_device_name() {
+        let (mut b, _, _) = board();
+
+        b.io_out(0x80, 1, 0x42);
+        b.io_in(0x61, 1);
+        b.io_in(0x40, 2);
+
+        let stats = b.port_stats();
+        let pit = stats.iter().find(|s| s.name == "pit").unwrap();
+        let post = stats.iter().find(|s| s.name == "port80").unwrap();
+        assert_eq!((pit.reads, post.writes), (3, 1));
+        assert_eq!(b.post_code(), Some(0x42));
+    }
+
+    #[test]
+    fn pit_channel2_calibration_sees_out2_rise() {
+        // Linux's pit_calibrate_tsc(): gate on, speaker off, mode 0 on
+        // channel 2, then poll port 0x61 bit 5.
+        let (mut b, _, _) = board();
+        let gate = (b.io_in(0x61, 1) & !0x02) | 0x01;
+        b.io_out(0x61, 1, gate);
+        b.io_out(0x43, 1, 0xb0);
+        b.io_out(0x42, 1, 0x9c);
+        b.io_out(0x42, 1, 0x2e);
+        let start = Instant::now();
+
+        while b.io_in(0x61, 1) & 0x20 == 0 {
+            assert!(start.elapsed() < Duration::from_secs(2));
+        }
+
+        // 0x2e9c = 11932 ticks = 10 ms.
+        assert!(start.elapsed() >= Duration::from_micros(9_900));
+    }
+}

@@ -1,0 +1,94 @@
+//! The command line: `btvmm run ...` in the manner of QEMU's options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "btvmm", version, about = "A binary-translation virtual machine monitor for x86 guests")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest kernel.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// A multiboot v1 kernel (ELF or a.out kludge), as QEMU's -kernel takes it.
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    pub multiboot: Option<PathBuf>,
+    /// A kernel image: multiboot kernels are detected and booted as such.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Files passed to the kernel: multiboot modules (comma-separated, as QEMU's -initrd).
+    #[arg(long, value_name = "FILE[,FILE...]")]
+    pub initrd: Option<String>,
+    /// The kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub append: String,
+    /// Guest RAM size: a number of MiB, or with a suffix K, M, G (e.g. 512M).
+    #[arg(short = 'm', long = "memory", value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Execution engine for guest code.
+    #[arg(long, value_enum, default_value_t = Engine::Interp)]
+    pub engine: Engine,
+    /// Trace targets, comma-separated (exec, int, mmu, device, io, all); see also BTVMM_LOG.
+    #[arg(long, value_name = "TARGETS")]
+    pub trace: Option<String>,
+    /// Print counters at exit (instructions, exceptions and interrupts by vector, I/O by device).
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The interpreter (reference engine).
+    Interp,
+    /// The binary translator.
+    Bt,
+}
+
+/// Parses a memory size as QEMU does: plain numbers are MiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&s[..s.len() - 1], 1 << 40),
+        Some(c) if c.is_ascii_digit() => (s, 1 << 20),
+        _ => return Err(format!("invalid memory size '{s}'")),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid memory size '{s}'"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("memory size '{s}' is too large"))?;
+    if bytes < (1 << 20) {
+        return Err(format!("memory size '{s}' is below the 1 MiB minimum"));
+    }
+    Ok(bytes & !0xfff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_size_accepts_qemu_forms() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64"), Ok(64 << 20));
+        assert_eq!(parse_size("2048K"), Ok(2 << 20));
+    }
+
+    #[test]
+    fn parse_size_rejects_garbage_and_tiny_sizes() {
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("16K").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}

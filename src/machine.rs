@@ -1,0 +1,110 @@
+//! The machine: guest RAM, the board of devices, the loaded kernel and the
+//! vCPU, put together from the command line, and the run until the guest stops.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use btvmm_runtime::cpu::DescriptorTable;
+use btvmm_runtime::{EventSignal, GuestMemory, Vcpu, VmExit};
+
+use crate::board::Board;
+use crate::boot::multiboot;
+use crate::cli::{Engine, RunArgs};
+use crate::devices::stop::{StopHandle, StopReason};
+
+pub struct Machine {
+    vcpu: Vcpu,
+    events: Arc<EventSignal>,
+    stop: StopHandle,
+    print_stats: bool,
+}
+
+impl Machine {
+    pub fn build(args: &RunArgs) -> anyhow::Result<Self> {
+        if args.engine == Engine::Bt {
+            bail!("the binary translator is not available yet: use --engine interp");
+        }
+        let kernel_path = match (&args.multiboot, &args.kernel) {
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) => bail!("no kernel given: use --multiboot FILE or --kernel FILE"),
+        };
+        let image = std::fs::read(kernel_path)
+            .with_context(|| format!("cannot read kernel '{}'", kernel_path.display()))?;
+        let modules = read_modules(args.initrd.as_deref())?;
+        let mem = Arc::new(GuestMemory::new(args.memory).context("cannot allocate guest memory")?);
+        let cmdline = multiboot::qemu_cmdline(&kernel_path.display().to_string(), &args.append);
+        let module_refs: Vec<multiboot::Module> =
+            modules.iter().map(|(cmdline, data)| multiboot::Module { cmdline, data }).collect();
+        let entry = multiboot::load(&mem, &image, &cmdline, &module_refs)
+            .with_context(|| format!("cannot load '{}'", kernel_path.display()))?;
+
+        let events = Arc::new(EventSignal::new());
+        let board = Board::new(args.memory, Box::new(std::io::stdout()), events.clone(), true)
+            .context("cannot start the devices")?;
+        let stop = board.stop_handle();
+        let mut vcpu = Vcpu::new(mem, Box::new(board));
+        vcpu.cpu.set_flat_protected32(entry.eip);
+        vcpu.cpu.gdtr = DescriptorTable { base: entry.gdt_base as u64, limit: entry.gdt_limit };
+        vcpu.cpu.regs.gpr[0] = entry.eax as u64;
+        vcpu.cpu.regs.gpr[3] = entry.ebx as u64;
+        Ok(Self { vcpu, events, stop, print_stats: args.stats })
+    }
+
+    /// Runs the guest to its end and returns the process exit status.
+    pub fn run(&mut self) -> anyhow::Result<u8> {
+        let started = std::time::Instant::now();
+        let exit = self.vcpu.run(&self.events, None);
+        let elapsed = started.elapsed();
+        self.flush_console();
+        let code = match exit {
+            VmExit::Stopped => match self.stop.reason() {
+                Some(StopReason::DebugExit(status)) => (status & 0xff) as u8,
+                Some(StopReason::Reset) | Some(StopReason::Quit) | None => 0,
+            },
+            VmExit::HaltedForever => {
+                eprintln!("btvmm: the guest halted with interrupts disabled");
+                0
+            }
+            VmExit::TripleFault => {
+                eprintln!("btvmm: guest triple fault; guest state:\n{}", self.vcpu.cpu.dump());
+                3
+            }
+            VmExit::BudgetExhausted | VmExit::Exception(_) => 0,
+        };
+        if self.print_stats {
+            eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
+            eprint!("{}", self.vcpu.stats.report());
+            if let Some(board) = self.board() {
+                for s in board.port_stats() {
+                    eprintln!("io {}: {} accesses", s.name, s.reads + s.writes);
+                }
+            }
+        }
+        Ok(code)
+    }
+
+    fn board(&mut self) -> Option<&mut Board> {
+        let any: &mut dyn std::any::Any = self.vcpu.platform.as_mut();
+        any.downcast_mut::<Board>()
+    }
+
+    fn flush_console(&mut self) {
+        if let Some(b) = self.board() {
+            b.flush_console();
+        }
+    }
+}
+
+/// Reads `--initrd a,b,...`: each entry is a path, optionally followed by
+/// arguments, and becomes a module whose command line is the whole entry.
+fn read_modules(initrd: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let Some(list) = initrd else { return Ok(Vec::new()) };
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|spec| {
+            let path = spec.split_whitespace().next().unwrap_or(spec);
+            let data = std::fs::read(path).with_context(|| format!("cannot read initrd '{path}'"))?;
+            Ok((spec.to_string(), data))
+        })
+        .collect()
+}

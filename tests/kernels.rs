@@ -1,0 +1,112 @@
+//! Runs each test kernel under btvmm and compares its serial output with
+//! `tests/kernels/expected/<name>.txt` (recorded under QEMU, the reference
+//! machine) and its exit status with the pass code. The cpu kernels are
+//! compared with the host build of their workload (cpu_expected).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debug-exit code 0x10 -> exit status (0x10 << 1) | 1.
+const PASS_STATUS: i32 = 33;
+
+/// Runs `kernel` under btvmm; returns (exit status, the kernel's lines).
+fn run(kernel: &str, name: &str, extra: &[&str]) -> (i32, Vec<String>) {
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg(env!("CARGO_BIN_EXE_btvmm"))
+        .args(["run", "--engine", "interp", "-m", "128M", "--multiboot", kernel])
+        .args(extra)
+        .output()
+        .expect("run btvmm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{name}: ");
+    let lines = text
+        .split('\n')
+        .filter_map(|l| l.find(&prefix).map(|i| l[i..].trim_end_matches('\r').to_string()))
+        .collect();
+    if !out.stderr.is_empty() {
+        eprintln!("{name} stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+fn expected_path(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/expected").join(file)
+}
+
+fn check_against_file(name: &str, file: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
+    let (status, lines) = run(kernel, name, extra);
+    let mut got = lines.join("\n") + "\n";
+    for (from, to) in substitutions {
+        got = got.replace(from, to);
+    }
+    let path = expected_path(file);
+    let want = std::fs::read_to_string(&path).expect("expected output file");
+    assert_eq!(got, want, "{name}: output differs from {}", path.display());
+    assert_eq!(status, PASS_STATUS, "{name}: exit status");
+}
+
+macro_rules! kernel_test {
+    ($test:ident, $name:literal, $env:literal) => {
+        #[test]
+        fn $test() {
+            check_against_file($name, concat!($name, ".txt"), env!($env), &[], &[]);
+        }
+    };
+}
+
+kernel_test!(modes_matches_reference, "modes", "BTVMM_KERNEL_MODES");
+kernel_test!(paging32_matches_reference, "paging32", "BTVMM_KERNEL_PAGING32");
+kernel_test!(paging_pae_matches_reference, "paging_pae", "BTVMM_KERNEL_PAGING_PAE");
+kernel_test!(paging64_matches_reference, "paging64", "BTVMM_KERNEL_PAGING64");
+kernel_test!(pit_matches_reference, "pit", "BTVMM_KERNEL_PIT");
+kernel_test!(exceptions_matches_reference, "exceptions", "BTVMM_KERNEL_EXCEPTIONS");
+kernel_test!(exceptions64_matches_reference, "exceptions64", "BTVMM_KERNEL_EXCEPTIONS64");
+kernel_test!(sysinstr_matches_reference, "sysinstr", "BTVMM_KERNEL_SYSINSTR");
+kernel_test!(sysinstr64_matches_reference, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
+kernel_test!(usermode_matches_reference, "usermode", "BTVMM_KERNEL_USERMODE");
+kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
+
+/// btvmm has no firmware: all RAM above 1 MiB is usable (no ACPI or BIOS
+/// areas as under QEMU), so mem_upper and the map differ from QEMU's by
+/// design, and the loader names itself; the expected file says so.
+#[test]
+fn multiboot_info_matches_spec() {
+    let dir = std::env::temp_dir().join(format!("btvmm-mbi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (m0, m1) = (dir.join("mod0.bin"), dir.join("mod1.txt"));
+    std::fs::write(&m0, [0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6]).expect("module 0");
+    std::fs::write(&m1, b"second module\n").expect("module 1");
+    let (m0s, m1s) = (m0.to_string_lossy().into_owned(), m1.to_string_lossy().into_owned());
+    let initrd = format!("{m0s} arg=1,{m1s}");
+    let kernel = env!("BTVMM_KERNEL_MULTIBOOT_INFO");
+    check_against_file(
+        "multiboot_info",
+        "multiboot_info.btvmm.txt",
+        kernel,
+        &["--append", "alpha=1 beta", "--initrd", &initrd],
+        &[(kernel, "$KERNEL"), (&m0s, "$MOD0"), (&m1s, "$MOD1")],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cpu kernels' checksums equal the host's for the same iteration count.
+fn check_cpu(name: &str, kernel: &str) {
+    let (status, lines) = run(kernel, name, &["--append", "iterations=3"]);
+    let host = Command::new(env!("BTVMM_KERNEL_CPU_EXPECTED")).arg("3").output().expect("run cpu_expected");
+    let mut want: Vec<String> =
+        String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();
+    want.push(format!("{name}: PASS"));
+    assert_eq!(lines, want);
+    assert_eq!(status, PASS_STATUS);
+}
+
+#[test]
+fn cpu_checksums_match_host() {
+    check_cpu("cpu", env!("BTVMM_KERNEL_CPU"));
+}
+
+#[test]
+fn cpu64_checksums_match_host() {
+    check_cpu("cpu64", env!("BTVMM_KERNEL_CPU64"));
+}
