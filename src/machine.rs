@@ -75,9 +75,13 @@ impl Machine {
             eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
             eprint!("{}", self.vcpu.stats.report());
             if let Some(board) = self.board() {
-                for s in board.port_stats() {
-                    eprintln!("io {}: {} accesses", s.name, s.reads + s.writes);
-                }
+                let io: Vec<String> = board
+                    .port_stats()
+                    .iter()
+                    .filter(|s| s.reads + s.writes > 0)
+                    .map(|s| format!("{}:{}", s.name, s.reads + s.writes))
+                    .collect();
+                eprintln!("I/O port accesses by device: {}", io.join(" "));
             }
         }
         Ok(code)
