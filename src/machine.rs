@@ -10,6 +10,7 @@ use btvmm_runtime::{EventSignal, GuestMemory, Vcpu, VmExit};
 use crate::board::Board;
 use crate::boot::multiboot;
 use crate::cli::{Engine, RunArgs};
+use crate::devices::serial::ConsoleOut;
 use crate::devices::stop::{StopHandle, StopReason};
 
 pub struct Machine {
@@ -19,8 +20,27 @@ pub struct Machine {
     print_stats: bool,
 }
 
+/// Where the guest's console goes and whether the host's stdin feeds it.
+pub struct Console {
+    pub output: ConsoleOut,
+    pub stdin: bool,
+}
+
+impl Console {
+    /// The terminal: COM1 to stdout, stdin to COM1.
+    pub fn stdio() -> Self {
+        Self { output: Box::new(std::io::stdout()), stdin: true }
+    }
+}
+
 impl Machine {
+    /// A machine as the command line describes it, on the terminal.
     pub fn build(args: &RunArgs) -> anyhow::Result<Self> {
+        Self::build_with(args, Console::stdio())
+    }
+
+    /// A machine as the command line describes it, with its console elsewhere.
+    pub fn build_with(args: &RunArgs, console: Console) -> anyhow::Result<Self> {
         if args.engine == Engine::Bt {
             bail!("the binary translator is not available yet: use --engine interp");
         }
@@ -39,7 +59,7 @@ impl Machine {
             .with_context(|| format!("cannot load '{}'", kernel_path.display()))?;
 
         let events = Arc::new(EventSignal::new());
-        let board = Board::new(args.memory, Box::new(std::io::stdout()), events.clone(), true)
+        let board = Board::new(args.memory, console.output, events.clone(), console.stdin)
             .context("cannot start the devices")?;
         let stop = board.stop_handle();
         let mut vcpu = Vcpu::new(mem, Box::new(board));
@@ -48,6 +68,11 @@ impl Machine {
         vcpu.cpu.regs.gpr[0] = entry.eax as u64;
         vcpu.cpu.regs.gpr[3] = entry.ebx as u64;
         Ok(Self { vcpu, events, stop, print_stats: args.stats })
+    }
+
+    /// The vCPU (for its counters after a run).
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
     }
 
     /// Runs the guest to its end and returns the process exit status.

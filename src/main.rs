@@ -1,16 +1,10 @@
 //! btvmm: a binary-translation virtual machine monitor for x86 guests.
 
-mod board;
-mod boot;
-mod cli;
-mod devices;
-mod machine;
-
 use std::process::ExitCode;
 
+use btvmm::cli::{Cli, Command};
+use btvmm::machine;
 use clap::Parser;
-
-use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
