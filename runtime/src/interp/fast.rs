@@ -28,7 +28,7 @@ const TEST: u8 = 8;
 
 #[inline(always)]
 fn compute<const OP: u8>(v: &Vcpu, size: u32, a: u64, b: u64) -> (u64, u64) {
-    let cf = (v.cpu.regs.rflags & CF) as u64;
+    let cf = v.cpu.regs.rflags & CF;
     match OP {
         ADD => alu::add(size, a, b, 0),
         ADC => alu::add(size, a, b, cf),

@@ -301,7 +301,7 @@ impl SimdExecutor {
 /// page walk, so the caller may call this before reading guest memory to get #GP
 /// rather than #PF first; `execute` checks it again either way.
 pub fn alignment_fault(insn: &Instruction, guest_addr: u64) -> bool {
-    required_alignment(insn).is_some_and(|align| guest_addr % align as u64 != 0)
+    required_alignment(insn).is_some_and(|align| !guest_addr.is_multiple_of(align as u64))
 }
 
 /// #GP(0) checks on the memory operand made before executing: alignment of the guest

@@ -132,7 +132,7 @@ pub(super) fn plan(insn: &Instruction, info: &mut InstructionInfoFactory) -> Res
     }
     let mut free = SCRATCH_ORDER
         .into_iter()
-        .filter(|r| !used.contains(r) && !(implicit_rdi && *r == Register::RDI))
+        .filter(|r| !(used.contains(r) || implicit_rdi && *r == Register::RDI))
         .collect::<Vec<_>>()
         .into_iter();
     let ctx = free.next().ok_or(NoStub)?;

@@ -194,12 +194,12 @@ fn rfbm(v: &Vcpu) -> u64 {
 }
 
 /// Byte ranges of each state component in the standard-format area.
-fn component_ranges(area_len: usize, bit: u32) -> Vec<std::ops::Range<usize>> {
+fn component_ranges(area_len: usize, bit: u32) -> [std::ops::Range<usize>; 2] {
     match bit {
-        0 => vec![0..24, 32..160],
-        1 => vec![160..416],
+        0 => [0..24, 32..160],
+        1 => [160..416, 0..0],
         // AVX: everything past the header (the host layout puts YMM_Hi128 there).
-        _ => vec![576..area_len],
+        _ => [576..area_len, 0..0],
     }
 }
 
