@@ -19,6 +19,7 @@ fn args(kernel: &str) -> RunArgs {
         initrd: None,
         append: format!("iterations={ITERATIONS}"),
         memory: 128 << 20,
+        boot_entry: None,
         engine: Engine::Interp,
         trace: None,
         stats: false,

@@ -22,10 +22,10 @@ pub struct RunArgs {
     /// A multiboot v1 kernel (ELF or a.out kludge), as QEMU's -kernel takes it.
     #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
     pub multiboot: Option<PathBuf>,
-    /// A kernel image: multiboot kernels are detected and booted as such.
+    /// A kernel image: a Linux bzImage or vmlinux, or a multiboot kernel (detected).
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
-    /// Files passed to the kernel: multiboot modules (comma-separated, as QEMU's -initrd).
+    /// Initial ramdisk for Linux, or multiboot modules (comma-separated, as QEMU's -initrd).
     #[arg(long, value_name = "FILE[,FILE...]")]
     pub initrd: Option<String>,
     /// The kernel command line.
@@ -34,6 +34,9 @@ pub struct RunArgs {
     /// Guest RAM size: a number of MiB, or with a suffix K, M, G (e.g. 512M).
     #[arg(short = 'm', long = "memory", value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
     pub memory: u64,
+    /// Linux entry point: 64 (long mode, the default for kernels that have it) or 32.
+    #[arg(long, value_name = "32|64", value_parser = ["32", "64"])]
+    pub boot_entry: Option<String>,
     /// Execution engine for guest code.
     #[arg(long, value_enum, default_value_t = Engine::Interp)]
     pub engine: Engine,

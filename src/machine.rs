@@ -1,6 +1,7 @@
 //! The machine: guest RAM, the board of devices, the loaded kernel and the
 //! vCPU, put together from the command line, and the run until the guest stops.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -8,10 +9,16 @@ use btvmm_runtime::cpu::DescriptorTable;
 use btvmm_runtime::{EventSignal, GuestMemory, Vcpu, VmExit};
 
 use crate::board::Board;
+use crate::boot::linux::{self, EntryMode};
 use crate::boot::multiboot;
 use crate::cli::{Engine, RunArgs};
 use crate::devices::serial::ConsoleOut;
 use crate::devices::stop::{StopHandle, StopReason};
+
+enum Boot {
+    Multiboot(multiboot::MultibootEntry),
+    Linux(linux::LinuxEntry),
+}
 
 pub struct Machine {
     vcpu: Vcpu,
@@ -46,27 +53,43 @@ impl Machine {
         }
         let kernel_path = match (&args.multiboot, &args.kernel) {
             (Some(p), _) | (None, Some(p)) => p,
-            (None, None) => bail!("no kernel given: use --multiboot FILE or --kernel FILE"),
+            (None, None) => bail!("no kernel given: use --kernel FILE or --multiboot FILE"),
         };
         let image = std::fs::read(kernel_path)
             .with_context(|| format!("cannot read kernel '{}'", kernel_path.display()))?;
-        let modules = read_modules(args.initrd.as_deref())?;
         let mem = Arc::new(GuestMemory::new(args.memory).context("cannot allocate guest memory")?);
-        let cmdline = multiboot::qemu_cmdline(&kernel_path.display().to_string(), &args.append);
-        let module_refs: Vec<multiboot::Module> =
-            modules.iter().map(|(cmdline, data)| multiboot::Module { cmdline, data }).collect();
-        let entry = multiboot::load(&mem, &image, &cmdline, &module_refs)
-            .with_context(|| format!("cannot load '{}'", kernel_path.display()))?;
+        let is_multiboot = args.multiboot.is_some() || !linux::is_bzimage(&image) && multiboot::has_header(&image);
+        let boot = if is_multiboot {
+            Boot::Multiboot(load_multiboot(&mem, &image, kernel_path, args)?)
+        } else {
+            Boot::Linux(load_linux(&mem, &image, kernel_path, args)?)
+        };
 
         let events = Arc::new(EventSignal::new());
         let board = Board::new(args.memory, console.output, events.clone(), console.stdin)
             .context("cannot start the devices")?;
         let stop = board.stop_handle();
         let mut vcpu = Vcpu::new(mem, Box::new(board));
-        vcpu.cpu.set_flat_protected32(entry.eip);
-        vcpu.cpu.gdtr = DescriptorTable { base: entry.gdt_base as u64, limit: entry.gdt_limit };
-        vcpu.cpu.regs.gpr[0] = entry.eax as u64;
-        vcpu.cpu.regs.gpr[3] = entry.ebx as u64;
+        let cpu = &mut vcpu.cpu;
+        match boot {
+            Boot::Multiboot(entry) => {
+                cpu.set_flat_protected32(entry.eip);
+                cpu.gdtr = DescriptorTable { base: entry.gdt_base as u64, limit: entry.gdt_limit };
+                cpu.regs.gpr[0] = entry.eax as u64;
+                cpu.regs.gpr[3] = entry.ebx as u64;
+            }
+            Boot::Linux(entry) => {
+                match entry.mode {
+                    EntryMode::Long64 => cpu.set_flat_long64(entry.rip, entry.cr3, linux::BOOT_CS, linux::BOOT_DS),
+                    EntryMode::Protected32 => {
+                        cpu.set_flat_protected32(entry.rip as u32);
+                        cpu.set_flat_selectors(linux::BOOT_CS, linux::BOOT_DS);
+                    }
+                }
+                cpu.gdtr = DescriptorTable { base: entry.gdt_base, limit: entry.gdt_limit };
+                cpu.regs.gpr[6] = entry.boot_params;
+            }
+        }
         Ok(Self { vcpu, events, stop, print_stats: args.stats })
     }
 
@@ -124,9 +147,28 @@ impl Machine {
     }
 }
 
+fn load_multiboot(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> anyhow::Result<multiboot::MultibootEntry> {
+    let modules = read_files(args.initrd.as_deref())?;
+    let cmdline = multiboot::qemu_cmdline(&path.display().to_string(), &args.append);
+    let refs: Vec<multiboot::Module> = modules.iter().map(|(cmdline, data)| multiboot::Module { cmdline, data }).collect();
+    multiboot::load(mem, image, &cmdline, &refs).with_context(|| format!("cannot load '{}'", path.display()))
+}
+
+fn load_linux(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> anyhow::Result<linux::LinuxEntry> {
+    // Several initrd files are concatenated, which Linux unpacks in turn.
+    let initrd: Vec<u8> = read_files(args.initrd.as_deref())?.into_iter().flat_map(|(_, d)| d).collect();
+    let entry = match args.boot_entry.as_deref() {
+        Some("32") => Some(EntryMode::Protected32),
+        Some("64") => Some(EntryMode::Long64),
+        _ => None,
+    };
+    let initrd = (!initrd.is_empty() || args.initrd.is_some()).then_some(initrd.as_slice());
+    linux::load(mem, image, &args.append, initrd, entry).with_context(|| format!("cannot load '{}'", path.display()))
+}
+
 /// Reads `--initrd a,b,...`: each entry is a path, optionally followed by
-/// arguments, and becomes a module whose command line is the whole entry.
-fn read_modules(initrd: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// arguments (a multiboot module's command line is the whole entry).
+fn read_files(initrd: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let Some(list) = initrd else { return Ok(Vec::new()) };
     list.split(',')
         .filter(|s| !s.is_empty())

@@ -10,6 +10,8 @@ pub struct Stats {
     pub code_invalidations: u64,
     pub exceptions: BTreeMap<u8, u64>,
     pub interrupts: BTreeMap<u8, u64>,
+    /// `int n`, `int3`, `into`, `int1` by vector.
+    pub software_interrupts: BTreeMap<u8, u64>,
     /// Instructions btvmm does not implement, by mnemonic: each raised #UD.
     pub unimplemented: BTreeMap<String, u64>,
     /// x87/SSE/AVX instructions run natively one at a time (see `simd`).
@@ -24,6 +26,10 @@ impl Stats {
 
     pub fn count_interrupt(&mut self, vector: u8) {
         *self.interrupts.entry(vector).or_default() += 1;
+    }
+
+    pub fn count_software_interrupt(&mut self, vector: u8) {
+        *self.software_interrupts.entry(vector).or_default() += 1;
     }
 
     pub fn count_unimplemented(&mut self, mnemonic: &str) {
@@ -42,6 +48,7 @@ impl Stats {
         };
         let _ = writeln!(s, "exceptions by vector: {}", list(&self.exceptions));
         let _ = writeln!(s, "interrupts by vector: {}", list(&self.interrupts));
+        let _ = writeln!(s, "software interrupts by vector: {}", list(&self.software_interrupts));
         if !self.unimplemented.is_empty() {
             let u: Vec<_> = self.unimplemented.iter().map(|(k, v)| format!("{k}:{v}")).collect();
             let _ = writeln!(s, "unimplemented instructions (#UD): {}", u.join(" "));

@@ -1,1 +1,2 @@
 pub mod multiboot;
+pub mod linux;

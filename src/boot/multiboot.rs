@@ -16,8 +16,8 @@
 //!   protected mode with paging off (CS 0x08 and data 0x10 of the small GDT
 //!   this loader writes at 0x9600, as QEMU's option ROM uses).
 
-mod elf;
-mod header;
+pub(crate) mod elf;
+pub(crate) mod header;
 
 use btvmm_runtime::{GuestMemory, GuestPhys};
 use thiserror::Error;
@@ -73,6 +73,11 @@ pub enum MultibootError {
     Truncated { what: &'static str },
     #[error("unsupported multiboot kernel: {0}")]
     Unsupported(String),
+}
+
+/// Whether `image` carries a multiboot header (valid or not) in its first 8 KiB.
+pub fn has_header(image: &[u8]) -> bool {
+    !matches!(header::find_header(image), Err(MultibootError::NoHeader))
 }
 
 /// A boot module, as QEMU's `-initrd "file args,file2"` passes it: the

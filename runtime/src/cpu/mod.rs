@@ -149,6 +149,32 @@ impl Cpu {
         self.update_mode();
     }
 
+    /// 64-bit mode with paging on (CR3 = `cr3`, PAE, EFER.LME/LMA), flat
+    /// segments `code` (a 64-bit code segment) and `data`: the state the
+    /// Linux 64-bit boot protocol enters with.
+    pub fn set_flat_long64(&mut self, entry: u64, cr3: u64, code: u16, data: u16) {
+        self.cr0 = (self.cr0 | cr0::PE | cr0::PG) & !(cr0::CD | cr0::NW);
+        self.cr4 |= cr4::PAE;
+        self.cr3 = cr3;
+        self.efer |= efer::LME | efer::LMA;
+        let cs = Segment { base: 0, limit: 0xffff_ffff, selector: code, attr: 0xa09b };
+        let ds = Segment { base: 0, limit: 0xffff_ffff, selector: data, attr: 0xc093 };
+        for (i, s) in self.seg.iter_mut().enumerate() {
+            *s = if i == seg::CS { cs } else { ds };
+        }
+        self.regs.rip = entry;
+        self.regs.rflags = rflags::FIXED1;
+        self.cpl = 0;
+        self.update_mode();
+    }
+
+    /// Renames the flat selectors set by [`Cpu::set_flat_protected32`].
+    pub fn set_flat_selectors(&mut self, code: u16, data: u16) {
+        for (i, s) in self.seg.iter_mut().enumerate() {
+            s.selector = if i == seg::CS { code } else { data };
+        }
+    }
+
     /// Recomputes [`Cpu::mode`] after a change of CR0, EFER, EFLAGS.VM or CS.
     pub fn update_mode(&mut self) {
         self.mode = if self.cr0 & cr0::PE == 0 {

@@ -211,6 +211,9 @@ impl Vcpu {
 
     #[inline(always)]
     pub fn read_lin_as(&mut self, lin: u64, size: u32, user: bool) -> Result<u64, Exception> {
+        if self.align_check && user && lin & (size as u64 - 1) != 0 {
+            return Err(Exception::with_code(crate::exception::vector::AC, 0));
+        }
         if (lin & 0xfff) + size as u64 <= 0x1000 {
             if let Some(host) = self.tlb.lookup(lin, Access::Read, user) {
                 // SAFETY: the TLB only holds pages inside guest RAM and the
@@ -229,6 +232,9 @@ impl Vcpu {
 
     #[inline(always)]
     pub fn write_lin_as(&mut self, lin: u64, size: u32, v: u64, user: bool) -> Result<(), Exception> {
+        if self.align_check && user && lin & (size as u64 - 1) != 0 {
+            return Err(Exception::with_code(crate::exception::vector::AC, 0));
+        }
         if (lin & 0xfff) + size as u64 <= 0x1000 {
             if let Some(host) = self.tlb.lookup(lin, Access::Write, user) {
                 // SAFETY: as in `read_lin_as`; write entries are never filled

@@ -69,6 +69,9 @@ fn integer_handler(m: M) -> Option<Handler> {
         M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => integer::shift,
         M::Shld | M::Shrd => integer::double_shift,
         M::Clc | M::Stc | M::Cmc | M::Cld | M::Std => integer::flag_op,
+        M::Bound => integer::bound,
+        M::Arpl => integer::arpl,
+        M::Salc => integer::salc,
         M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => integer::bcd,
         M::Seto | M::Setno | M::Setb | M::Setae | M::Sete | M::Setne | M::Setbe | M::Seta
         | M::Sets | M::Setns | M::Setp | M::Setnp | M::Setl | M::Setge | M::Setle | M::Setg => integer::setcc,

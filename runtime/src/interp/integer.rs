@@ -558,3 +558,41 @@ pub fn cmovcc(v: &mut Vcpu, i: &Instruction) -> R {
     }
     Ok(())
 }
+
+/// bound r, m: #BR unless lower <= index <= upper (signed); 32-bit modes only.
+pub fn bound(v: &mut Vcpu, i: &Instruction) -> R {
+    let size = i.op0_register().size() as u32;
+    let lin = v.mem_operand(i, size * 2, false)?;
+    let lower = sext(v.read_lin(lin, size)?, size);
+    let upper = sext(v.read_lin(lin + size as u64, size)?, size);
+    let index = sext(v.reg(i.op0_register()), size);
+    if index < lower || index > upper {
+        return Err(Exception::new(crate::exception::vector::BR));
+    }
+    Ok(())
+}
+
+/// arpl r/m16, r16: raise the destination selector's RPL to the source's
+/// (ZF=1), or leave it (ZF=0). Protected mode only.
+pub fn arpl(v: &mut Vcpu, i: &Instruction) -> R {
+    if matches!(v.cpu.mode, CpuMode::Real | CpuMode::Virtual8086) {
+        return Err(Exception::ud());
+    }
+    let loc = v.dest(i, 2)?;
+    let dst = v.read_loc(loc, 2)?;
+    let src = v.reg(i.op1_register());
+    if dst & 3 < src & 3 {
+        v.write_loc(loc, 2, (dst & !3) | (src & 3))?;
+        v.set_flag(ZF, true);
+    } else {
+        v.set_flag(ZF, false);
+    }
+    Ok(())
+}
+
+/// salc (undocumented, 0xd6): AL = CF ? 0xff : 0, as every x86 CPU does outside 64-bit mode.
+pub fn salc(v: &mut Vcpu, _i: &Instruction) -> R {
+    let al = if v.flag(CF) { 0xff } else { 0 };
+    v.set_reg(Register::AL, al);
+    Ok(())
+}

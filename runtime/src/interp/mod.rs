@@ -140,6 +140,10 @@ pub struct Vcpu {
     pub block_break: bool,
     /// Set by a handler when the vCPU must leave `run` (triple fault).
     pub exit: Option<VmExit>,
+    /// Alignment checking is on (CPL 3, CR0.AM, EFLAGS.AC): misaligned data
+    /// accesses raise #AC. Recomputed at every block start; everything that
+    /// changes its inputs ends the block.
+    pub align_check: bool,
     /// Stop at the first exception or software interrupt instead of
     /// delivering it (differential tests compare faults this way).
     pub trap_exceptions: bool,
@@ -160,6 +164,7 @@ impl Vcpu {
             block_break: false,
             exit: None,
             trap_exceptions: false,
+            align_check: false,
         }
     }
 
@@ -212,6 +217,9 @@ impl Vcpu {
             }
         };
         let trap_after = self.cpu.regs.rflags & rflags::TF != 0;
+        self.align_check = self.cpu.cpl == 3
+            && self.cpu.cr0 & crate::cpu::cr0::AM != 0
+            && self.cpu.regs.rflags & rflags::AC != 0;
         let n = if single { 1 } else { block.insns.len().min(remaining.max(1) as usize) };
         self.block_break = false;
         let mut done = 0u64;

@@ -255,3 +255,64 @@ fn interp_rep_movsd_across_page_boundary_completes() {
     v.mem.read(0x5ffe, &mut out);
     assert_eq!(out, want);
 }
+
+#[test]
+fn interp_bound_raises_br_only_out_of_range() {
+    let code = assemble32(|a| {
+        a.mov(eax, 5)?;
+        a.bound(eax, qword_ptr(0x5000))?; // [0, 5]: in range
+        a.mov(ebx, 1)?;
+        a.mov(eax, 6)?;
+        a.bound(eax, qword_ptr(0x5000))?; // out of range: #BR
+        a.mov(ebx, 2)?;
+        a.hlt()
+    }, 0x1000);
+    let mut v = vcpu_with(&code, 0x1000);
+    v.trap_exceptions = true;
+    v.mem.write_u32(0x5000, 0);
+    v.mem.write_u32(0x5004, 5);
+    let exit = run(&mut v);
+    assert_eq!(exit, VmExit::Exception(Exception::new(5)));
+    assert_eq!(v.cpu.regs.gpr[3], 1);
+}
+
+#[test]
+fn interp_arpl_and_salc_behave_as_hardware() {
+    let code = assemble32(|a| {
+        a.mov(eax, 0x10)?;
+        a.mov(ecx, 3)?;
+        a.arpl(ax, cx)?; // RPL 0 -> 3, ZF=1
+        a.setz(dl)?;
+        a.stc()?;
+        a.db(&[0xd6])?; // salc
+        a.mov(ebx, eax)?;
+        a.hlt()
+    }, 0x1000);
+    let mut v = vcpu_with(&code, 0x1000);
+    assert_eq!(run(&mut v), VmExit::HaltedForever);
+    assert_eq!(v.cpu.regs.gpr[2] & 0xff, 1);
+    assert_eq!(v.cpu.regs.gpr[3], 0xff, "salc with CF=1 sets AL=0xff over AX=0x13's low byte");
+}
+
+#[test]
+fn interp_alignment_check_raises_ac_in_ring3_only_when_enabled() {
+    // mov eax, [0x5001]; hlt (a #GP at CPL 3 that ends the run).
+    let code = [0x8b, 0x05, 0x01, 0x50, 0x00, 0x00, 0xf4];
+    let ring3 = |ac: bool| {
+        let mut v = vcpu_with(&code, 0x1000);
+        v.trap_exceptions = true;
+        for s in v.cpu.seg.iter_mut() {
+            s.attr |= 3 << 5;
+            s.selector |= 3;
+        }
+        v.cpu.cpl = 3;
+        v.cpu.cr0 |= crate::cpu::cr0::AM;
+        if ac {
+            v.cpu.regs.rflags |= crate::cpu::rflags::AC;
+        }
+        let exit = run(&mut v);
+        (exit, v.cpu.regs.rip)
+    };
+    assert_eq!(ring3(true), (VmExit::Exception(Exception::with_code(17, 0)), 0x1000));
+    assert_eq!(ring3(false), (VmExit::Exception(Exception::gp0()), 0x1006));
+}

@@ -29,6 +29,7 @@ pub fn into(v: &mut Vcpu, _i: &Instruction) -> R {
 
 /// `int1` (icebp): a #DB trap delivered like a hardware exception.
 pub fn int1(v: &mut Vcpu, _i: &Instruction) -> R {
+    v.stats.count_software_interrupt(vector::DB);
     super::interrupt::deliver(v, vector::DB, Source::Exception, None)
 }
 

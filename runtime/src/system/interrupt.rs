@@ -77,6 +77,7 @@ pub fn single_step_trap(v: &mut Vcpu) {
 
 /// `int n`, `int3`, `into`: RIP already points after the instruction.
 pub fn software_interrupt(v: &mut Vcpu, vec: u8, source: Source) -> Result<(), Exception> {
+    v.stats.count_software_interrupt(vec);
     if v.cpu.mode == CpuMode::Virtual8086 && source == Source::Software && v.cpu.iopl() < 3 {
         return Err(Exception::gp0());
     }
