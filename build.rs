@@ -27,6 +27,7 @@ const KERNELS: &[Kernel] = &[
     Kernel { name: "paging_pae", bits: 32, sources: &["paging.c"], defines: &["-DPAGING_PAE"] },
     Kernel { name: "paging64", bits: 64, sources: &["paging.c"], defines: &[] },
     Kernel { name: "pit", bits: 32, sources: &["pit.c"], defines: &[] },
+    Kernel { name: "tsc_calibrate", bits: 64, sources: &["tsc_calibrate.c"], defines: &[] },
     Kernel { name: "exceptions", bits: 32, sources: &["exceptions.c"], defines: &[] },
     Kernel { name: "exceptions64", bits: 64, sources: &["exceptions.c"], defines: &[] },
     Kernel { name: "sysinstr", bits: 32, sources: &["sysinstr.c"], defines: &[] },

@@ -54,7 +54,7 @@ fn host(leaf: u32, subleaf: u32) -> CpuidResult {
 /// `osxsave` is CR4.OSXSAVE (mirrored in leaf 1 ECX bit 27), `xcr0` the guest's XCR0.
 pub fn guest_cpuid(leaf: u32, subleaf: u32, osxsave: bool, xcr0: u64) -> CpuidResult {
     let max_basic = host(0, 0).eax.min(0xd);
-    let max_ext = host(0x8000_0000, 0).eax.min(0x8000_0008);
+    let max_ext = host(0x8000_0000, 0).eax.min(0x8000_0021);
     let zero = CpuidResult::default();
     match leaf {
         0 => CpuidResult { eax: max_basic, ..host(0, 0) },
@@ -92,6 +92,14 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, osxsave: bool, xcr0: u64) -> CpuidRe
         0x8000_0007 if leaf <= max_ext => {
             // Invariant TSC only: btvmm's TSC follows the host clock.
             CpuidResult { edx: host(leaf, 0).edx & (1 << 8), ..zero }
+        }
+        0x8000_0021 if leaf <= max_ext => {
+            // LFENCE is serialising (as on the host); a null selector load
+            // clears the base (as btvmm's segment loads do); SRSO_NO: guest
+            // code never drives the host's return predictor directly while
+            // interpreted, and a guest could not apply the IBPB-based
+            // mitigation anyway (no PRED_CMD for a user process).
+            CpuidResult { eax: (host(leaf, 0).eax & (1 << 2)) | (1 << 6) | (1 << 29), ..zero }
         }
         0x8000_0008 if leaf <= max_ext => {
             // Address sizes; no core count, no extra features.

@@ -30,7 +30,35 @@ pub mod index {
     pub const GS_BASE: u32 = 0xc000_0101;
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
     pub const TSC_AUX: u32 = 0xc000_0103;
+    // AMD model-specific registers Linux reads or writes without a fault handler.
+    pub const AMD_SYSCFG: u32 = 0xc001_0010;
+    pub const AMD_HWCR: u32 = 0xc001_0015;
+    pub const AMD_NB_CFG: u32 = 0xc001_001f;
+    pub const AMD_OSVW_ID_LENGTH: u32 = 0xc001_0140;
+    pub const AMD_OSVW_STATUS: u32 = 0xc001_0141;
+    pub const AMD_LS_CFG: u32 = 0xc001_1020;
+    pub const AMD_IC_CFG: u32 = 0xc001_1021;
+    pub const AMD_DE_CFG: u32 = 0xc001_1029;
+    pub const AMD_BU_CFG2: u32 = 0xc001_102a;
 }
+
+/// HWCR bit 24 (TscFreqSel): the TSC counts at the P0 frequency, as on every
+/// CPU with an invariant TSC.
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+
+/// Model-specific registers that have no effect on btvmm's virtual CPU but
+/// that guests configure: reads return what was last written.
+pub const INERT: [(u32, u64); 9] = [
+    (index::AMD_SYSCFG, 0),
+    (index::AMD_HWCR, HWCR_TSC_FREQ_SEL),
+    (index::AMD_NB_CFG, 0),
+    (index::AMD_OSVW_ID_LENGTH, 0),
+    (index::AMD_OSVW_STATUS, 0),
+    (index::AMD_LS_CFG, 0),
+    (index::AMD_IC_CFG, 0),
+    (index::AMD_DE_CFG, 0),
+    (index::AMD_BU_CFG2, 0),
+];
 
 #[derive(Clone, Debug)]
 pub struct Msrs {
@@ -51,6 +79,8 @@ pub struct Msrs {
     pub mtrr_def_type: u64,
     pub spec_ctrl: u64,
     pub mcg_status: u64,
+    /// Values of the [`INERT`] registers, in the same order.
+    pub inert: [u64; INERT.len()],
 }
 
 impl Default for Msrs {
@@ -60,6 +90,11 @@ impl Default for Msrs {
 }
 
 impl Msrs {
+    /// The slot of an inert MSR.
+    pub fn inert_slot(index: u32) -> Option<usize> {
+        INERT.iter().position(|&(i, _)| i == index)
+    }
+
     pub fn new() -> Self {
         Self {
             star: 0,
@@ -80,6 +115,7 @@ impl Msrs {
             mtrr_def_type: 0,
             spec_ctrl: 0,
             mcg_status: 0,
+            inert: INERT.map(|(_, v)| v),
         }
     }
 }

@@ -115,3 +115,39 @@ pub fn rdtsc(v: &mut Vcpu, i: &Instruction) -> R {
     }
     Ok(())
 }
+
+/// rdrand/rdseed: the host's hardware random number generator, which the
+/// guest's CPUID advertises only when the host has it. CF=1 on success.
+pub fn rdrand(v: &mut Vcpu, i: &Instruction) -> R {
+    let seed = i.mnemonic() == Mnemonic::Rdseed;
+    let (value, ok) = host_random(seed).ok_or_else(Exception::ud)?;
+    let r = i.op0_register();
+    let size = r.size() as u32;
+    v.set_reg(r, value & crate::interp::access::size_mask(size));
+    let f = &mut v.cpu.regs.rflags;
+    *f &= !rflags::ARITH;
+    if ok {
+        *f |= rflags::CF;
+    }
+    Ok(())
+}
+
+fn host_random(seed: bool) -> Option<(u64, bool)> {
+    use core::arch::x86_64::{_rdrand64_step, _rdseed64_step};
+    let mut x = 0u64;
+    if seed {
+        if !std::arch::is_x86_feature_detected!("rdseed") {
+            return None;
+        }
+        // SAFETY: the host CPU supports RDSEED (checked above).
+        let ok = unsafe { _rdseed64_step(&mut x) };
+        Some((x, ok == 1))
+    } else {
+        if !std::arch::is_x86_feature_detected!("rdrand") {
+            return None;
+        }
+        // SAFETY: the host CPU supports RDRAND (checked above).
+        let ok = unsafe { _rdrand64_step(&mut x) };
+        Some((x, ok == 1))
+    }
+}

@@ -42,6 +42,7 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
         M::Outsb | M::Outsw | M::Outsd => io::outs,
         M::Cpuid => flags::cpuid,
         M::Rdtsc | M::Rdtscp => flags::rdtsc,
+        M::Rdrand | M::Rdseed => flags::rdrand,
         _ => return privileged::handler(i),
     })
 }

@@ -470,7 +470,7 @@ pub fn read_msr(v: &Vcpu, index: u32) -> Option<u64> {
         msr::GS_BASE => v.cpu.seg[seg::GS].base,
         msr::KERNEL_GS_BASE => m.kernel_gs_base,
         msr::TSC_AUX => m.tsc_aux,
-        _ => return None,
+        i => m.inert[crate::cpu::Msrs::inert_slot(i)?],
     })
 }
 
@@ -503,7 +503,10 @@ pub fn write_msr(v: &mut Vcpu, index: u32, val: u64) -> R {
         msr::GS_BASE => v.cpu.seg[seg::GS].base = canonical(val)?,
         msr::KERNEL_GS_BASE => v.cpu.msr.kernel_gs_base = canonical(val)?,
         msr::TSC_AUX => v.cpu.msr.tsc_aux = val & 0xffff_ffff,
-        _ => return Err(Exception::gp0()),
+        i => {
+            let slot = crate::cpu::Msrs::inert_slot(i).ok_or(Exception::gp0())?;
+            v.cpu.msr.inert[slot] = val;
+        }
     }
     Ok(())
 }
