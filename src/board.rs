@@ -448,6 +448,47 @@ mod tests {
     }
 
     #[test]
+    fn random_port_io_never_panics() {
+        let (mut b, _, _) = board();
+        let ports: Vec<u16> = [0x20u16, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1, 0x40, 0x41, 0x42, 0x43, 0x61]
+            .into_iter()
+            .chain([0x60, 0x64, 0x70, 0x71, 0x80, 0x92, 0xf4, 0xf7, 0xffff])
+            .chain(0x3f8..0x400)
+            .collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+
+        for _ in 0..200_000 {
+            let r = next();
+            let port = ports[(r % ports.len() as u64) as usize];
+            let size = [1u8, 2, 4][(r >> 8) as usize % 3];
+            if r & (1 << 20) != 0 {
+                b.io_out(port, size, (r >> 32) as u32);
+            } else {
+                b.io_in(port, size);
+            }
+            if r & 0xff == 0 {
+                b.service();
+                // Bounded: random ELCR/ICW writes may legitimately keep a line busy.
+                for _ in 0..256 {
+                    if b.intr_ack().is_none() {
+                        break;
+                    }
+                    b.io_out(0xa0, 1, 0x20);
+                    b.io_out(0x20, 1, 0x20);
+                }
+            }
+        }
+
+        assert!(b.stop_requested(), "the debug-exit port was hit");
+    }
+
+    #[test]
     fn pit_channel2_calibration_sees_out2_rise() {
         // Linux's pit_calibrate_tsc(): gate on, speaker off, mode 0 on
         // channel 2, then poll port 0x61 bit 5.

@@ -153,7 +153,7 @@ impl Chip {
             self.isr |= mask;
         }
         // An edge request is consumed; a level one stays while the line is high.
-        if self.elcr & mask == 0 {
+        if self.elcr & mask == 0 || self.last_level & mask == 0 {
             self.irr &= !mask;
         }
     }
@@ -377,6 +377,8 @@ impl Pic {
     pub fn write_elcr(&mut self, chip: usize, value: u8) {
         let c = &mut self.chips[chip & 1];
         c.elcr = value & c.elcr_mask;
+        // Level-triggered requests follow their line from now on.
+        c.irr = (c.irr & !c.elcr) | (c.last_level & c.elcr);
         self.update_cascade();
     }
 }
@@ -588,6 +590,16 @@ mod tests {
         pic.write_port(0, 0, 0x20);
 
         assert_eq!(pic.ack(), Some(0x3b));
+    }
+
+    #[test]
+    fn elcr_level_after_latched_edge_drops_request_of_low_line() {
+        let mut pic = linux_pic();
+        pic.pulse_irq(5);
+
+        pic.write_elcr(0, 0x20);
+
+        assert!(!pic.intr_pending());
     }
 
     #[test]

@@ -46,6 +46,8 @@ const FCR_CLEAR_RX: u8 = 0x02;
 const MCR_OUT2: u8 = 0x08;
 const LSR_DATA_READY: u8 = 0x01;
 const IIR_NO_INTERRUPT: u8 = 0x01;
+/// The receive FIFO of the model (vm-superio keeps 64 bytes).
+const RX_FIFO_SIZE: usize = 64;
 /// Console input kept waiting for the guest, at most.
 const INPUT_QUEUE_LIMIT: usize = 1 << 20;
 /// The console escape: Ctrl-A, then `x` to quit (as QEMU's -serial stdio).
@@ -135,8 +137,21 @@ impl Uart {
     }
 
     fn clear_rx_fifo(&mut self) {
-        while self.serial.read(LSR) & LSR_DATA_READY != 0 {
+        // RBR is only reachable with DLAB clear; LCR writes have no side effects.
+        let lcr = self.serial.read(LCR);
+        self.write_model(LCR, lcr & !LCR_DLAB);
+        for _ in 0..RX_FIFO_SIZE {
+            if self.serial.read(LSR) & LSR_DATA_READY == 0 {
+                break;
+            }
             self.serial.read(THR_RBR);
+        }
+        self.write_model(LCR, lcr);
+    }
+
+    fn write_model(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.serial.write(offset, value) {
+            tracing::debug!(target: "device", "serial: console write failed: {e:?}");
         }
     }
 
@@ -155,9 +170,7 @@ impl Uart {
         if offset == FCR && value & FCR_CLEAR_RX != 0 {
             self.clear_rx_fifo();
         }
-        if let Err(e) = self.serial.write(offset, value) {
-            tracing::debug!(target: "device", "serial: console write failed: {e:?}");
-        }
+        self.write_model(offset, value);
         if offset == MCR && !out2_before && self.out2() {
             // OUT2 just opened the gate: a pending interrupt reaches the line.
             let pending = self.serial.state().interrupt_identification & IIR_NO_INTERRUPT == 0;
@@ -390,6 +403,19 @@ mod tests {
 
         r.uart.write_reg(FCR, 0x07);
 
+        assert_eq!(r.uart.read_reg(LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn fcr_clear_rx_with_dlab_set_drops_bytes_and_keeps_lcr() {
+        let mut r = rig();
+        r.input.push(b"xy");
+        r.uart.fill_from_input();
+        r.uart.write_reg(LCR, 0x83);
+
+        r.uart.write_reg(FCR, 0x03);
+
+        assert_eq!(r.uart.read_reg(LCR), 0x83);
         assert_eq!(r.uart.read_reg(LSR) & LSR_DATA_READY, 0);
     }
 
