@@ -1,5 +1,4 @@
-//! The board: the PC's devices on one port bus, wired to the PIC, and the
-//! timer thread that wakes a halted vCPU.
+//! The board: the PC's devices on one port bus, wired to the PIC.
 //!
 //! Port map: PIC 0x20-0x21, 0xa0-0xa1, ELCR 0x4d0-0x4d1; PIT 0x40-0x43 and
 //! port 0x61; i8042 0x60/0x64; CMOS 0x70-0x71; POST 0x80; port 0x92;
@@ -7,15 +6,17 @@
 //! IRQ 0, i8042 on IRQ 1 and 12, COM1 on IRQ 4.
 //!
 //! Threads: the vCPU thread owns the `Board` and is the only one touching
-//! device state. The timer thread only sleeps until the PIT's next channel 0
-//! deadline and raises the [`EventSignal`]; the stdin thread only queues
-//! bytes and raises it. The vCPU then calls [`Platform::service`], which
-//! brings the PIT and the UART up to date.
+//! device state. Timer deadlines are the vCPU loop's own business: it reads
+//! [`Platform::next_deadline`] and the clock between blocks (and sleeps
+//! until the deadline in `hlt`), so no thread wakes it while it computes --
+//! a timer thread's wake-ups made guest TSC calibration see host scheduling
+//! jitter. The stdin thread only queues bytes and raises the
+//! [`EventSignal`]. The vCPU then calls [`Platform::service`], which brings
+//! the PIT and the UART up to date.
 
 use std::io::Write as _;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use btvmm_runtime::{EventSignal, Platform};
 
@@ -30,8 +31,6 @@ use crate::devices::port80::{PostCode, POST_PORT};
 use crate::devices::serial::{self, ConsoleOut, SerialInput, Uart, COM1_IRQ, COM1_PORT};
 use crate::devices::stop::{StopHandle, StopReason};
 
-/// The timer thread never wakes the vCPU more often than this.
-const MIN_TIMER_INTERVAL: Duration = Duration::from_micros(20);
 const PIT_IRQ: u8 = 0;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,46 +39,6 @@ pub enum BoardError {
     Bus(#[from] BusError),
     #[error("cannot start a device thread: {0}")]
     Thread(#[from] std::io::Error),
-}
-
-#[derive(Default)]
-struct TimerState {
-    deadline: Option<Instant>,
-    shutdown: bool,
-}
-
-/// What the vCPU thread and the timer thread share.
-#[derive(Default)]
-struct TimerShared {
-    state: Mutex<TimerState>,
-    cond: Condvar,
-}
-
-fn run_timer(shared: &TimerShared, events: &EventSignal) {
-    let mut st = lock(&shared.state);
-    loop {
-        if st.shutdown {
-            return;
-        }
-        st = match st.deadline {
-            None => shared.cond.wait(st).unwrap_or_else(|e| e.into_inner()),
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    st.deadline = None;
-                    drop(st);
-                    events.raise();
-                    lock(&shared.state)
-                } else {
-                    shared
-                        .cond
-                        .wait_timeout(st, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            }
-        };
-    }
 }
 
 /// The machine's devices, seen by the vCPU through [`Platform`].
@@ -93,8 +52,6 @@ pub struct Board {
     stop: StopHandle,
     input: Arc<SerialInput>,
     events: Arc<EventSignal>,
-    timer: Arc<TimerShared>,
-    timer_thread: Option<JoinHandle<()>>,
     /// The PIC's INTR output as last seen, to wake the vCPU on a rise.
     intr_seen: bool,
 }
@@ -137,13 +94,6 @@ impl Board {
         bus.register("debug-exit", DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, exit)?;
         bus.register("com1", COM1_PORT, 8, uart.clone())?;
 
-        let timer = Arc::new(TimerShared::default());
-        let timer_thread = {
-            let (timer, events) = (timer.clone(), events.clone());
-            std::thread::Builder::new()
-                .name("btvmm-timer".into())
-                .spawn(move || run_timer(&timer, &events))?
-        };
         if interactive_stdin {
             serial::spawn_stdin_reader(input.clone(), events.clone(), stop.clone())?;
         }
@@ -157,8 +107,6 @@ impl Board {
             stop,
             input,
             events,
-            timer,
-            timer_thread: Some(timer_thread),
             intr_seen: false,
         })
     }
@@ -214,21 +162,6 @@ impl Board {
         self.intr_seen = intr;
     }
 
-    /// Tells the timer thread when channel 0 next needs service.
-    fn update_timer(&self) {
-        let deadline = lock(&self.pit)
-            .next_deadline()
-            .map(|d| d.max(Instant::now() + MIN_TIMER_INTERVAL));
-        let mut st = lock(&self.timer.state);
-        if st.deadline != deadline {
-            st.deadline = deadline;
-            self.timer.cond.notify_one();
-        }
-    }
-
-    fn touches_timer(port: u16) -> bool {
-        (PIT_PORT..PIT_PORT + 4).contains(&port)
-    }
 }
 
 impl Platform for Board {
@@ -240,9 +173,6 @@ impl Platform for Board {
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
         self.bus.write(port, size, value);
-        if Self::touches_timer(port) {
-            self.update_timer();
-        }
         self.sync_interrupts();
     }
 
@@ -262,8 +192,11 @@ impl Platform for Board {
     fn service(&mut self) {
         lock(&self.pit).service(Instant::now());
         lock(&self.uart).fill_from_input();
-        self.update_timer();
         self.sync_interrupts();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        lock(&self.pit).next_deadline()
     }
 
     fn stop_requested(&self) -> bool {
@@ -273,11 +206,6 @@ impl Platform for Board {
 
 impl Drop for Board {
     fn drop(&mut self) {
-        lock(&self.timer.state).shutdown = true;
-        self.timer.cond.notify_one();
-        if let Some(t) = self.timer_thread.take() {
-            let _ = t.join();
-        }
         self.flush_console();
     }
 }
@@ -286,6 +214,7 @@ impl Drop for Board {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A writer tests can look into.
     #[derive(Clone, Default)]
@@ -373,8 +302,8 @@ mod tests {
         b.io_out(0x40, 1, 1193 >> 8);
         events.take();
 
-        events.wait(Duration::from_millis(500));
-        assert!(events.take(), "the timer thread raised the signal");
+        let deadline = b.next_deadline().expect("channel 0 has a deadline");
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
         b.service();
 
         assert!(b.intr_pending());

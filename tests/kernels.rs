@@ -60,6 +60,7 @@ kernel_test!(paging32_matches_reference, "paging32", "BTVMM_KERNEL_PAGING32");
 kernel_test!(paging_pae_matches_reference, "paging_pae", "BTVMM_KERNEL_PAGING_PAE");
 kernel_test!(paging64_matches_reference, "paging64", "BTVMM_KERNEL_PAGING64");
 kernel_test!(pit_matches_reference, "pit", "BTVMM_KERNEL_PIT");
+kernel_test!(tsc_calibrate_matches_reference, "tsc_calibrate", "BTVMM_KERNEL_TSC_CALIBRATE");
 kernel_test!(exceptions_matches_reference, "exceptions", "BTVMM_KERNEL_EXCEPTIONS");
 kernel_test!(exceptions64_matches_reference, "exceptions64", "BTVMM_KERNEL_EXCEPTIONS64");
 kernel_test!(sysinstr_matches_reference, "sysinstr", "BTVMM_KERNEL_SYSINSTR");

@@ -29,6 +29,12 @@ pub trait Platform: std::any::Any {
     fn service(&mut self);
     /// Whether the machine wants the vCPU loop to return (exit port, reset, quit).
     fn stop_requested(&self) -> bool;
+    /// When time-driven devices next need [`Platform::service`]: the vCPU
+    /// loop polls the clock against it between blocks and sleeps until it
+    /// while halted.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// A flag raised by device threads (timers, console input) for the vCPU thread.

@@ -38,6 +38,11 @@ use std::sync::Arc;
 /// Most instructions in one decoded block.
 pub const MAX_BLOCK: usize = 64;
 
+/// The vCPU loop reads the clock once every this many blocks.
+const TIME_POLL_BLOCKS: u32 = 32;
+/// A halted vCPU with no timer deadline still looks around this often.
+const HALT_MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Executes one decoded instruction. `cpu.regs.rip` already holds the
 /// address of the next instruction; on `Err` the loop restores it.
 pub type Handler = fn(&mut Vcpu, &Instruction) -> Result<(), Exception>;
@@ -171,10 +176,20 @@ impl Vcpu {
     /// Runs until the platform stops the VM, a triple fault, or `budget` instructions.
     pub fn run(&mut self, events: &EventSignal, budget: Option<u64>) -> VmExit {
         let limit = budget.map(|b| self.stats.instructions + b);
+        let mut deadline = self.platform.next_deadline();
+        let mut blocks = 0u32;
         loop {
-            if events.is_raised() {
+            blocks = blocks.wrapping_add(1);
+            // The clock is read every few blocks: a timer is late by at most
+            // that many blocks' worth of guest time (a few microseconds).
+            let due = blocks % TIME_POLL_BLOCKS == 0
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            if due || events.is_raised() {
                 events.take();
                 self.platform.service();
+            }
+            if due || blocks % TIME_POLL_BLOCKS == 0 {
+                deadline = self.platform.next_deadline();
             }
             if self.platform.stop_requested() {
                 return VmExit::Stopped;
@@ -197,7 +212,13 @@ impl Vcpu {
                     return VmExit::HaltedForever;
                 }
                 let t = std::time::Instant::now();
-                events.wait(std::time::Duration::from_millis(50));
+                deadline = self.platform.next_deadline();
+                let timeout = deadline.map_or(HALT_MAX_SLEEP, |d| d.saturating_duration_since(t).min(HALT_MAX_SLEEP));
+                if !timeout.is_zero() {
+                    events.wait(timeout);
+                }
+                self.platform.service();
+                deadline = self.platform.next_deadline();
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
                 continue;
             }
