@@ -18,13 +18,15 @@ pub(crate) fn handler(i: &Instruction) -> Handler {
     if let Some(h) = crate::system::handler(i) {
         return h;
     }
+    // Before the integer table: iced names SSE2's movsd/cmpsd like the
+    // string instructions.
+    if let Some(h) = crate::system::simd_handler(i) {
+        return h;
+    }
     if let Some(h) = super::fast::handler(i) {
         return h;
     }
     if let Some(h) = integer_handler(i.mnemonic()) {
-        return h;
-    }
-    if let Some(h) = crate::system::simd_handler(i) {
         return h;
     }
     unimplemented

@@ -182,13 +182,14 @@ impl Vcpu {
             blocks = blocks.wrapping_add(1);
             // The clock is read every few blocks: a timer is late by at most
             // that many blocks' worth of guest time (a few microseconds).
-            let due = blocks % TIME_POLL_BLOCKS == 0
+            let poll = blocks.is_multiple_of(TIME_POLL_BLOCKS);
+            let due = poll
                 && deadline.is_some_and(|d| std::time::Instant::now() >= d);
             if due || events.is_raised() {
                 events.take();
                 self.platform.service();
             }
-            if due || blocks % TIME_POLL_BLOCKS == 0 {
+            if poll {
                 deadline = self.platform.next_deadline();
             }
             if self.platform.stop_requested() {

@@ -316,3 +316,35 @@ fn interp_alignment_check_raises_ac_in_ring3_only_when_enabled() {
     assert_eq!(ring3(true), (VmExit::Exception(Exception::with_code(17, 0)), 0x1000));
     assert_eq!(ring3(false), (VmExit::Exception(Exception::gp0()), 0x1006));
 }
+
+/// Long mode with paging (2 MiB identity map), for tests of 64-bit code.
+fn vcpu64_with(code: &[u8], at: u64) -> Vcpu {
+    let mut v = vcpu_with(code, at);
+    v.mem.write_u64(0x10000, 0x11000 | 7);
+    v.mem.write_u64(0x11000, 0x12000 | 7);
+    v.mem.write_u64(0x12000, 0x87);
+    v.cpu.set_flat_long64(at, 0x10000, 0x08, 0x10);
+    v.cpu.cr4 |= crate::cpu::cr4::OSFXSR;
+    v
+}
+
+#[test]
+fn interp_sse_scalar_load_and_store_through_stack() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rsp, 0x9000u64).unwrap();
+    a.mov(rax, 0x4045_0000_0000_0000u64).unwrap(); // 42.0
+    a.mov(qword_ptr(rsp + 8), rax).unwrap();
+    a.movsd_2(xmm0, qword_ptr(rsp + 8)).unwrap();
+    a.addsd(xmm0, xmm0).unwrap();
+    a.movsd_2(qword_ptr(rsp + 16), xmm0).unwrap();
+    a.mov(rbx, qword_ptr(rsp + 16)).unwrap();
+    a.cvttsd2si(rcx, xmm0).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let mut v = vcpu64_with(&code, 0x1000);
+    let exit = run(&mut v);
+    assert_eq!(exit, VmExit::HaltedForever, "{}\n{:?}", v.cpu.dump(), v.stats.exceptions);
+    assert_eq!(v.cpu.regs.gpr[3], 0x4055_0000_0000_0000, "84.0 stored");
+    assert_eq!(v.cpu.regs.gpr[1], 84);
+    assert_eq!(v.stats.simd_native, 4);
+}
