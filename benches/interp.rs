@@ -23,6 +23,7 @@ fn args(kernel: &str) -> RunArgs {
         engine: Engine::Interp,
         trace: None,
         stats: false,
+        profile: false,
     }
 }
 

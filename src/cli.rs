@@ -46,6 +46,9 @@ pub struct RunArgs {
     /// Print counters at exit (instructions, exceptions and interrupts by vector, I/O by device).
     #[arg(long)]
     pub stats: bool,
+    /// Sample guest RIPs while running and print the hottest at exit (with --stats).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

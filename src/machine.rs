@@ -90,6 +90,9 @@ impl Machine {
                 cpu.regs.gpr[6] = entry.boot_params;
             }
         }
+        if args.profile {
+            vcpu.profile = Some(Default::default());
+        }
         Ok(Self { vcpu, events, stop, print_stats: args.stats })
     }
 
@@ -122,6 +125,15 @@ impl Machine {
         if self.print_stats {
             eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
             eprint!("{}", self.vcpu.stats.report());
+            if let Some(p) = &self.vcpu.profile {
+                let total: u64 = p.values().sum();
+                let mut hot: Vec<_> = p.iter().collect();
+                hot.sort_by(|a, b| b.1.cmp(a.1));
+                eprintln!("hottest guest RIPs ({total} samples):");
+                for (rip, n) in hot.iter().take(25) {
+                    eprintln!("  {rip:016x} {:5.1}%", **n as f64 * 100.0 / total.max(1) as f64);
+                }
+            }
             if let Some(board) = self.board() {
                 let io: Vec<String> = board
                     .port_stats()

@@ -38,6 +38,9 @@ use std::sync::Arc;
 /// Most instructions in one decoded block.
 pub const MAX_BLOCK: usize = 64;
 
+/// With profiling on, the guest RIP is sampled once every this many blocks.
+pub const PROFILE_PERIOD: u32 = 256;
+
 /// The vCPU loop reads the clock once every this many blocks.
 const TIME_POLL_BLOCKS: u32 = 32;
 /// A halted vCPU with no timer deadline still looks around this often.
@@ -149,6 +152,8 @@ pub struct Vcpu {
     /// accesses raise #AC. Recomputed at every block start; everything that
     /// changes its inputs ends the block.
     pub align_check: bool,
+    /// Guest RIP samples (one every [`PROFILE_PERIOD`] blocks) when profiling.
+    pub profile: Option<HashMap<u64, u64>>,
     /// Stop at the first exception or software interrupt instead of
     /// delivering it (differential tests compare faults this way).
     pub trap_exceptions: bool,
@@ -170,6 +175,7 @@ impl Vcpu {
             exit: None,
             trap_exceptions: false,
             align_check: false,
+            profile: None,
         }
     }
 
@@ -222,6 +228,11 @@ impl Vcpu {
                 deadline = self.platform.next_deadline();
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
                 continue;
+            }
+            if blocks.is_multiple_of(PROFILE_PERIOD) {
+                if let Some(p) = self.profile.as_mut() {
+                    *p.entry(self.cpu.regs.rip).or_default() += 1;
+                }
             }
             let single = self.cpu.interrupt_shadow || self.cpu.regs.rflags & rflags::TF != 0;
             let remaining = limit.map_or(u64::MAX, |l| l - self.stats.instructions);
