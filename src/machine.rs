@@ -168,6 +168,19 @@ fn load_multiboot(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) 
 
 fn load_linux(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> anyhow::Result<linux::LinuxEntry> {
     // Several initrd files are concatenated, which Linux unpacks in turn.
+    // A file larger than RAM is refused before it is read.
+    let sizes: u64 = args
+        .initrd
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    if sizes > mem.size() {
+        bail!("the initrd ({sizes} bytes) is larger than guest memory ({} bytes)", mem.size());
+    }
     let initrd: Vec<u8> = read_files(args.initrd.as_deref())?.into_iter().flat_map(|(_, d)| d).collect();
     let entry = match args.boot_entry.as_deref() {
         Some("32") => Some(EntryMode::Protected32),
