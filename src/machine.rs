@@ -106,6 +106,7 @@ impl Machine {
         let started = std::time::Instant::now();
         let exit = self.vcpu.run(&self.events, None);
         let elapsed = started.elapsed();
+        self.vcpu.stats.run_ns += elapsed.as_nanos() as u64;
         self.flush_console();
         let code = match exit {
             VmExit::Stopped => match self.stop.reason() {

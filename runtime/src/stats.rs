@@ -17,6 +17,10 @@ pub struct Stats {
     /// x87/SSE/AVX instructions run natively one at a time (see `simd`).
     pub simd_native: u64,
     pub halted_ns: u64,
+    /// Time spent in device models (port I/O, MMIO, timer service).
+    pub device_ns: u64,
+    /// Wall time of the runs, set by the machine.
+    pub run_ns: u64,
 }
 
 impl Stats {
@@ -42,7 +46,15 @@ impl Stats {
         let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
         let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
         let _ = writeln!(s, "x87/SSE/AVX instructions executed natively: {}", self.simd_native);
-        let _ = writeln!(s, "time halted: {:.3} s", self.halted_ns as f64 / 1e9);
+        let engine = self.run_ns.saturating_sub(self.halted_ns + self.device_ns);
+        let _ = writeln!(
+            s,
+            "time: {:.3} s in all: engine {:.3} s, devices {:.3} s, halted {:.3} s",
+            self.run_ns as f64 / 1e9,
+            engine as f64 / 1e9,
+            self.device_ns as f64 / 1e9,
+            self.halted_ns as f64 / 1e9
+        );
         let list = |m: &BTreeMap<u8, u64>| {
             m.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
         };

@@ -270,7 +270,7 @@ impl Vcpu {
             None
         };
         if second.is_none() && !self.mem.contains(first, size as u64) {
-            return Ok(self.platform.mmio_read(first, size as u8));
+            return Ok(self.mmio_read(first, size as u8));
         }
         for i in 0..size {
             let phys = if i < in_page { first + i as u64 } else { second.unwrap_or(0) + (i - in_page) as u64 };
@@ -289,7 +289,7 @@ impl Vcpu {
             None
         };
         if second.is_none() && !self.mem.contains(first, size as u64) {
-            self.platform.mmio_write(first, size as u8, v);
+            self.mmio_write(first, size as u8, v);
             return Ok(());
         }
         for i in 0..size {

@@ -193,7 +193,7 @@ impl Vcpu {
                 && deadline.is_some_and(|d| std::time::Instant::now() >= d);
             if due || events.is_raised() {
                 events.take();
-                self.platform.service();
+                self.service_devices();
             }
             if poll {
                 deadline = self.platform.next_deadline();
@@ -224,7 +224,7 @@ impl Vcpu {
                 if !timeout.is_zero() {
                     events.wait(timeout);
                 }
-                self.platform.service();
+                self.service_devices();
                 deadline = self.platform.next_deadline();
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
                 continue;
@@ -408,6 +408,43 @@ impl Vcpu {
         for p in pages {
             self.invalidate_code_page(p);
         }
+    }
+
+    /// Port input through the platform, timed for `--stats`.
+    pub fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        let t = std::time::Instant::now();
+        let v = self.platform.io_in(port, size);
+        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        v
+    }
+
+    /// Port output through the platform, timed for `--stats`.
+    pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        let t = std::time::Instant::now();
+        self.platform.io_out(port, size, value);
+        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// MMIO read outside RAM, timed for `--stats`.
+    pub fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
+        let t = std::time::Instant::now();
+        let v = self.platform.mmio_read(addr, size);
+        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        v
+    }
+
+    /// MMIO write outside RAM, timed for `--stats`.
+    pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
+        let t = std::time::Instant::now();
+        self.platform.mmio_write(addr, size, value);
+        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// Brings time-driven devices up to date, timed for `--stats`.
+    fn service_devices(&mut self) {
+        let t = std::time::Instant::now();
+        self.service_devices();
+        self.stats.device_ns += t.elapsed().as_nanos() as u64;
     }
 
     /// Delivers a fault raised by an instruction (or by fetching one).

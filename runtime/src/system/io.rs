@@ -56,11 +56,11 @@ pub fn in_out(v: &mut Vcpu, i: &Instruction) -> R {
     let size = i.op_register(data_op).size() as u32;
     check_io(v, port, size)?;
     if is_in {
-        let x = v.platform.io_in(port, size as u8);
+        let x = v.io_in(port, size as u8);
         v.set_reg(acc(size), x as u64);
     } else {
         let x = v.reg(acc(size)) as u32;
-        v.platform.io_out(port, size as u8, x);
+        v.io_out(port, size as u8, x);
     }
     v.block_break = true;
     Ok(())
@@ -75,7 +75,7 @@ pub fn ins(v: &mut Vcpu, i: &Instruction) -> R {
         let di = v.reg(r.di) & r.amask;
         let lin = v.linear(seg::ES, di, size, true)?;
         v.probe_write(lin, size)?;
-        let x = v.platform.io_in(port, size as u8) as u64;
+        let x = v.io_in(port, size as u8) as u64;
         v.write_lin(lin, size, x & size_mask(size))?;
         crate::interp::advance_reg(v, r.di, r.amask, size);
         Ok(crate::interp::Step::Continue)
@@ -93,7 +93,7 @@ pub fn outs(v: &mut Vcpu, i: &Instruction) -> R {
     crate::interp::run_string(v, i, |v| {
         let si = v.reg(r.si) & r.amask;
         let x = v.read_mem(sreg, si, size)?;
-        v.platform.io_out(port, size as u8, x as u32);
+        v.io_out(port, size as u8, x as u32);
         crate::interp::advance_reg(v, r.si, r.amask, size);
         Ok(crate::interp::Step::Continue)
     })?;
