@@ -18,7 +18,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use btvmm_runtime::{EventSignal, Platform};
+use btvmm_runtime::{EventSignal, GuestClock, Platform};
 
 use crate::devices::bus::{lock, Bus, BusError, PortStats, SharedDevice};
 use crate::devices::cmos::{Cmos, CMOS_PORT};
@@ -52,6 +52,7 @@ pub struct Board {
     stop: StopHandle,
     input: Arc<SerialInput>,
     events: Arc<EventSignal>,
+    clock: Arc<GuestClock>,
     /// The PIC's INTR output as last seen, to wake the vCPU on a rise.
     intr_seen: bool,
 }
@@ -66,12 +67,13 @@ impl Board {
         console_out: ConsoleOut,
         events: Arc<EventSignal>,
         interactive_stdin: bool,
+        clock: Arc<GuestClock>,
     ) -> Result<Self, BoardError> {
         let stop = StopHandle::new();
         let lines = IrqLines::new();
         let input = SerialInput::new();
         let pic = Arc::new(Mutex::new(Pic::new()));
-        let pit = Arc::new(Mutex::new(Pit::new(Instant::now())));
+        let pit = Arc::new(Mutex::new(Pit::with_clock(clock.now(), clock.clone())));
         let uart = Arc::new(Mutex::new(Uart::new(console_out, lines.line(COM1_IRQ), input.clone())));
         let post = Arc::new(Mutex::new(PostCode::new()));
         let kbc = Arc::new(Mutex::new(I8042::new(lines.line(KBD_IRQ), lines.line(AUX_IRQ), stop.clone())));
@@ -107,6 +109,7 @@ impl Board {
             stop,
             input,
             events,
+            clock,
             intr_seen: false,
         })
     }
@@ -190,7 +193,7 @@ impl Platform for Board {
     }
 
     fn service(&mut self) {
-        lock(&self.pit).service(Instant::now());
+        lock(&self.pit).service(self.clock.now());
         lock(&self.uart).fill_from_input();
         self.sync_interrupts();
     }
@@ -233,7 +236,7 @@ mod tests {
     fn board() -> (Board, SharedBuf, Arc<EventSignal>) {
         let out = SharedBuf::default();
         let events = Arc::new(EventSignal::new());
-        let board = Board::new(64 << 20, Box::new(out.clone()), events.clone(), false).unwrap();
+        let board = Board::new(64 << 20, Box::new(out.clone()), events.clone(), false, Arc::new(GuestClock::new())).unwrap();
         (board, out, events)
     }
 

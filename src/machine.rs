@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use btvmm_runtime::cpu::DescriptorTable;
-use btvmm_runtime::{EventSignal, GuestMemory, Vcpu, VmExit};
+use btvmm_runtime::{EventSignal, GuestClock, GuestMemory, Vcpu, VmExit};
 
 use crate::board::Board;
 use crate::boot::linux::{self, EntryMode};
@@ -66,10 +66,12 @@ impl Machine {
         };
 
         let events = Arc::new(EventSignal::new());
-        let board = Board::new(args.memory, console.output, events.clone(), console.stdin)
+        let clock = Arc::new(GuestClock::new());
+        let board = Board::new(args.memory, console.output, events.clone(), console.stdin, clock.clone())
             .context("cannot start the devices")?;
         let stop = board.stop_handle();
         let mut vcpu = Vcpu::new(mem, Box::new(board));
+        vcpu.clock = clock;
         let cpu = &mut vcpu.cpu;
         match boot {
             Boot::Multiboot(entry) => {
@@ -107,6 +109,7 @@ impl Machine {
         let exit = self.vcpu.run(&self.events, None);
         let elapsed = started.elapsed();
         self.vcpu.stats.run_ns += elapsed.as_nanos() as u64;
+        self.vcpu.stats.stolen_ns = self.vcpu.clock.stolen().as_nanos() as u64;
         self.flush_console();
         let code = match exit {
             VmExit::Stopped => match self.stop.reason() {

@@ -2,6 +2,7 @@
 //! semantics of system instructions shared by the interpreter and the
 //! translator's callouts.
 
+pub mod clock;
 pub mod cpu;
 pub mod exception;
 pub mod interp;
@@ -12,6 +13,7 @@ pub mod simd;
 pub mod stats;
 pub mod system;
 
+pub use clock::GuestClock;
 pub use exception::Exception;
 pub use memory::{GuestMemory, GuestPhys};
 pub use platform::{EventSignal, NullPlatform, Platform};

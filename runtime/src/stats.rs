@@ -19,6 +19,12 @@ pub struct Stats {
     pub halted_ns: u64,
     /// Time spent in device models (port I/O, MMIO, timer service).
     pub device_ns: u64,
+    /// Time in VMM work whose length does not follow the guest's instruction
+    /// count (decoding new blocks, compiling and running x87/SSE/AVX stubs):
+    /// the guest clock's stall detection must not take it for a host stall.
+    pub vmm_ns: u64,
+    /// Host stalls hidden from the guest's clock (see `clock`), set at exit.
+    pub stolen_ns: u64,
     /// Wall time of the runs, set by the machine.
     pub run_ns: u64,
 }
@@ -58,6 +64,7 @@ impl Stats {
         let list = |m: &BTreeMap<u8, u64>| {
             m.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
         };
+        let _ = writeln!(s, "host stalls hidden from the guest clock: {:.3} s", self.stolen_ns as f64 / 1e9);
         let _ = writeln!(s, "exceptions by vector: {}", list(&self.exceptions));
         let _ = writeln!(s, "interrupts by vector: {}", list(&self.interrupts));
         let _ = writeln!(s, "software interrupts by vector: {}", list(&self.software_interrupts));

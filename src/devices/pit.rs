@@ -26,6 +26,9 @@
 //! chip waits for the end of the period); channels 0 and 1 have GATE tied
 //! high, so in modes 1 and 5 loading the count starts them (as in QEMU).
 
+use std::sync::Arc;
+
+use btvmm_runtime::GuestClock;
 use std::time::{Duration, Instant};
 
 /// The PIT input clock, in Hz.
@@ -394,6 +397,8 @@ pub struct Pit {
     created: Instant,
     /// Channel 0 rising edges not yet delivered as IRQ0.
     backlog: u64,
+    /// Where port accesses read the time: the guest's clock, which the TSC follows too.
+    clock: Arc<GuestClock>,
 }
 
 impl Default for Pit {
@@ -404,11 +409,17 @@ impl Default for Pit {
 
 impl Pit {
     pub fn new(now: Instant) -> Self {
+        Self::with_clock(now, Arc::new(GuestClock::new()))
+    }
+
+    /// A PIT whose port accesses take the time from `clock`.
+    pub fn with_clock(now: Instant, clock: Arc<GuestClock>) -> Self {
         Self {
             channels: [Channel::new(now, true), Channel::new(now, true), Channel::new(now, false)],
             port_b: 0,
             created: now,
             backlog: 0,
+            clock,
         }
     }
 
@@ -526,7 +537,7 @@ impl Pit {
 
 impl super::bus::PortDevice for Pit {
     fn read(&mut self, base: u16, offset: u16, _size: u8) -> u32 {
-        let now = Instant::now();
+        let now = self.clock.now();
         u32::from(match base {
             PORT_B => self.read_port_b(now),
             _ => self.read_at(offset, now),
@@ -534,7 +545,7 @@ impl super::bus::PortDevice for Pit {
     }
 
     fn write(&mut self, base: u16, offset: u16, _size: u8, value: u32) {
-        let now = Instant::now();
+        let now = self.clock.now();
         match base {
             PORT_B => self.write_port_b(value as u8, now),
             _ => self.write_at(offset, value as u8, now),

@@ -140,6 +140,8 @@ pub struct Vcpu {
     pub tlb: Tlb,
     pub(crate) code: CodeMap,
     pub stats: Stats,
+    /// The guest's clock (TSC and, through the platform, the PIT).
+    pub clock: Arc<crate::clock::GuestClock>,
     /// Guest x87/SSE/AVX registers.
     pub fpu: crate::simd::FpuState,
     /// Runs x87/SSE/AVX instructions natively; started on first use.
@@ -169,6 +171,7 @@ impl Vcpu {
             tlb: Tlb::new(),
             code: CodeMap::new(size),
             stats: Stats::default(),
+            clock: Arc::new(crate::clock::GuestClock::new()),
             fpu: crate::simd::FpuState::new(),
             simd: None,
             block_break: false,
@@ -184,13 +187,16 @@ impl Vcpu {
         let limit = budget.map(|b| self.stats.instructions + b);
         let mut deadline = self.platform.next_deadline();
         let mut blocks = 0u32;
+        let mut stalls = crate::clock::StallDetector::new(self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
         loop {
             blocks = blocks.wrapping_add(1);
             // The clock is read every few blocks: a timer is late by at most
             // that many blocks' worth of guest time (a few microseconds).
             let poll = blocks.is_multiple_of(TIME_POLL_BLOCKS);
-            let due = poll
-                && deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            if poll {
+                stalls.check(&self.clock, self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
+            }
+            let due = poll && deadline.is_some_and(|d| self.clock.now() >= d);
             if due || events.is_raised() {
                 events.take();
                 self.service_devices();
@@ -220,13 +226,15 @@ impl Vcpu {
                 }
                 let t = std::time::Instant::now();
                 deadline = self.platform.next_deadline();
-                let timeout = deadline.map_or(HALT_MAX_SLEEP, |d| d.saturating_duration_since(t).min(HALT_MAX_SLEEP));
+                let now = self.clock.now();
+                let timeout = deadline.map_or(HALT_MAX_SLEEP, |d| d.saturating_duration_since(now).min(HALT_MAX_SLEEP));
                 if !timeout.is_zero() {
                     events.wait(timeout);
                 }
                 self.service_devices();
                 deadline = self.platform.next_deadline();
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
+                stalls.reset(self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
                 continue;
             }
             if blocks.is_multiple_of(PROFILE_PERIOD) {
@@ -292,7 +300,10 @@ impl Vcpu {
         if let Some(b) = self.code.get(&key) {
             return Ok(b);
         }
-        let block = Rc::new(self.decode_block(rip, lin, phys, bits)?);
+        let t = std::time::Instant::now();
+        let decoded = self.decode_block(rip, lin, phys, bits);
+        self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
+        let block = Rc::new(decoded?);
         self.insert_block(key, block.clone());
         Ok(block)
     }

@@ -95,11 +95,10 @@ pub fn cpuid(v: &mut Vcpu, _i: &Instruction) -> R {
     Ok(())
 }
 
-/// The guest's TSC: the host's plus the guest offset (set by TSC writes).
+/// The guest's TSC: its clock's (the host's, less stolen stalls) plus the
+/// guest's own offset (set by TSC writes).
 pub fn guest_tsc(v: &Vcpu) -> u64 {
-    // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it.
-    let host = unsafe { core::arch::x86_64::_rdtsc() };
-    host.wrapping_add(v.cpu.msr.tsc_offset)
+    v.clock.tsc().wrapping_add(v.cpu.msr.tsc_offset)
 }
 
 pub fn rdtsc(v: &mut Vcpu, i: &Instruction) -> R {

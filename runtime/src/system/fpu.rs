@@ -52,6 +52,7 @@ fn execute(v: &mut Vcpu, i: &Instruction) -> R {
         }
         operand = Some((lin, size, write));
     }
+    let started = std::time::Instant::now();
     if v.simd.is_none() {
         match SimdExecutor::new() {
             Ok(e) => v.simd = Some(Box::new(e)),
@@ -67,6 +68,7 @@ fn execute(v: &mut Vcpu, i: &Instruction) -> R {
     let lin = operand.map_or(0, |(l, _, _)| l);
     let outcome = exec.execute(i, &mut v.cpu.regs.gpr, &mut v.cpu.regs.rflags, &mut v.fpu, &mut buf[..size], lin);
     v.stats.simd_native += 1;
+    v.stats.vmm_ns += started.elapsed().as_nanos() as u64;
     match outcome {
         SimdOutcome::Done => {
             if let Some((lin, size, true)) = operand {
