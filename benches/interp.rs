@@ -20,6 +20,7 @@ fn args(kernel: &str) -> RunArgs {
         append: format!("iterations={ITERATIONS}"),
         memory: 128 << 20,
         boot_entry: None,
+        fast_boot: false,
         engine: Engine::Interp,
         trace: None,
         stats: false,

@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// Linux entry point: 64 (long mode, the default for kernels that have it) or 32.
     #[arg(long, value_name = "32|64", value_parser = ["32", "64"])]
     pub boot_entry: Option<String>,
+    /// Decompress a bzImage's kernel on the host and enter it directly,
+    /// skipping the in-guest decompressor (XZ, gzip, zstd or LZMA payloads).
+    #[arg(long)]
+    pub fast_boot: bool,
     /// Execution engine for guest code.
     #[arg(long, value_enum, default_value_t = Engine::Interp)]
     pub engine: Engine,

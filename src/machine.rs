@@ -191,8 +191,9 @@ fn load_linux(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> a
         Some("64") => Some(EntryMode::Long64),
         _ => None,
     };
+    let opts = linux::BootOptions { entry, fast_boot: args.fast_boot };
     let initrd = (!initrd.is_empty() || args.initrd.is_some()).then_some(initrd.as_slice());
-    linux::load(mem, image, &args.append, initrd, entry).with_context(|| format!("cannot load '{}'", path.display()))
+    linux::load(mem, image, &args.append, initrd, opts).with_context(|| format!("cannot load '{}'", path.display()))
 }
 
 /// Reads `--initrd a,b,...`: each entry is a path, optionally followed by

@@ -11,12 +11,17 @@
 //!
 //! The protected-mode kernel goes to 1 MiB (QEMU's choice too: the
 //! relocatable kernel decompresses itself to where it wants), the initrd as
-//! high as `initrd_addr_max` and RAM allow, page aligned.
+//! high as `initrd_addr_max` and RAM allow, page aligned. With `fast_boot`
+//! the host decompresses the payload instead and the kernel proper goes to
+//! its link address (fast.rs); the zero page is the same.
 
 use btvmm_runtime::GuestMemory;
 use thiserror::Error;
 
 use super::multiboot::elf as elf_plan;
+
+mod fast;
+pub mod payload;
 
 const GDT_ADDR: u64 = 0x1000;
 const ZERO_PAGE: u64 = 0x7000;
@@ -47,6 +52,8 @@ const KERNEL_ALIGNMENT: usize = 0x230;
 const RELOCATABLE: usize = 0x234;
 const XLOADFLAGS: usize = 0x236;
 const CMDLINE_SIZE: usize = 0x238;
+const PAYLOAD_OFFSET: usize = 0x248;
+const PAYLOAD_LENGTH: usize = 0x24c;
 const INIT_SIZE: usize = 0x260;
 // boot_params fields outside the setup header.
 const ALT_MEM_K: usize = 0x1e0;
@@ -63,6 +70,12 @@ const MIN_VERSION: u16 = 0x0206;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LinuxError {
+    #[error("cannot decompress the {format} kernel payload: {reason}")]
+    Decompress { format: &'static str, reason: String },
+    #[error("--fast-boot enters a {elf_bits}-bit kernel only in its own mode: drop --boot-entry or --fast-boot")]
+    FastBootEntry { elf_bits: u8 },
+    #[error("--fast-boot needs boot protocol 2.08 or later (payload_offset); this kernel has {major}.{minor:02}")]
+    FastBootProtocol { major: u8, minor: u8 },
     #[error("the {what} ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
     InitrdTooLarge { what: &'static str, size: u64, limit: u64 },
     #[error("guest memory too small for the kernel: it needs {need} MiB, RAM is {have} MiB")]
@@ -79,6 +92,10 @@ pub enum LinuxError {
     Truncated(&'static str),
     #[error("invalid vmlinux: {0}")]
     BadElf(String),
+    #[error("the kernel payload has an unknown compression (magic {magic}): boot without --fast-boot")]
+    UnknownPayload { magic: String },
+    #[error("the kernel payload is {format}-compressed; --fast-boot decompresses XZ, gzip, zstd and LZMA: boot without --fast-boot")]
+    UnsupportedPayload { format: &'static str },
 }
 
 /// Which entry point to use.
@@ -88,6 +105,14 @@ pub enum EntryMode {
     Protected32,
     /// 64-bit long mode with an identity map, at `startup_64`.
     Long64,
+}
+
+/// How to boot: the entry mode (None: 64-bit when the kernel has it) and
+/// whether the host decompresses a bzImage's payload (`--fast-boot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootOptions {
+    pub entry: Option<EntryMode>,
+    pub fast_boot: bool,
 }
 
 /// Register state at the kernel entry.
@@ -114,19 +139,19 @@ pub fn is_elf(image: &[u8]) -> bool {
 }
 
 /// Loads a bzImage or vmlinux, the command line and the initrd.
-/// `entry` None picks 64-bit when the kernel has a 64-bit entry point.
+/// `fast_boot` applies to bzImages only (a vmlinux needs no decompression).
 pub fn load(
     mem: &GuestMemory,
     image: &[u8],
     cmdline: &str,
     initrd: Option<&[u8]>,
-    entry: Option<EntryMode>,
+    opts: BootOptions,
 ) -> Result<LinuxEntry, LinuxError> {
     let mut zp = vec![0u8; 4096];
     let (kernel_end, mode, rip, initrd_max) = if is_bzimage(image) {
-        load_bzimage(mem, image, &mut zp, entry)?
+        load_bzimage(mem, image, &mut zp, opts)?
     } else if is_elf(image) {
-        load_vmlinux(mem, image, &mut zp, entry)?
+        load_vmlinux(mem, image, &mut zp, opts.entry)?
     } else {
         return Err(LinuxError::NotLinux);
     };
@@ -170,7 +195,7 @@ pub fn load(
 }
 
 /// Returns (end of the kernel's memory, entry mode, entry RIP, initrd limit).
-fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], entry: Option<EntryMode>)
+fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], opts: BootOptions)
     -> Result<(u64, EntryMode, u64, u64), LinuxError> {
     if image.len() < 0x250 || le16(image, BOOT_FLAG) != 0xaa55 {
         return Err(LinuxError::Truncated("setup header"));
@@ -192,6 +217,15 @@ fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], entry: Option<En
         return Err(LinuxError::ProtocolTooOld { major: 0, minor: 0 });
     }
     let init_size = if version >= 0x020a { le32(image, INIT_SIZE) as u64 } else { pm.len() as u64 * 4 };
+    let initrd_max = if version >= 0x0203 { le32(image, INITRD_ADDR_MAX) as u64 + 1 } else { 0x3800_0000 };
+    if opts.fast_boot {
+        // The zero page still says where a bzImage loader put the protected-mode code.
+        put32(zp, CODE32_START, KERNEL_ADDR as u32);
+        let payload = payload_of(image, pm, version)?
+            .ok_or(LinuxError::FastBootProtocol { major: (version >> 8) as u8, minor: version as u8 })?;
+        let placed = fast::load_payload(mem, payload, init_size, opts.entry)?;
+        return Ok((placed.end, placed.mode, placed.rip, initrd_max));
+    }
     // The kernel decompresses in place or relocates to its preferred
     // address; it needs init_size bytes from the larger of the two.
     let pref = if version >= 0x020a { le64(image, 0x258) } else { KERNEL_ADDR };
@@ -200,16 +234,11 @@ fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], entry: Option<En
         return Err(LinuxError::MemoryTooSmall { need: need.div_ceil(1 << 20), have: mem.size() >> 20 });
     }
     // Declared payload length must lie within the file.
-    if version >= 0x0208 {
-        let (off, len) = (le32(image, 0x248) as usize, le32(image, 0x24c) as usize);
-        if off.checked_add(len).is_none_or(|end| end > pm.len()) {
-            return Err(LinuxError::Truncated("compressed payload"));
-        }
-    }
+    payload_of(image, pm, version)?;
     mem.write(KERNEL_ADDR, pm);
     put32(zp, CODE32_START, KERNEL_ADDR as u32);
     let has64 = version >= 0x020c && le16(image, XLOADFLAGS) & XLF_KERNEL_64 != 0;
-    let mode = match entry {
+    let mode = match opts.entry {
         Some(EntryMode::Long64) if !has64 => return Err(LinuxError::No64BitEntry),
         Some(m) => m,
         None if has64 => EntryMode::Long64,
@@ -219,9 +248,21 @@ fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], entry: Option<En
         EntryMode::Long64 => KERNEL_ADDR + 0x200,
         EntryMode::Protected32 => KERNEL_ADDR,
     };
-    let initrd_max = if version >= 0x0203 { le32(image, INITRD_ADDR_MAX) as u64 + 1 } else { 0x3800_0000 };
     let _ = (KERNEL_ALIGNMENT, RELOCATABLE);
     Ok((need, mode, rip, initrd_max))
+}
+
+/// The compressed payload within the protected-mode code `pm`, if the
+/// protocol names it (2.08+); an error if it runs past the file.
+fn payload_of<'a>(image: &[u8], pm: &'a [u8], version: u16) -> Result<Option<&'a [u8]>, LinuxError> {
+    if version < 0x0208 {
+        return Ok(None);
+    }
+    let (off, len) = (le32(image, PAYLOAD_OFFSET) as usize, le32(image, PAYLOAD_LENGTH) as usize);
+    off.checked_add(len)
+        .and_then(|end| pm.get(off..end))
+        .map(Some)
+        .ok_or(LinuxError::Truncated("compressed payload"))
 }
 
 /// A vmlinux ELF: segments at their physical addresses, entry at e_entry's

@@ -2,7 +2,7 @@ use super::*;
 
 /// A minimal bzImage: boot sector with a setup header, one setup sector,
 /// then `payload` as the protected-mode kernel.
-fn bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
+pub(super) fn bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
     let mut img = vec![0u8; 2 * 512];
     img[SETUP_SECTS] = 1;
     img[BOOT_FLAG..BOOT_FLAG + 2].copy_from_slice(&0xaa55u16.to_le_bytes());
@@ -22,7 +22,7 @@ fn bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
     img
 }
 
-fn mem(mib: u64) -> GuestMemory {
+pub(super) fn mem(mib: u64) -> GuestMemory {
     GuestMemory::new(mib << 20).unwrap()
 }
 
@@ -30,7 +30,7 @@ fn mem(mib: u64) -> GuestMemory {
 fn load_bzimage_64bit_fills_zero_page_and_maps_memory() {
     let m = mem(64);
     let img = bzimage(0x020f, XLF_KERNEL_64, b"KERNELCODE");
-    let e = load(&m, &img, "console=ttyS0", Some(b"initrd-bytes"), None).unwrap();
+    let e = load(&m, &img, "console=ttyS0", Some(b"initrd-bytes"), BootOptions::default()).unwrap();
     assert_eq!(e.mode, EntryMode::Long64);
     assert_eq!(e.rip, KERNEL_ADDR + 0x200);
     assert_eq!(e.boot_params, ZERO_PAGE);
@@ -61,29 +61,29 @@ fn load_bzimage_64bit_fills_zero_page_and_maps_memory() {
 fn load_bzimage_without_64bit_entry_boots_32bit_and_refuses_forced_64() {
     let m = mem(64);
     let img = bzimage(0x020f, 0, b"K");
-    let e = load(&m, &img, "", None, None).unwrap();
+    let e = load(&m, &img, "", None, BootOptions::default()).unwrap();
     assert_eq!(e.mode, EntryMode::Protected32);
     assert_eq!(e.rip, KERNEL_ADDR);
-    assert_eq!(load(&m, &img, "", None, Some(EntryMode::Long64)), Err(LinuxError::No64BitEntry));
+    assert_eq!(load(&m, &img, "", None, BootOptions { entry: Some(EntryMode::Long64), fast_boot: false }), Err(LinuxError::No64BitEntry));
 }
 
 #[test]
 fn load_rejects_old_protocol_small_memory_and_huge_initrd() {
     let img = bzimage(0x0204, XLF_KERNEL_64, b"K");
-    assert!(matches!(load(&mem(64), &img, "", None, None), Err(LinuxError::ProtocolTooOld { .. })));
+    assert!(matches!(load(&mem(64), &img, "", None, BootOptions::default()), Err(LinuxError::ProtocolTooOld { .. })));
     let img = bzimage(0x020f, XLF_KERNEL_64, b"K");
-    assert!(matches!(load(&mem(16), &img, "", None, None), Err(LinuxError::MemoryTooSmall { .. })));
+    assert!(matches!(load(&mem(16), &img, "", None, BootOptions::default()), Err(LinuxError::MemoryTooSmall { .. })));
     let big = vec![0u8; 48 << 20];
-    assert!(matches!(load(&mem(64), &img, "", Some(&big), None), Err(LinuxError::InitrdTooLarge { .. })));
+    assert!(matches!(load(&mem(64), &img, "", Some(&big), BootOptions::default()), Err(LinuxError::InitrdTooLarge { .. })));
 }
 
 #[test]
 fn load_rejects_non_kernels_and_truncations_without_panicking() {
     let m = mem(64);
-    assert_eq!(load(&m, b"#!/bin/sh\necho hi\n", "", None, None), Err(LinuxError::NotLinux));
+    assert_eq!(load(&m, b"#!/bin/sh\necho hi\n", "", None, BootOptions::default()), Err(LinuxError::NotLinux));
     let img = bzimage(0x020f, XLF_KERNEL_64, &[0x90; 4096]);
     for cut in (0..img.len()).step_by(97) {
-        let r = load(&m, &img[..cut], "", None, None);
+        let r = load(&m, &img[..cut], "", None, BootOptions::default());
         assert!(r.is_err(), "truncated at {cut} accepted");
     }
 }
@@ -93,5 +93,5 @@ fn load_rejects_too_long_command_line() {
     let m = mem(64);
     let img = bzimage(0x020f, XLF_KERNEL_64, b"K");
     let long = "x".repeat(3000);
-    assert!(matches!(load(&m, &img, &long, None, None), Err(LinuxError::CmdlineTooLong { .. })));
+    assert!(matches!(load(&m, &img, &long, None, BootOptions::default()), Err(LinuxError::CmdlineTooLong { .. })));
 }
