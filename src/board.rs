@@ -10,11 +10,12 @@
 //! [`Platform::next_deadline`] and the clock between blocks (and sleeps
 //! until the deadline in `hlt`), so no thread wakes it while it computes --
 //! a timer thread's wake-ups made guest TSC calibration see host scheduling
-//! jitter. The stdin thread only queues bytes and raises the
-//! [`EventSignal`]. The vCPU then calls [`Platform::service`], which brings
-//! the PIT and the UART up to date.
+//! jitter. The stdin thread only queues bytes (or requests a stop or a
+//! pause) and raises the [`EventSignal`]. The vCPU then calls
+//! [`Platform::service`], which brings the PIT and the UART up to date and
+//! writes out buffered console output; the output's flush deadline is one
+//! of the board's deadlines, so it goes out within milliseconds.
 
-use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -28,8 +29,9 @@ use crate::devices::irq::IrqLines;
 use crate::devices::pic::{Pic, ELCR_PORT, MASTER_PORT, SLAVE_PORT};
 use crate::devices::pit::{Pit, PIT_PORT, PORT_B};
 use crate::devices::port80::{PostCode, POST_PORT};
-use crate::devices::serial::{self, ConsoleOut, SerialInput, Uart, COM1_IRQ, COM1_PORT};
-use crate::devices::stop::{StopHandle, StopReason};
+use crate::console::input::{spawn_stdin_reader, InputLink};
+use crate::devices::serial::{ConsoleOut, SerialInput, Uart, COM1_IRQ, COM1_PORT};
+use crate::devices::stop::{PauseHandle, StopHandle, StopReason};
 
 const PIT_IRQ: u8 = 0;
 
@@ -50,6 +52,7 @@ pub struct Board {
     post: Arc<Mutex<PostCode>>,
     lines: Arc<IrqLines>,
     stop: StopHandle,
+    pause: PauseHandle,
     input: Arc<SerialInput>,
     events: Arc<EventSignal>,
     clock: Arc<GuestClock>,
@@ -61,7 +64,7 @@ impl Board {
     /// A PC with `ram_size` bytes of RAM (for the CMOS), COM1 writing to
     /// `console_out`, and `events` raised whenever a device needs the vCPU.
     /// With `interactive_stdin`, a thread feeds the host's stdin to COM1
-    /// (Ctrl-A x quits).
+    /// (Ctrl-A x quits, Ctrl-A s pauses the vCPU for live counters).
     pub fn new(
         ram_size: u64,
         console_out: ConsoleOut,
@@ -70,6 +73,7 @@ impl Board {
         clock: Arc<GuestClock>,
     ) -> Result<Self, BoardError> {
         let stop = StopHandle::new();
+        let pause = PauseHandle::new();
         let lines = IrqLines::new();
         let input = SerialInput::new();
         let pic = Arc::new(Mutex::new(Pic::new()));
@@ -97,7 +101,12 @@ impl Board {
         bus.register("com1", COM1_PORT, 8, uart.clone())?;
 
         if interactive_stdin {
-            serial::spawn_stdin_reader(input.clone(), events.clone(), stop.clone())?;
+            spawn_stdin_reader(InputLink {
+                input: input.clone(),
+                events: events.clone(),
+                stop: stop.clone(),
+                pause: pause.clone(),
+            })?;
         }
         Ok(Self {
             bus,
@@ -107,6 +116,7 @@ impl Board {
             post,
             lines,
             stop,
+            pause,
             input,
             events,
             clock,
@@ -142,11 +152,9 @@ impl Board {
         lock(&self.post).last()
     }
 
-    /// Flushes the console writer (at exit).
+    /// Writes out buffered console output.
     pub fn flush_console(&self) {
-        if let Err(e) = lock(&self.uart).writer_mut().flush() {
-            tracing::debug!(target: "device", "console flush failed: {e}");
-        }
+        lock(&self.uart).flush_output();
     }
 
     /// Moves device interrupt lines and due PIT ticks into the PIC; wakes
@@ -194,16 +202,31 @@ impl Platform for Board {
 
     fn service(&mut self) {
         lock(&self.pit).service(self.clock.now());
-        lock(&self.uart).fill_from_input();
+        let mut uart = lock(&self.uart);
+        uart.fill_from_input();
+        if uart.output_deadline().is_some() {
+            uart.flush_output();
+        }
+        drop(uart);
         self.sync_interrupts();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        lock(&self.pit).next_deadline()
+        let timer = lock(&self.pit).next_deadline();
+        // The console's flush deadline is host time; deadlines are on the guest clock.
+        let output = lock(&self.uart).output_deadline().map(|d| d.checked_sub(self.clock.stolen()).unwrap_or(d));
+        match (timer, output) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn stop_requested(&self) -> bool {
         self.stop.is_requested()
+    }
+
+    fn pause_requested(&mut self) -> bool {
+        self.pause.take()
     }
 }
 
@@ -259,14 +282,18 @@ mod tests {
     }
 
     #[test]
-    fn com1_output_reaches_console_writer() {
+    fn com1_output_reaches_console_writer_at_service() {
         let (mut b, out, _) = board();
 
         for &c in b"ok" {
             b.io_out(0x3f8, 1, u32::from(c));
         }
+        let deadline = b.next_deadline();
+        b.service();
 
+        assert!(deadline.is_some(), "buffered output asks for a service");
         assert_eq!(*lock(&out.0), b"ok");
+        assert_eq!(b.next_deadline(), None, "nothing left to flush, no timer armed");
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct Machine {
     vcpu: Vcpu,
     events: Arc<EventSignal>,
     stop: StopHandle,
-    print_stats: bool,
+    stats_at_exit: bool,
 }
 
 /// Where the guest's console goes and whether the host's stdin feeds it.
@@ -95,7 +95,7 @@ impl Machine {
         if args.profile {
             vcpu.profile = Some(Default::default());
         }
-        Ok(Self { vcpu, events, stop, print_stats: args.stats })
+        Ok(Self { vcpu, events, stop, stats_at_exit: args.stats })
     }
 
     /// The vCPU (for its counters after a run).
@@ -103,10 +103,29 @@ impl Machine {
         &self.vcpu
     }
 
-    /// Runs the guest to its end and returns the process exit status.
+    /// The handle that stops this machine from elsewhere (the signal thread).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// The signal that wakes the vCPU (raise it after a stop request).
+    pub fn events(&self) -> Arc<EventSignal> {
+        self.events.clone()
+    }
+
+    /// Runs the guest to its end and returns the process exit status. A
+    /// pause (the console's Ctrl-A s) prints the counters and goes on.
     pub fn run(&mut self) -> anyhow::Result<u8> {
         let started = std::time::Instant::now();
-        let exit = self.vcpu.run(&self.events, None);
+        let exit = loop {
+            match self.vcpu.run(&self.events, None) {
+                VmExit::Paused => {
+                    self.flush_console();
+                    self.print_stats(started.elapsed());
+                }
+                exit => break exit,
+            }
+        };
         let elapsed = started.elapsed();
         self.vcpu.stats.run_ns += elapsed.as_nanos() as u64;
         self.vcpu.stats.stolen_ns = self.vcpu.clock.stolen().as_nanos() as u64;
@@ -114,6 +133,7 @@ impl Machine {
         let code = match exit {
             VmExit::Stopped => match self.stop.reason() {
                 Some(StopReason::DebugExit(status)) => (status & 0xff) as u8,
+                Some(StopReason::Signal(signo)) => crate::console::signals::exit_status(signo) as u8,
                 Some(StopReason::Reset) | Some(StopReason::Quit) | None => 0,
             },
             VmExit::HaltedForever => {
@@ -124,31 +144,37 @@ impl Machine {
                 eprintln!("btvmm: guest triple fault; guest state:\n{}", self.vcpu.cpu.dump());
                 3
             }
-            VmExit::BudgetExhausted | VmExit::Exception(_) => 0,
+            VmExit::BudgetExhausted | VmExit::Exception(_) | VmExit::Paused => 0,
         };
-        if self.print_stats {
-            eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
-            eprint!("{}", self.vcpu.stats.report());
-            if let Some(p) = &self.vcpu.profile {
-                let total: u64 = p.values().sum();
-                let mut hot: Vec<_> = p.iter().collect();
-                hot.sort_by(|a, b| b.1.cmp(a.1));
-                eprintln!("hottest guest RIPs ({total} samples):");
-                for (rip, n) in hot.iter().take(25) {
-                    eprintln!("  {rip:016x} {:5.1}%", **n as f64 * 100.0 / total.max(1) as f64);
-                }
-            }
-            if let Some(board) = self.board() {
-                let io: Vec<String> = board
-                    .port_stats()
-                    .iter()
-                    .filter(|s| s.reads + s.writes > 0)
-                    .map(|s| format!("{}:{}", s.name, s.reads + s.writes))
-                    .collect();
-                eprintln!("I/O port accesses by device: {}", io.join(" "));
-            }
+        if self.stats_at_exit {
+            self.print_stats(elapsed);
         }
         Ok(code)
+    }
+
+    /// The `--stats` report, to stderr: the vCPU's counters, the hottest
+    /// guest RIPs when profiling, I/O port accesses by device.
+    fn print_stats(&mut self, elapsed: std::time::Duration) {
+        eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
+        eprint!("{}", self.vcpu.stats.report());
+        if let Some(p) = &self.vcpu.profile {
+            let total: u64 = p.values().sum();
+            let mut hot: Vec<_> = p.iter().collect();
+            hot.sort_by(|a, b| b.1.cmp(a.1));
+            eprintln!("hottest guest RIPs ({total} samples):");
+            for (rip, n) in hot.iter().take(25) {
+                eprintln!("  {rip:016x} {:5.1}%", **n as f64 * 100.0 / total.max(1) as f64);
+            }
+        }
+        if let Some(board) = self.board() {
+            let io: Vec<String> = board
+                .port_stats()
+                .iter()
+                .filter(|s| s.reads + s.writes > 0)
+                .map(|s| format!("{}:{}", s.name, s.reads + s.writes))
+                .collect();
+            eprintln!("I/O port accesses by device: {}", io.join(" "));
+        }
     }
 
     fn board(&mut self) -> Option<&mut Board> {

@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use btvmm::cli::{Cli, Command};
-use btvmm::machine;
+use anyhow::Context as _;
+use btvmm::cli::{Cli, Command, RunArgs};
+use btvmm::{console, machine};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -14,7 +15,9 @@ fn main() -> ExitCode {
                 eprintln!("btvmm: {e:#}");
                 return ExitCode::from(2);
             }
-            match machine::Machine::build(&args).and_then(|mut m| m.run()) {
+            let result = run(&args);
+            // The console session is over (terminal restored) before any message.
+            match result {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("btvmm: {e:#}");
@@ -23,6 +26,15 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs a machine on the terminal; the console session's guard restores
+/// the terminal when this returns, by value or by an unwinding panic.
+fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    let session = console::Session::start().context("cannot set up the console")?;
+    let mut machine = machine::Machine::build(args)?;
+    session.attach(machine.stop_handle(), machine.events());
+    machine.run()
 }
 
 /// Maps `--trace` names to `tracing` targets and installs the subscriber;

@@ -2,26 +2,14 @@
 //! non-zero status; a guest's exit port, triple fault and `--stats` reach
 //! the user. Small multiboot images (a.out kludge) are built here.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Output};
+
+use common::aout_kernel;
 
 fn btvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_btvmm")).args(args).output().expect("run btvmm")
-}
-
-/// A multiboot image loaded at 1 MiB whose code (after the 32-byte header) is `code`.
-fn aout_kernel(name: &str, code: &[u8]) -> PathBuf {
-    let magic: u32 = 0x1bad_b002;
-    let flags: u32 = 1 << 16;
-    let base: u32 = 0x10_0000;
-    let mut img = Vec::new();
-    for w in [magic, flags, magic.wrapping_add(flags).wrapping_neg(), base, base, 0, 0, base + 32] {
-        img.extend_from_slice(&w.to_le_bytes());
-    }
-    img.extend_from_slice(code);
-    let path = std::env::temp_dir().join(format!("btvmm-cli-{}-{name}.bin", std::process::id()));
-    std::fs::write(&path, img).expect("write kernel");
-    path
 }
 
 /// mov dx, 0x3f8; mov al, c; out dx, al (per byte); mov al, code; out 0xf4, al; hlt

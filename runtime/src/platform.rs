@@ -29,6 +29,13 @@ pub trait Platform: std::any::Any {
     fn service(&mut self);
     /// Whether the machine wants the vCPU loop to return (exit port, reset, quit).
     fn stop_requested(&self) -> bool;
+    /// Whether the machine wants the vCPU loop to return for a moment (to
+    /// print live counters) and then be run again; taking the request clears
+    /// it. Polled only after [`Platform::service`], so whoever asks for a
+    /// pause must also raise the [`EventSignal`]: the hot loop pays nothing.
+    fn pause_requested(&mut self) -> bool {
+        false
+    }
     /// When time-driven devices next need [`Platform::service`]: the vCPU
     /// loop polls the clock against it between blocks and sleeps until it
     /// while halted.

@@ -15,23 +15,23 @@
 //! scratch, loopback MSR, THRE interrupt on enabling it). This wrapper adds
 //! what it leaves out: the OUT2 gate on the interrupt line, FCR's "clear
 //! receive FIFO", and feeding console input from a queue filled by a host
-//! thread as the guest drains the 64-byte FIFO. Known differences from a
+//! thread as the guest drains the 64-byte FIFO, and buffers console output
+//! (`console::OutputBuffer`) for the board to flush. Known differences from a
 //! real 16550A, inherited: reading IIR clears every pending source (not only
 //! THRE), and IIR always reports the FIFOs enabled.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::Instant;
 
-use btvmm_runtime::EventSignal;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use super::bus::lock;
 use super::irq::IrqLine;
-use super::stop::{StopHandle, StopReason};
+use crate::console::OutputBuffer;
 
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u8 = 4;
@@ -50,9 +50,6 @@ const IIR_NO_INTERRUPT: u8 = 0x01;
 const RX_FIFO_SIZE: usize = 64;
 /// Console input kept waiting for the guest, at most.
 const INPUT_QUEUE_LIMIT: usize = 1 << 20;
-/// The console escape: Ctrl-A, then `x` to quit (as QEMU's -serial stdio).
-const ESCAPE: u8 = 0x01;
-const ESCAPE_QUIT: u8 = b'x';
 
 /// Records that the model asked for an interrupt; the wrapper decides
 /// whether it reaches the line (OUT2).
@@ -95,14 +92,14 @@ pub type ConsoleOut = Box<dyn Write + Send>;
 
 /// COM1.
 pub struct Uart {
-    serial: Serial<PendingIrq, NoEvents, ConsoleOut>,
+    serial: Serial<PendingIrq, NoEvents, OutputBuffer>,
     irq: IrqLine,
     input: Arc<SerialInput>,
 }
 
 impl Uart {
     pub fn new(out: ConsoleOut, irq: IrqLine, input: Arc<SerialInput>) -> Self {
-        Self { serial: Serial::new(PendingIrq::default(), out), irq, input }
+        Self { serial: Serial::new(PendingIrq::default(), OutputBuffer::new(out)), irq, input }
     }
 
     fn out2(&mut self) -> bool {
@@ -185,8 +182,16 @@ impl Uart {
         self.forward_irq();
     }
 
-    pub fn writer_mut(&mut self) -> &mut ConsoleOut {
-        self.serial.writer_mut()
+    /// When buffered console output should be written out, if any waits.
+    pub fn output_deadline(&self) -> Option<Instant> {
+        self.serial.writer().deadline()
+    }
+
+    /// Writes out buffered console output.
+    pub fn flush_output(&mut self) {
+        if let Err(e) = self.serial.writer_mut().flush_now() {
+            tracing::debug!(target: "device", "serial: console write failed: {e}");
+        }
     }
 }
 
@@ -198,77 +203,6 @@ impl super::bus::PortDevice for Uart {
     fn write(&mut self, _base: u16, offset: u16, _size: u8, value: u32) {
         self.write_reg(offset as u8, value as u8);
     }
-}
-
-/// Splits console input into bytes for the guest and the Ctrl-A escapes.
-#[derive(Debug, Default)]
-pub struct EscapeParser {
-    after_escape: bool,
-}
-
-/// What a console byte means.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConsoleKey {
-    Guest(Vec<u8>),
-    Quit,
-}
-
-impl EscapeParser {
-    /// Bytes to pass to the guest from `byte`, or a quit request.
-    /// Ctrl-A Ctrl-A sends one Ctrl-A; Ctrl-A with any other key sends both.
-    pub fn feed(&mut self, byte: u8) -> ConsoleKey {
-        if std::mem::take(&mut self.after_escape) {
-            return match byte {
-                ESCAPE_QUIT => ConsoleKey::Quit,
-                ESCAPE => ConsoleKey::Guest(vec![ESCAPE]),
-                other => ConsoleKey::Guest(vec![ESCAPE, other]),
-            };
-        }
-        if byte == ESCAPE {
-            self.after_escape = true;
-            return ConsoleKey::Guest(Vec::new());
-        }
-        ConsoleKey::Guest(vec![byte])
-    }
-}
-
-/// Spawns the thread that reads the host's stdin into `input`, raising
-/// `events` so the vCPU services the UART. Ctrl-A x requests a stop.
-/// The thread ends at end of input; it is not joined (a blocking read
-/// of stdin cannot be interrupted portably), so the handle may be dropped.
-pub fn spawn_stdin_reader(
-    input: Arc<SerialInput>,
-    events: Arc<EventSignal>,
-    stop: StopHandle,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("btvmm-stdin".into()).spawn(move || {
-        let mut parser = EscapeParser::default();
-        let mut buf = [0u8; 256];
-        let mut stdin = std::io::stdin();
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(target: "device", "serial: stdin read failed: {e}");
-                    break;
-                }
-            };
-            let mut bytes = Vec::with_capacity(n);
-            for &b in &buf[..n] {
-                match parser.feed(b) {
-                    ConsoleKey::Guest(v) => bytes.extend(v),
-                    ConsoleKey::Quit => stop.request(StopReason::Quit),
-                }
-            }
-            input.push(&bytes);
-            events.raise();
-            if stop.is_requested() {
-                break;
-            }
-        }
-    })
 }
 
 #[cfg(test)]
@@ -330,7 +264,10 @@ mod tests {
         for b in b"hi\n" {
             r.uart.write_reg(0, *b);
         }
+        let buffered = lock(&r.out.0).clone();
+        r.uart.flush_output();
 
+        assert!(buffered.is_empty(), "output waits for the flush");
         assert_eq!(*lock(&r.out.0), b"hi\n");
     }
 
@@ -470,31 +407,5 @@ mod tests {
         r.uart.write_reg(1, 0xff);
 
         assert_eq!(r.uart.read_reg(1), 0x0f);
-    }
-
-    #[test]
-    fn escape_ctrl_a_x_quits() {
-        let mut p = EscapeParser::default();
-
-        let keys = [p.feed(ESCAPE), p.feed(b'x')];
-
-        assert_eq!(keys, [ConsoleKey::Guest(vec![]), ConsoleKey::Quit]);
-    }
-
-    #[test]
-    fn escape_twice_sends_one_ctrl_a() {
-        let mut p = EscapeParser::default();
-        p.feed(ESCAPE);
-
-        assert_eq!(p.feed(ESCAPE), ConsoleKey::Guest(vec![ESCAPE]));
-        assert_eq!(p.feed(b'x'), ConsoleKey::Guest(vec![b'x']));
-    }
-
-    #[test]
-    fn escape_other_key_passes_both() {
-        let mut p = EscapeParser::default();
-        p.feed(ESCAPE);
-
-        assert_eq!(p.feed(b'c'), ConsoleKey::Guest(vec![ESCAPE, b'c']));
     }
 }

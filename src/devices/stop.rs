@@ -1,4 +1,5 @@
-//! Why the machine stops, and the handle devices use to ask for it.
+//! Why the machine stops, and the handles devices and the console use to
+//! ask for a stop or for a pause.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,8 +11,11 @@ pub enum StopReason {
     DebugExit(i32),
     /// The guest reset the machine (i8042 pulse, port 0x92, ...).
     Reset,
-    /// The user asked to quit (console escape, signal).
+    /// The user asked to quit (the console's Ctrl-A x): exit status 0.
     Quit,
+    /// The host sent the process this signal (SIGTERM, SIGHUP, SIGINT):
+    /// exit status 128 + signal number, as a shell reports a killed command.
+    Signal(i32),
 }
 
 /// A shared, first-wins stop request.
@@ -46,9 +50,40 @@ impl StopHandle {
     }
 }
 
+/// A shared request for the vCPU loop to return for a moment (the console's
+/// Ctrl-A s prints live counters) and then go on. Whoever requests it also
+/// raises the machine's `EventSignal`: the vCPU polls the request only then.
+#[derive(Clone, Debug, Default)]
+pub struct PauseHandle(Arc<AtomicBool>);
+
+impl PauseHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn request(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether a pause was requested since the last take; clears the request.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::Acquire)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pause_take_clears_request() {
+        let pause = PauseHandle::new();
+
+        pause.clone().request();
+
+        assert!(pause.take());
+        assert!(!pause.take());
+    }
 
     #[test]
     fn request_first_reason_wins() {

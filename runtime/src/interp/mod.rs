@@ -126,6 +126,9 @@ pub enum VmExit {
     TripleFault,
     /// The instruction budget of [`Vcpu::run`] ran out.
     BudgetExhausted,
+    /// The platform asked for a pause ([`Platform::pause_requested`]): the
+    /// vCPU stopped between instructions and `run` may be called again.
+    Paused,
     /// An exception was raised while [`Vcpu::trap_exceptions`] is set: it was
     /// not delivered, RIP and registers are as the exception frame would hold.
     Exception(Exception),
@@ -200,6 +203,9 @@ impl Vcpu {
             if due || events.is_raised() {
                 events.take();
                 self.service_devices();
+                if self.platform.pause_requested() {
+                    return VmExit::Paused;
+                }
             }
             if poll {
                 deadline = self.platform.next_deadline();

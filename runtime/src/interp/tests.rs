@@ -348,3 +348,46 @@ fn interp_sse_scalar_load_and_store_through_stack() {
     assert_eq!(v.cpu.regs.gpr[1], 84);
     assert_eq!(v.stats.simd_native, 4);
 }
+
+/// Asks for one pause, as the console's Ctrl-A s does.
+struct PauseOnce(bool);
+
+impl Platform for PauseOnce {
+    fn io_in(&mut self, _port: u16, _size: u8) -> u32 {
+        u32::MAX
+    }
+    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
+    fn intr_pending(&mut self) -> bool {
+        false
+    }
+    fn intr_ack(&mut self) -> Option<u8> {
+        None
+    }
+    fn service(&mut self) {}
+    fn stop_requested(&self) -> bool {
+        false
+    }
+    fn pause_requested(&mut self) -> bool {
+        std::mem::take(&mut self.0)
+    }
+}
+
+#[test]
+fn interp_pause_request_returns_paused_then_run_resumes() {
+    let code = assemble32(|a| {
+        a.mov(eax, 7)?;
+        a.hlt()
+    }, 0x1000);
+    let mut v = vcpu_with(&code, 0x1000);
+    v.platform = Box::new(PauseOnce(true));
+    let events = EventSignal::new();
+    events.raise();
+
+    let first = v.run(&events, Some(1000));
+    let second = v.run(&events, Some(1000));
+
+    assert_eq!(first, VmExit::Paused);
+    assert_eq!(v.stats.instructions, 2);
+    assert_eq!(second, VmExit::HaltedForever);
+    assert_eq!(v.cpu.regs.gpr[0], 7);
+}
