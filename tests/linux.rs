@@ -199,3 +199,8 @@ fn linux_initrd_larger_than_memory_is_one_clear_error() {
     one_error_line(&btvmm(&["--kernel", k.to_str().unwrap(), "--initrd", path.to_str().unwrap(), "-m", "512M"]), "initrd");
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn linux_amd64_fast_boot_matches_the_normal_boot() {
+    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--fast-boot"]);
+}
