@@ -7,6 +7,8 @@ use std::fmt::Write;
 pub struct Stats {
     pub instructions: u64,
     pub blocks_decoded: u64,
+    /// Translation units compiled, by code size (16, 32, 64 bits).
+    pub tus: [u64; 3],
     pub code_invalidations: u64,
     pub exceptions: BTreeMap<u8, u64>,
     pub interrupts: BTreeMap<u8, u64>,
@@ -51,6 +53,13 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
         let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
+        // The binary translator's counters: TUs per bitness (as the VMware
+        // papers report them), IDENT share, callouts by kind, code cache.
+        let _ = writeln!(
+            s,
+            "translation units: 16-bit {}, 32-bit {}, 64-bit {}; IDENT share -; callouts 0; code cache 0 bytes (no translator: interpreter only)",
+            self.tus[0], self.tus[1], self.tus[2]
+        );
         let _ = writeln!(s, "x87/SSE/AVX instructions executed natively: {}", self.simd_native);
         let engine = self.run_ns.saturating_sub(self.halted_ns + self.device_ns);
         let _ = writeln!(
