@@ -3,6 +3,8 @@
 //! machine) and its exit status with the pass code. The cpu kernels are
 //! compared with the host build of their workload (cpu_expected).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,12 +20,7 @@ fn run(kernel: &str, name: &str, extra: &[&str]) -> (i32, Vec<String>) {
         .args(extra)
         .output()
         .expect("run btvmm");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let prefix = format!("{name}: ");
-    let lines = text
-        .split('\n')
-        .filter_map(|l| l.find(&prefix).map(|i| l[i..].trim_end_matches('\r').to_string()))
-        .collect();
+    let lines = common::kernel_lines(&out.stdout, name);
     if !out.stderr.is_empty() {
         eprintln!("{name} stderr:\n{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -73,32 +70,22 @@ kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE6
 /// design, and the loader names itself; the expected file says so.
 #[test]
 fn multiboot_info_matches_spec() {
-    let dir = std::env::temp_dir().join(format!("btvmm-mbi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (m0, m1) = (dir.join("mod0.bin"), dir.join("mod1.txt"));
-    std::fs::write(&m0, [0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6]).expect("module 0");
-    std::fs::write(&m1, b"second module\n").expect("module 1");
-    let (m0s, m1s) = (m0.to_string_lossy().into_owned(), m1.to_string_lossy().into_owned());
-    let initrd = format!("{m0s} arg=1,{m1s}");
+    let mods = common::MbiModules::create("btvmm");
+    let (m0s, m1s, initrd) = (&mods.m0, &mods.m1, &mods.initrd);
     let kernel = env!("BTVMM_KERNEL_MULTIBOOT_INFO");
     check_against_file(
         "multiboot_info",
         "multiboot_info.btvmm.txt",
         kernel,
-        &["--append", "alpha=1 beta", "--initrd", &initrd],
-        &[(kernel, "$KERNEL"), (&m0s, "$MOD0"), (&m1s, "$MOD1")],
+        &["--append", "alpha=1 beta", "--initrd", initrd],
+        &[(kernel, "$KERNEL"), (m0s, "$MOD0"), (m1s, "$MOD1")],
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The cpu kernels' checksums equal the host's for the same iteration count.
 fn check_cpu(name: &str, kernel: &str) {
     let (status, lines) = run(kernel, name, &["--append", "iterations=3"]);
-    let host = Command::new(env!("BTVMM_KERNEL_CPU_EXPECTED")).arg("3").output().expect("run cpu_expected");
-    let mut want: Vec<String> =
-        String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();
-    want.push(format!("{name}: PASS"));
-    assert_eq!(lines, want);
+    assert_eq!(lines, common::cpu_expected(name, 3));
     assert_eq!(status, PASS_STATUS);
 }
 

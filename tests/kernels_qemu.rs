@@ -6,6 +6,8 @@
 //! Needs `qemu-system-x86_64` (`.ci/run` installs it); BTVMM_NO_QEMU=1 skips.
 //! `BTVMM_BLESS=1` rewrites the expected files from QEMU's output.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,12 +41,7 @@ fn run(kernel: &str, name: &str, extra: &[&str]) -> Option<(i32, Vec<String>)> {
         .args(extra)
         .output()
         .expect("run qemu");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let prefix = format!("{name}: ");
-    let lines = text
-        .split('\n')
-        .filter_map(|l| l.find(&prefix).map(|i| l[i..].trim_end_matches('\r').to_string()))
-        .collect();
+    let lines = common::kernel_lines(&out.stdout, name);
     Some((out.status.code().unwrap_or(-1), lines))
 }
 
@@ -91,31 +88,21 @@ kernel_test!(usermode64_matches_qemu, "usermode64", "BTVMM_KERNEL_USERMODE64");
 
 #[test]
 fn multiboot_info_matches_qemu() {
-    let dir = std::env::temp_dir().join(format!("btvmm-mbi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (m0, m1) = (dir.join("mod0.bin"), dir.join("mod1.txt"));
-    std::fs::write(&m0, [0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6]).expect("module 0");
-    std::fs::write(&m1, b"second module\n").expect("module 1");
-    let (m0s, m1s) = (m0.to_string_lossy().into_owned(), m1.to_string_lossy().into_owned());
-    let initrd = format!("{m0s} arg=1,{m1s}");
+    let mods = common::MbiModules::create("qemu");
+    let (m0s, m1s, initrd) = (&mods.m0, &mods.m1, &mods.initrd);
     let kernel = env!("BTVMM_KERNEL_MULTIBOOT_INFO");
     check_against_file(
         "multiboot_info",
         kernel,
-        &["-append", "alpha=1 beta", "-initrd", &initrd],
-        &[(kernel, "$KERNEL"), (&m0s, "$MOD0"), (&m1s, "$MOD1")],
+        &["-append", "alpha=1 beta", "-initrd", initrd],
+        &[(kernel, "$KERNEL"), (m0s, "$MOD0"), (m1s, "$MOD1")],
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The cpu kernels' checksums equal the host's for the same iteration count.
 fn check_cpu(name: &str, kernel: &str) {
     let Some((status, lines)) = run(kernel, name, &["-append", "iterations=3"]) else { return };
-    let host = Command::new(env!("BTVMM_KERNEL_CPU_EXPECTED")).arg("3").output().expect("run cpu_expected");
-    let mut want: Vec<String> =
-        String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();
-    want.push(format!("{name}: PASS"));
-    assert_eq!(lines, want);
+    assert_eq!(lines, common::cpu_expected(name, 3));
     assert_eq!(status, PASS_STATUS);
 }
 
