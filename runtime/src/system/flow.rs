@@ -323,8 +323,8 @@ pub fn iret(v: &mut Vcpu, i: &Instruction) -> R {
         }
     }?;
     v.block_break = true;
-    // Interrupts are recognised only after the instruction following iret? No:
-    // iret opens the interrupt window immediately; only NMI blocking ends here.
+    // Unlike sti, iret has no interrupt shadow: an interrupt the restored IF
+    // allows is taken before the next instruction.
     Ok(())
 }
 
