@@ -188,7 +188,9 @@ impl Platform for Board {
     }
 
     fn intr_pending(&mut self) -> bool {
-        self.sync_interrupts();
+        // INTR only changes inside port I/O, service() and the INTA cycle,
+        // each of which resynchronises it: the vCPU asks before every block,
+        // so this must stay a load, not a walk over the PIC.
         self.intr_seen
     }
 
