@@ -190,7 +190,7 @@ impl Machine {
 }
 
 fn load_multiboot(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> anyhow::Result<multiboot::MultibootEntry> {
-    let modules = read_files(args.initrd.as_deref())?;
+    let modules = read_files(args.initrd.as_deref(), mem.size())?;
     let cmdline = multiboot::qemu_cmdline(&path.display().to_string(), &args.append);
     let refs: Vec<multiboot::Module> = modules.iter().map(|(cmdline, data)| multiboot::Module { cmdline, data }).collect();
     multiboot::load(mem, image, &cmdline, &refs).with_context(|| format!("cannot load '{}'", path.display()))
@@ -198,20 +198,7 @@ fn load_multiboot(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) 
 
 fn load_linux(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> anyhow::Result<linux::LinuxEntry> {
     // Several initrd files are concatenated, which Linux unpacks in turn.
-    // A file larger than RAM is refused before it is read.
-    let sizes: u64 = args
-        .initrd
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    if sizes > mem.size() {
-        bail!("the initrd ({sizes} bytes) is larger than guest memory ({} bytes)", mem.size());
-    }
-    let initrd: Vec<u8> = read_files(args.initrd.as_deref())?.into_iter().flat_map(|(_, d)| d).collect();
+    let initrd: Vec<u8> = read_files(args.initrd.as_deref(), mem.size())?.into_iter().flat_map(|(_, d)| d).collect();
     let entry = match args.boot_entry.as_deref() {
         Some("32") => Some(EntryMode::Protected32),
         Some("64") => Some(EntryMode::Long64),
@@ -223,13 +210,19 @@ fn load_linux(mem: &GuestMemory, image: &[u8], path: &Path, args: &RunArgs) -> a
 }
 
 /// Reads `--initrd a,b,...`: each entry is a path, optionally followed by
-/// arguments (a multiboot module's command line is the whole entry).
-fn read_files(initrd: Option<&str>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// arguments (a multiboot module's command line is the whole entry). Files
+/// larger together than `ram` are refused before they are read.
+fn read_files(initrd: Option<&str>, ram: u64) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let Some(list) = initrd else { return Ok(Vec::new()) };
-    list.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|spec| {
-            let path = spec.split_whitespace().next().unwrap_or(spec);
+    let specs: Vec<(&str, &str)> =
+        list.split(',').filter(|s| !s.is_empty()).map(|s| (s, s.split_whitespace().next().unwrap_or(s))).collect();
+    let total: u64 = specs.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    if total > ram {
+        bail!("the initrd ({total} bytes) is larger than guest memory ({ram} bytes)");
+    }
+    specs
+        .into_iter()
+        .map(|(spec, path)| {
             let data = std::fs::read(path).with_context(|| format!("cannot read initrd '{path}'"))?;
             Ok((spec.to_string(), data))
         })

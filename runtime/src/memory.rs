@@ -112,10 +112,8 @@ impl GuestMemory {
     /// Writes `buf` to RAM; bytes outside RAM are dropped, as on a PC bus.
     pub fn write(&self, addr: GuestPhys, buf: &[u8]) {
         if let Some(p) = self.host_ptr(addr, buf.len() as u64) {
-            // SAFETY: the whole destination range lies inside the mapping and
-            // cannot overlap `buf`, which is host memory outside guest RAM
-            // unless the caller copied from RAM, in which case copy semantics
-            // of a byte-wise move are still well defined.
+            // SAFETY: `host_ptr` checked that [p, p+len) lies inside the mapping;
+            // `buf` is a valid slice, and `copy` allows the two to overlap.
             unsafe { std::ptr::copy(buf.as_ptr(), p, buf.len()) };
             return;
         }

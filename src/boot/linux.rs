@@ -48,8 +48,6 @@ const RAMDISK_SIZE: usize = 0x21c;
 const HEAP_END_PTR: usize = 0x224;
 const CMD_LINE_PTR: usize = 0x228;
 const INITRD_ADDR_MAX: usize = 0x22c;
-const KERNEL_ALIGNMENT: usize = 0x230;
-const RELOCATABLE: usize = 0x234;
 const XLOADFLAGS: usize = 0x236;
 const CMDLINE_SIZE: usize = 0x238;
 const PAYLOAD_OFFSET: usize = 0x248;
@@ -248,7 +246,6 @@ fn load_bzimage(mem: &GuestMemory, image: &[u8], zp: &mut [u8], opts: BootOption
         EntryMode::Long64 => KERNEL_ADDR + 0x200,
         EntryMode::Protected32 => KERNEL_ADDR,
     };
-    let _ = (KERNEL_ALIGNMENT, RELOCATABLE);
     Ok((need, mode, rip, initrd_max))
 }
 

@@ -476,6 +476,19 @@ impl Vcpu {
     }
 }
 
+/// Operand size in bytes of an instruction whose size is not in an operand
+/// (stack frames, far transfers, iret): from its encoding, else the mode's default.
+#[inline]
+pub fn operand_bytes(v: &Vcpu, i: &Instruction) -> u32 {
+    match i.code().op_code().operand_size() {
+        16 => 2,
+        32 => 4,
+        64 => 8,
+        _ if v.cpu.long_mode() => 8,
+        _ => 4,
+    }
+}
+
 /// Segment register number of an iced segment register.
 #[inline(always)]
 pub fn seg_index(r: Register) -> usize {

@@ -5,7 +5,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
-use super::access::{is_canonical, size_mask};
+use super::access::{is_canonical, operand_bytes, size_mask};
 use super::integer::{condition, op_size};
 use super::Vcpu;
 use crate::cpu::{seg, CpuMode};
@@ -75,11 +75,7 @@ pub fn call(v: &mut Vcpu, i: &Instruction) -> R {
 }
 
 pub fn ret(v: &mut Vcpu, i: &Instruction) -> R {
-    let size = if v.cpu.mode == CpuMode::Long && i.code().op_code().operand_size() != 16 {
-        8
-    } else {
-        i.code().op_code().operand_size().max(16) / 8
-    };
+    let size = operand_bytes(v, i);
     let t = v.peek(0, size)? & size_mask(size);
     branch_to(v, t)?;
     let imm = if i.op_count() > 0 { i.immediate16() as u64 } else { 0 };
@@ -213,7 +209,7 @@ pub fn popa(v: &mut Vcpu, i: &Instruction) -> R {
 }
 
 pub fn enter(v: &mut Vcpu, i: &Instruction) -> R {
-    let size = (-i.stack_pointer_increment_enter_size(v)) as u32;
+    let size = operand_bytes(v, i);
     let alloc = i.immediate16() as u64;
     let level = (i.immediate8_2nd() & 31) as u64;
     let ss = v.cpu.stack_size() as u32;
@@ -223,10 +219,7 @@ pub fn enter(v: &mut Vcpu, i: &Instruction) -> R {
         v.push(bp & size_mask(size), size)?;
         let frame = v.cpu.regs.gpr[4];
         let mut bp_walk = bp;
-        for _ in 1..level.max(1) {
-            if level == 0 {
-                break;
-            }
+        for _ in 1..level {
             bp_walk = bp_walk.wrapping_sub(size as u64) & size_mask(ss);
             let x = v.read_mem(seg::SS, bp_walk, size)?;
             v.push(x, size)?;
@@ -254,31 +247,8 @@ pub fn enter(v: &mut Vcpu, i: &Instruction) -> R {
     res
 }
 
-trait EnterSize {
-    fn stack_pointer_increment_enter_size(&self, v: &Vcpu) -> i32;
-}
-
-impl EnterSize for Instruction {
-    /// The operand size of enter (iced reports the total increment).
-    fn stack_pointer_increment_enter_size(&self, v: &Vcpu) -> i32 {
-        match self.code().op_code().operand_size() {
-            16 => -2,
-            32 => -4,
-            64 => -8,
-            _ if v.cpu.long_mode() => -8,
-            _ => -4,
-        }
-    }
-}
-
 pub fn leave(v: &mut Vcpu, i: &Instruction) -> R {
-    let size = match i.code().op_code().operand_size() {
-        16 => 2,
-        32 => 4,
-        64 => 8,
-        _ if v.cpu.long_mode() => 8,
-        _ => 4,
-    };
+    let size = operand_bytes(v, i);
     let ss = v.cpu.stack_size() as u32;
     let bp = v.cpu.regs.gpr[5] & size_mask(ss);
     let x = v.read_mem(seg::SS, bp, size)?;

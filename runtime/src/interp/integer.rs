@@ -13,27 +13,17 @@ use crate::exception::Exception;
 type R = Result<(), Exception>;
 const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
 
-/// Operand size in bytes of operand `i`.
+/// Operand size in bytes of operand `i` (of operand 0 when `i` is an immediate).
 #[inline(always)]
 pub fn op_size(insn: &Instruction, i: u32) -> u32 {
-    match insn.op_kind(i) {
-        OpKind::Register => insn.op_register(i).size() as u32,
-        OpKind::Memory => insn.memory_size().size() as u32,
-        _ => insn.op_kind(0).immediate_size_or(insn),
-    }
-}
-
-trait ImmSize {
-    fn immediate_size_or(self, insn: &Instruction) -> u32;
-}
-
-impl ImmSize for OpKind {
-    fn immediate_size_or(self, insn: &Instruction) -> u32 {
-        match self {
-            OpKind::Register => insn.op0_register().size() as u32,
-            OpKind::Memory => insn.memory_size().size() as u32,
-            _ => 4,
-        }
+    let k = match insn.op_kind(i) {
+        k @ (OpKind::Register | OpKind::Memory) => (k, i),
+        _ => (insn.op0_kind(), 0),
+    };
+    match k {
+        (OpKind::Register, n) => insn.op_register(n).size() as u32,
+        (OpKind::Memory, _) => insn.memory_size().size() as u32,
+        _ => 4,
     }
 }
 

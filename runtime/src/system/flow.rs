@@ -7,7 +7,7 @@ use super::interrupt::{software_interrupt, Source};
 use super::segment::{load_cs, load_data_segment, read_descriptor, Descriptor};
 use crate::cpu::{rflags, seg, CpuMode, Segment};
 use crate::exception::{selector_error, vector, Exception};
-use crate::interp::access::{is_canonical, seg_index, size_mask};
+use crate::interp::access::{is_canonical, operand_bytes, seg_index, size_mask};
 use crate::interp::Vcpu;
 
 type R = Result<(), Exception>;
@@ -31,16 +31,6 @@ pub fn into(v: &mut Vcpu, _i: &Instruction) -> R {
 pub fn int1(v: &mut Vcpu, _i: &Instruction) -> R {
     v.stats.count_software_interrupt(vector::DB);
     super::interrupt::deliver(v, vector::DB, Source::Exception, None)
-}
-
-fn op_bytes(v: &Vcpu, i: &Instruction) -> u32 {
-    match i.code().op_code().operand_size() {
-        16 => 2,
-        32 => 4,
-        64 => 8,
-        _ if v.cpu.long_mode() => 8,
-        _ => 4,
-    }
 }
 
 /// mov sreg, r/m and mov r/m, sreg.
@@ -183,7 +173,7 @@ pub fn far_jmp(v: &mut Vcpu, i: &Instruction) -> R {
 
 pub fn far_call(v: &mut Vcpu, i: &Instruction) -> R {
     let (sel, off) = far_target(v, i)?;
-    let size = op_bytes(v, i);
+    let size = operand_bytes(v, i);
     let old_cs = v.cpu.seg[seg::CS].selector as u64;
     let old_rip = v.cpu.regs.rip;
     let old_sp = v.cpu.regs.gpr[4];
@@ -212,7 +202,7 @@ pub fn far_call(v: &mut Vcpu, i: &Instruction) -> R {
 }
 
 pub fn far_ret(v: &mut Vcpu, i: &Instruction) -> R {
-    let size = op_bytes(v, i);
+    let size = operand_bytes(v, i);
     let imm = if i.op_count() > 0 { i.immediate16() as u64 } else { 0 };
     let off = v.peek(0, size)? & size_mask(size);
     let sel = v.peek(size as u64, size)? as u16;
@@ -310,7 +300,7 @@ fn null_inaccessible_segments(v: &mut Vcpu) {
 /// iret/iretd/iretq in real, protected and long mode (task returns through
 /// NT and returns to virtual-8086 mode are not supported: #GP, counted).
 pub fn iret(v: &mut Vcpu, i: &Instruction) -> R {
-    let size = op_bytes(v, i);
+    let size = operand_bytes(v, i);
     match v.cpu.mode {
         CpuMode::Real => iret_real(v, size),
         CpuMode::Long | CpuMode::Compat => iret_protected(v, size, true),
