@@ -30,7 +30,10 @@ static int msb_is(uint8_t val) {
 }
 
 /* Samples while the MSB reads `val`; the TSC at the last sample and the
- * uncertainty (the time between the last two samples) come back. */
+ * uncertainty come back. As in Linux's pit_expect_msb, the uncertainty
+ * runs from the sample before the last one to *after* the read that saw
+ * the MSB change: a delay before that read (a host preemption the guest
+ * can see) widens the window in which the MSB changed, and must count. */
 static int expect_msb(uint8_t val, uint64_t *at, uint64_t *err) {
     uint64_t prev = 0, now = tsc();
     int count;
@@ -40,7 +43,7 @@ static int expect_msb(uint8_t val, uint64_t *at, uint64_t *err) {
         prev = now;
         now = tsc();
     }
-    *err = now - prev;
+    *err = tsc() - prev;
     *at = now;
     return count > 5;
 }

@@ -190,16 +190,18 @@ impl Vcpu {
         let limit = budget.map(|b| self.stats.instructions + b);
         let mut deadline = self.platform.next_deadline();
         let mut blocks = 0u32;
-        let mut stalls = crate::clock::StallDetector::new(self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
+        // Host time this thread spends off the CPU between the guest's looks
+        // at its clocks is hidden from them (see `clock`).
+        self.clock.watch_current_thread();
         loop {
             blocks = blocks.wrapping_add(1);
             // The clock is read every few blocks: a timer is late by at most
             // that many blocks' worth of guest time (a few microseconds).
             let poll = blocks.is_multiple_of(TIME_POLL_BLOCKS);
-            if poll {
-                stalls.check(&self.clock, self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
-            }
-            let due = poll && deadline.is_some_and(|d| self.clock.now() >= d);
+            let due = poll && {
+                let now = self.clock.now();
+                deadline.is_some_and(|d| now >= d)
+            };
             if due || events.is_raised() {
                 events.take();
                 self.service_devices();
@@ -237,10 +239,10 @@ impl Vcpu {
                 if !timeout.is_zero() {
                     events.wait(timeout);
                 }
+                self.clock.rested();
                 self.service_devices();
                 deadline = self.platform.next_deadline();
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
-                stalls.reset(self.stats.instructions, self.stats.device_ns + self.stats.vmm_ns);
                 continue;
             }
             if blocks.is_multiple_of(PROFILE_PERIOD) {
