@@ -15,6 +15,41 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel.
     Run(RunArgs),
+    /// Show how guest code is translated: each TU's guest instructions
+    /// beside the host code of its compiled code fragment.
+    Translate(TranslateArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TranslateArgs {
+    /// Guest code size.
+    #[arg(long, value_name = "32|64", default_value = "64", value_parser = ["32", "64"])]
+    pub bits: String,
+    /// Guest code as hex bytes ("fa 9c 0f 01 04 24" or "fa9c0f010424").
+    #[arg(long, value_name = "BYTES", conflicts_with = "file", required_unless_present = "file")]
+    pub hex: Option<String>,
+    /// Guest code from a file.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Where in the file the code starts.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_number)]
+    pub offset: u64,
+    /// How many bytes of the file to translate.
+    #[arg(long, value_name = "N", default_value = "64", value_parser = parse_number)]
+    pub length: u64,
+    /// The guest RIP of the first byte.
+    #[arg(long, value_name = "ADDR", default_value = "0x1000", value_parser = parse_number)]
+    pub rip: u64,
+}
+
+/// A number in decimal or with a 0x prefix.
+fn parse_number(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("invalid number '{s}'"))
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -44,6 +79,9 @@ pub struct RunArgs {
     /// Execution engine for guest code.
     #[arg(long, value_enum, default_value_t = Engine::Interp)]
     pub engine: Engine,
+    /// The binary translator's code-cache budget (e.g. 8M, 64K).
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_cache_size)]
+    pub code_cache: u64,
     /// Trace targets, comma-separated (exec, int, mmu, device, io, all); see also BTVMM_LOG.
     #[arg(long, value_name = "TARGETS")]
     pub trace: Option<String>,
@@ -61,6 +99,24 @@ pub enum Engine {
     Interp,
     /// The binary translator.
     Bt,
+}
+
+/// A code-cache size: like a memory size, from 64 KiB up.
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some(c) if c.is_ascii_digit() => (t, 1),
+        _ => return Err(format!("invalid code-cache size '{s}'")),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid code-cache size '{s}'"))?;
+    let bytes = n.checked_mul(mult).filter(|&b| b <= 1 << 32).ok_or_else(|| format!("code-cache size '{s}' is too large"))?;
+    if bytes < 64 << 10 {
+        return Err(format!("code-cache size '{s}' is below the 64 KiB minimum"));
+    }
+    Ok(bytes)
 }
 
 /// Parses a memory size as QEMU does: plain numbers are MiB.

@@ -13,3 +13,4 @@ pub mod cli;
 pub mod console;
 pub mod devices;
 pub mod machine;
+pub mod translate_cmd;

@@ -48,9 +48,6 @@ impl Machine {
 
     /// A machine as the command line describes it, with its console elsewhere.
     pub fn build_with(args: &RunArgs, console: Console) -> anyhow::Result<Self> {
-        if args.engine == Engine::Bt {
-            bail!("the binary translator is not available yet: use --engine interp");
-        }
         let kernel_path = match (&args.multiboot, &args.kernel) {
             (Some(p), _) | (None, Some(p)) => p,
             (None, None) => bail!("no kernel given: use --kernel FILE or --multiboot FILE"),
@@ -94,6 +91,9 @@ impl Machine {
         }
         if args.profile {
             vcpu.profile = Some(Default::default());
+        }
+        if args.engine == Engine::Bt {
+            vcpu.enable_bt(args.code_cache as usize).context("cannot start the binary translator")?;
         }
         Ok(Self { vcpu, events, stop, stats_at_exit: args.stats })
     }
@@ -156,7 +156,7 @@ impl Machine {
     /// guest RIPs when profiling, I/O port accesses by device.
     fn print_stats(&mut self, elapsed: std::time::Duration) {
         eprintln!("--- btvmm stats ({:.3} s) ---", elapsed.as_secs_f64());
-        eprint!("{}", self.vcpu.stats.report());
+        eprint!("{}", self.vcpu.stats.report(self.vcpu.bt.as_ref().map(|b| &b.stats)));
         if let Some(p) = &self.vcpu.profile {
             let total: u64 = p.values().sum();
             let mut hot: Vec<_> = p.iter().collect();

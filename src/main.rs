@@ -25,6 +25,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Translate(args) => match btvmm::translate_cmd::run(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("btvmm: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

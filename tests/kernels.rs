@@ -1,4 +1,5 @@
-//! Runs each test kernel under btvmm and compares its serial output with
+//! Runs each test kernel under btvmm, with each engine (the interpreter and
+//! the binary translator), and compares its serial output with
 //! `tests/kernels/expected/<name>.txt` (recorded under QEMU, the reference
 //! machine) and its exit status with the pass code. The cpu kernels are
 //! compared with the host build of their workload (cpu_expected).
@@ -12,11 +13,11 @@ use std::process::Command;
 const PASS_STATUS: i32 = 33;
 
 /// Runs `kernel` under btvmm; returns (exit status, the kernel's lines).
-fn run(kernel: &str, name: &str, extra: &[&str]) -> (i32, Vec<String>) {
+fn run(engine: &str, kernel: &str, name: &str, extra: &[&str]) -> (i32, Vec<String>) {
     let out = Command::new("timeout")
         .arg("300")
         .arg(env!("CARGO_BIN_EXE_btvmm"))
-        .args(["run", "--engine", "interp", "-m", "128M", "--multiboot", kernel])
+        .args(["run", "--engine", engine, "-m", "128M", "--multiboot", kernel])
         .args(extra)
         .output()
         .expect("run btvmm");
@@ -31,49 +32,36 @@ fn expected_path(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/expected").join(file)
 }
 
-fn check_against_file(name: &str, file: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
-    let (status, lines) = run(kernel, name, extra);
+fn check_against_file(engine: &str, name: &str, file: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
+    let (status, lines) = run(engine, kernel, name, extra);
     let mut got = lines.join("\n") + "\n";
     for (from, to) in substitutions {
         got = got.replace(from, to);
     }
     let path = expected_path(file);
     let want = std::fs::read_to_string(&path).expect("expected output file");
-    assert_eq!(got, want, "{name}: output differs from {}", path.display());
-    assert_eq!(status, PASS_STATUS, "{name}: exit status");
+    assert_eq!(got, want, "{name} ({engine}): output differs from {}", path.display());
+    assert_eq!(status, PASS_STATUS, "{name} ({engine}): exit status");
 }
 
 macro_rules! kernel_test {
     ($test:ident, $name:literal, $env:literal) => {
         #[test]
         fn $test() {
-            check_against_file($name, concat!($name, ".txt"), env!($env), &[], &[]);
+            check_against_file(ENGINE, $name, concat!($name, ".txt"), env!($env), &[], &[]);
         }
     };
 }
 
-kernel_test!(modes_matches_reference, "modes", "BTVMM_KERNEL_MODES");
-kernel_test!(paging32_matches_reference, "paging32", "BTVMM_KERNEL_PAGING32");
-kernel_test!(paging_pae_matches_reference, "paging_pae", "BTVMM_KERNEL_PAGING_PAE");
-kernel_test!(paging64_matches_reference, "paging64", "BTVMM_KERNEL_PAGING64");
-kernel_test!(pit_matches_reference, "pit", "BTVMM_KERNEL_PIT");
-kernel_test!(tsc_calibrate_matches_reference, "tsc_calibrate", "BTVMM_KERNEL_TSC_CALIBRATE");
-kernel_test!(exceptions_matches_reference, "exceptions", "BTVMM_KERNEL_EXCEPTIONS");
-kernel_test!(exceptions64_matches_reference, "exceptions64", "BTVMM_KERNEL_EXCEPTIONS64");
-kernel_test!(sysinstr_matches_reference, "sysinstr", "BTVMM_KERNEL_SYSINSTR");
-kernel_test!(sysinstr64_matches_reference, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
-kernel_test!(usermode_matches_reference, "usermode", "BTVMM_KERNEL_USERMODE");
-kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
-
 /// btvmm has no firmware: all RAM above 1 MiB is usable (no ACPI or BIOS
 /// areas as under QEMU), so mem_upper and the map differ from QEMU's by
 /// design, and the loader names itself; the expected file says so.
-#[test]
-fn multiboot_info_matches_spec() {
-    let mods = common::MbiModules::create("btvmm");
+fn check_multiboot_info(engine: &str) {
+    let mods = common::MbiModules::create(&format!("btvmm-{engine}"));
     let (m0s, m1s, initrd) = (&mods.m0, &mods.m1, &mods.initrd);
     let kernel = env!("BTVMM_KERNEL_MULTIBOOT_INFO");
     check_against_file(
+        engine,
         "multiboot_info",
         "multiboot_info.btvmm.txt",
         kernel,
@@ -83,18 +71,49 @@ fn multiboot_info_matches_spec() {
 }
 
 /// The cpu kernels' checksums equal the host's for the same iteration count.
-fn check_cpu(name: &str, kernel: &str) {
-    let (status, lines) = run(kernel, name, &["--append", "iterations=3"]);
-    assert_eq!(lines, common::cpu_expected(name, 3));
-    assert_eq!(status, PASS_STATUS);
+fn check_cpu(engine: &str, name: &str, kernel: &str) {
+    let (status, lines) = run(engine, kernel, name, &["--append", "iterations=3"]);
+    assert_eq!(lines, common::cpu_expected(name, 3), "{name} ({engine})");
+    assert_eq!(status, PASS_STATUS, "{name} ({engine})");
 }
 
-#[test]
-fn cpu_checksums_match_host() {
-    check_cpu("cpu", env!("BTVMM_KERNEL_CPU"));
+/// Every test kernel under one engine.
+macro_rules! engine_tests {
+    ($module:ident, $engine:literal) => {
+        mod $module {
+            use super::*;
+            const ENGINE: &str = $engine;
+
+            kernel_test!(modes_matches_reference, "modes", "BTVMM_KERNEL_MODES");
+            kernel_test!(paging32_matches_reference, "paging32", "BTVMM_KERNEL_PAGING32");
+            kernel_test!(paging_pae_matches_reference, "paging_pae", "BTVMM_KERNEL_PAGING_PAE");
+            kernel_test!(paging64_matches_reference, "paging64", "BTVMM_KERNEL_PAGING64");
+            kernel_test!(pit_matches_reference, "pit", "BTVMM_KERNEL_PIT");
+            kernel_test!(tsc_calibrate_matches_reference, "tsc_calibrate", "BTVMM_KERNEL_TSC_CALIBRATE");
+            kernel_test!(exceptions_matches_reference, "exceptions", "BTVMM_KERNEL_EXCEPTIONS");
+            kernel_test!(exceptions64_matches_reference, "exceptions64", "BTVMM_KERNEL_EXCEPTIONS64");
+            kernel_test!(sysinstr_matches_reference, "sysinstr", "BTVMM_KERNEL_SYSINSTR");
+            kernel_test!(sysinstr64_matches_reference, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
+            kernel_test!(usermode_matches_reference, "usermode", "BTVMM_KERNEL_USERMODE");
+            kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
+
+            #[test]
+            fn multiboot_info_matches_spec() {
+                check_multiboot_info(ENGINE);
+            }
+
+            #[test]
+            fn cpu_checksums_match_host() {
+                check_cpu(ENGINE, "cpu", env!("BTVMM_KERNEL_CPU"));
+            }
+
+            #[test]
+            fn cpu64_checksums_match_host() {
+                check_cpu(ENGINE, "cpu64", env!("BTVMM_KERNEL_CPU64"));
+            }
+        }
+    };
 }
 
-#[test]
-fn cpu64_checksums_match_host() {
-    check_cpu("cpu64", env!("BTVMM_KERNEL_CPU64"));
-}
+engine_tests!(interp, "interp");
+engine_tests!(bt, "bt");

@@ -2,7 +2,9 @@
 //! semantics of system instructions shared by the interpreter and the
 //! translator's callouts.
 
+pub mod bt;
 pub mod clock;
+pub mod code_mem;
 pub mod cpu;
 pub mod exception;
 pub mod interp;

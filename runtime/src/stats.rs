@@ -7,8 +7,6 @@ use std::fmt::Write;
 pub struct Stats {
     pub instructions: u64,
     pub blocks_decoded: u64,
-    /// Translation units compiled, by code size (16, 32, 64 bits).
-    pub tus: [u64; 3],
     pub code_invalidations: u64,
     pub exceptions: BTreeMap<u8, u64>,
     pub interrupts: BTreeMap<u8, u64>,
@@ -48,18 +46,37 @@ impl Stats {
         *self.unimplemented.entry(mnemonic.to_string()).or_default() += 1;
     }
 
-    /// The report printed at exit.
-    pub fn report(&self) -> String {
+    /// The report printed at exit, with the translator's counters if it ran.
+    pub fn report(&self, bt: Option<&crate::bt::BtStats>) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
         let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
         // The binary translator's counters: TUs per bitness (as the VMware
         // papers report them), IDENT share, callouts by kind, code cache.
-        let _ = writeln!(
-            s,
-            "translation units: 16-bit {}, 32-bit {}, 64-bit {}; IDENT share -; callouts 0; code cache 0 bytes (no translator: interpreter only)",
-            self.tus[0], self.tus[1], self.tus[2]
-        );
+        match bt {
+            None => {
+                let _ = writeln!(s, "translation units: none (engine: interpreter)");
+            }
+            Some(b) => {
+                let translated = b.ident + b.mem + b.control + b.sensitive;
+                let share = |n: u64| if translated == 0 { 0.0 } else { 100.0 * n as f64 / translated as f64 };
+                let _ = writeln!(
+                    s,
+                    "translation units: 16-bit {}, 32-bit {}, 64-bit {}; instructions IDENT {:.1}%, MEM {:.1}%, CONTROL {:.1}%, SENSITIVE {:.1}%",
+                    b.tus[0], b.tus[1], b.tus[2], share(b.ident), share(b.mem), share(b.control), share(b.sensitive)
+                );
+                let _ = writeln!(
+                    s,
+                    "code cache: {} bytes compiled; lookups {} hits, {} misses; {} flushes, {} TUs invalidated; {} CCF entries",
+                    b.code_bytes, b.lookups_hit, b.lookups_miss, b.flushes, b.invalidated, b.entries
+                );
+                let mut callouts: Vec<_> = b.callouts.iter().map(|(m, n)| (*n, format!("{m:?}").to_lowercase())).collect();
+                callouts.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                let total: u64 = callouts.iter().map(|c| c.0).sum();
+                let list: Vec<_> = callouts.iter().take(24).map(|(n, m)| format!("{m}:{n}")).collect();
+                let _ = writeln!(s, "callouts: {total} ({})", list.join(" "));
+            }
+        }
         let _ = writeln!(s, "x87/SSE/AVX instructions executed natively: {}", self.simd_native);
         let engine = self.run_ns.saturating_sub(self.halted_ns + self.device_ns);
         let _ = writeln!(

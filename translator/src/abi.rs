@@ -120,6 +120,114 @@ impl VcpuRegs {
     pub const OFF_RFLAGS: usize = 17 * 8;
 }
 
+/// The block the host GS base points at while translated code runs.
+///
+/// Guest GPRs live in the host registers of the same number inside a CCF;
+/// `regs.gpr` holds them only across an exit (and guest RSP always, since
+/// host RSP stays the VMM's stack). Everything else a CCF needs without a
+/// free register is here too: spill slots for the scratch registers of a
+/// memory-operand rewrite, the segment bases, the soft-TLB tables in use,
+/// and the exit protocol. Field order is ABI: emitted code uses the
+/// `OFF_*` constants below, which a test checks against the layout.
+#[repr(C)]
+#[derive(Clone, Debug, Default)]
+pub struct BtBlock {
+    pub regs: VcpuRegs,
+    /// Spill slots for the scratch registers a rewrite borrows.
+    pub scratch: [u64; 6],
+    /// Host RSP at entry: the exit restores it.
+    pub host_rsp: u64,
+    /// Where the entry trampoline jumps (a CCF's entry).
+    pub target: u64,
+    /// The address of the common exit stub (CCFs leave with `jmp gs:[..]`).
+    pub exit_stub: u64,
+    /// Why the CCF left ([`ExitReason`]); `regs.rip` says where.
+    pub exit_reason: u64,
+    /// The host RFLAGS at the exit: the guest's arithmetic flags.
+    pub host_flags: u64,
+    /// Segment bases, in `seg` order, as of the entry.
+    pub seg_base: [u64; 6],
+    /// Host address of the soft-TLB table (`tlb::ENTRIES` entries) for reads
+    /// at the current privilege, and the one for writes.
+    pub tlb_read: u64,
+    pub tlb_write: u64,
+    /// CCFs entered (by chaining) before the dispatcher must look at the
+    /// clock and the interrupt lines again; at 0 the next CCF exits at once.
+    pub budget: u64,
+    /// Which exit stub the CCF left through: `tu_id << 8 | stub index`, so
+    /// the dispatcher can chain it.
+    pub exit_site: u64,
+}
+
+impl BtBlock {
+    pub const OFF_GPR: usize = 0;
+    pub const OFF_RIP: usize = VcpuRegs::OFF_RIP;
+    pub const OFF_RFLAGS: usize = VcpuRegs::OFF_RFLAGS;
+    pub const OFF_SCRATCH: usize = 18 * 8;
+    pub const SCRATCH_SLOTS: usize = 6;
+    /// The scratch slot holding RSP from before an indirect branch.
+    pub const SLOT_OLD_RSP: usize = 4;
+    pub const OFF_HOST_RSP: usize = Self::OFF_SCRATCH + Self::SCRATCH_SLOTS * 8;
+    pub const OFF_TARGET: usize = Self::OFF_HOST_RSP + 8;
+    pub const OFF_EXIT_STUB: usize = Self::OFF_TARGET + 8;
+    pub const OFF_EXIT_REASON: usize = Self::OFF_EXIT_STUB + 8;
+    pub const OFF_HOST_FLAGS: usize = Self::OFF_EXIT_REASON + 8;
+    pub const OFF_SEG_BASE: usize = Self::OFF_HOST_FLAGS + 8;
+    pub const OFF_TLB_READ: usize = Self::OFF_SEG_BASE + 6 * 8;
+    pub const OFF_TLB_WRITE: usize = Self::OFF_TLB_READ + 8;
+    pub const OFF_BUDGET: usize = Self::OFF_TLB_WRITE + 8;
+    pub const OFF_EXIT_SITE: usize = Self::OFF_BUDGET + 8;
+
+    pub const fn off_gpr(r: usize) -> usize {
+        Self::OFF_GPR + r * 8
+    }
+}
+
+/// Why a CCF returned to the dispatcher. `regs.rip` is the guest RIP to
+/// continue at; every instruction before it has completed.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The TU ran to its end (or took a branch out): continue at RIP.
+    Next = 0,
+    /// The instruction at RIP needs the shared Rust semantics (a system
+    /// instruction, a soft-TLB miss, MMIO, a page-crossing access, a write
+    /// to a code page): interpret it, then continue.
+    Interpret = 1,
+    /// The budget ran out before the CCF at RIP started.
+    Budget = 2,
+    /// An indirect branch (ret, jmp/call through a register) left for the
+    /// RIP it computed; the stub's RIP is the branch's own, and scratch
+    /// slot [`BtBlock::SLOT_OLD_RSP`] holds RSP from before it, so a target
+    /// that faults (non-canonical) can be replayed precisely.
+    Indirect = 3,
+}
+
+impl ExitReason {
+    pub fn from_raw(v: u64) -> Option<Self> {
+        Some(match v {
+            0 => Self::Next,
+            1 => Self::Interpret,
+            2 => Self::Budget,
+            3 => Self::Indirect,
+            _ => return None,
+        })
+    }
+}
+
+/// The soft-TLB layout that emitted probes read (the runtime's `Tlb` keeps
+/// its tables in this shape; a runtime test checks it).
+pub mod tlb {
+    /// Entries per table (a power of two), indexed by linear page number.
+    pub const ENTRIES: usize = 256;
+    /// Bytes per entry.
+    pub const ENTRY_BYTES: usize = 32;
+    /// The linear page address an entry maps (never page-aligned when empty).
+    pub const OFF_TAG: usize = 0;
+    /// Host address minus linear address.
+    pub const OFF_ADDEND: usize = 8;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +238,21 @@ mod tests {
         assert_eq!(offset_of!(VcpuRegs, gpr), VcpuRegs::OFF_GPR);
         assert_eq!(offset_of!(VcpuRegs, rip), VcpuRegs::OFF_RIP);
         assert_eq!(offset_of!(VcpuRegs, rflags), VcpuRegs::OFF_RFLAGS);
+    }
+
+    #[test]
+    fn bt_block_offsets_match_abi_constants() {
+        assert_eq!(offset_of!(BtBlock, regs), BtBlock::OFF_GPR);
+        assert_eq!(offset_of!(BtBlock, scratch), BtBlock::OFF_SCRATCH);
+        assert_eq!(offset_of!(BtBlock, host_rsp), BtBlock::OFF_HOST_RSP);
+        assert_eq!(offset_of!(BtBlock, target), BtBlock::OFF_TARGET);
+        assert_eq!(offset_of!(BtBlock, exit_stub), BtBlock::OFF_EXIT_STUB);
+        assert_eq!(offset_of!(BtBlock, exit_reason), BtBlock::OFF_EXIT_REASON);
+        assert_eq!(offset_of!(BtBlock, host_flags), BtBlock::OFF_HOST_FLAGS);
+        assert_eq!(offset_of!(BtBlock, seg_base), BtBlock::OFF_SEG_BASE);
+        assert_eq!(offset_of!(BtBlock, tlb_read), BtBlock::OFF_TLB_READ);
+        assert_eq!(offset_of!(BtBlock, tlb_write), BtBlock::OFF_TLB_WRITE);
+        assert_eq!(offset_of!(BtBlock, budget), BtBlock::OFF_BUDGET);
+        assert_eq!(offset_of!(BtBlock, exit_site), BtBlock::OFF_EXIT_SITE);
     }
 }

@@ -162,6 +162,8 @@ pub struct Vcpu {
     /// Stop at the first exception or software interrupt instead of
     /// delivering it (differential tests compare faults this way).
     pub trap_exceptions: bool,
+    /// The binary translator, when it is the engine (`enable_bt`).
+    pub bt: Option<Box<crate::bt::Bt>>,
 }
 
 impl Vcpu {
@@ -180,6 +182,7 @@ impl Vcpu {
             block_break: false,
             exit: None,
             trap_exceptions: false,
+            bt: None,
             align_check: false,
             profile: None,
         }
@@ -193,6 +196,13 @@ impl Vcpu {
         // Host time this thread spends off the CPU between the guest's looks
         // at its clocks is hidden from them (see `clock`).
         self.clock.watch_current_thread();
+        // Translated code finds its vCPU block through this thread's GS base.
+        if let Some(bt) = self.bt.as_mut() {
+            if let Err(e) = bt.claim_gs() {
+                tracing::error!(target: "translator", "{e}; falling back to the interpreter");
+                self.bt = None;
+            }
+        }
         loop {
             blocks = blocks.wrapping_add(1);
             // The clock is read every few blocks: a timer is late by at most
@@ -252,12 +262,46 @@ impl Vcpu {
             }
             let single = self.cpu.interrupt_shadow || self.cpu.regs.rflags & rflags::TF != 0;
             let remaining = limit.map_or(u64::MAX, |l| l - self.stats.instructions);
-            self.run_block(single, remaining);
+            // Translated code counts no instructions, so a run with an
+            // instruction budget, single steps and #AC checking stay with the
+            // interpreter.
+            if self.bt.is_some() && !single && limit.is_none() && !self.alignment_checking() {
+                self.run_translated();
+            } else {
+                self.run_block(single, remaining);
+            }
         }
     }
 
+    fn alignment_checking(&self) -> bool {
+        self.cpu.cpl == 3 && self.cpu.cr0 & crate::cpu::cr0::AM != 0 && self.cpu.regs.rflags & rflags::AC != 0
+    }
+
+    /// Executes the one instruction at RIP for translated code, which could
+    /// not (an interrupt shadow it starts carries on to the next one, as
+    /// the run loop handles). Its mnemonic, if it could be fetched.
+    pub(crate) fn interpret_one(&mut self) -> Option<iced_x86::Mnemonic> {
+        let block = match self.fetch_block() {
+            Ok(b) => b,
+            Err(e) => {
+                self.raise(e);
+                return None;
+            }
+        };
+        self.align_check = self.alignment_checking();
+        self.block_break = false;
+        let d = block.insns.first()?;
+        self.cpu.regs.rip = d.insn.next_ip();
+        self.stats.instructions += 1;
+        if let Err(e) = (d.exec)(self, &d.insn) {
+            self.cpu.regs.rip = d.insn.ip();
+            self.raise(e);
+        }
+        Some(d.insn.mnemonic())
+    }
+
     /// Executes one block (or one instruction if `single`).
-    fn run_block(&mut self, single: bool, remaining: u64) {
+    pub(crate) fn run_block(&mut self, single: bool, remaining: u64) {
         let block = match self.fetch_block() {
             Ok(b) => b,
             Err(e) => {
@@ -266,9 +310,7 @@ impl Vcpu {
             }
         };
         let trap_after = self.cpu.regs.rflags & rflags::TF != 0;
-        self.align_check = self.cpu.cpl == 3
-            && self.cpu.cr0 & crate::cpu::cr0::AM != 0
-            && self.cpu.regs.rflags & rflags::AC != 0;
+        self.align_check = self.alignment_checking();
         let n = if single { 1 } else { block.insns.len().min(remaining.max(1) as usize) };
         self.block_break = false;
         let mut done = 0u64;
@@ -317,7 +359,7 @@ impl Vcpu {
     }
 
     /// CS:RIP -> linear, with the CS limit check outside 64-bit mode.
-    fn code_linear(&self, rip: u64) -> Result<u64, Exception> {
+    pub(crate) fn code_linear(&self, rip: u64) -> Result<u64, Exception> {
         if self.cpu.long_mode() {
             if !access::is_canonical(rip) {
                 return Err(Exception::gp0());
@@ -389,21 +431,30 @@ impl Vcpu {
 
     fn insert_block(&mut self, key: BlockKey, block: Rc<Block>) {
         for &page in block.pages.iter().filter(|&&p| p != u64::MAX) {
-            let p = (page >> 12) as usize;
-            if let Some(w) = self.code.code_pages.get_mut(p / 64) {
-                if *w & (1 << (p % 64)) == 0 {
-                    *w |= 1 << (p % 64);
-                    self.tlb.protect_code_page(page);
-                }
-            }
+            self.mark_code_page(page);
             self.code.by_page.entry(page).or_default().push(key);
         }
         self.code.blocks.insert(key, block);
     }
 
+    /// Notes that `page` holds decoded or translated code: writes to it
+    /// take the slow path from now on, which invalidates the code.
+    pub(crate) fn mark_code_page(&mut self, page: u64) {
+        let p = (page >> 12) as usize;
+        if let Some(w) = self.code.code_pages.get_mut(p / 64) {
+            if *w & (1 << (p % 64)) == 0 {
+                *w |= 1 << (p % 64);
+                self.tlb.protect_code_page(page);
+            }
+        }
+    }
+
     /// Drops every decoded block with bytes in `phys_page` (self-modifying code).
     pub fn invalidate_code_page(&mut self, phys_page: u64) {
         self.stats.code_invalidations += 1;
+        if let Some(bt) = self.bt.as_mut() {
+            bt.invalidate_page(phys_page);
+        }
         if let Some(keys) = self.code.by_page.remove(&phys_page) {
             for k in keys {
                 self.code.blocks.remove(&k);
@@ -423,7 +474,10 @@ impl Vcpu {
 
     /// Flushes the whole decoded-code cache.
     pub fn flush_code(&mut self) {
-        let pages: Vec<u64> = self.code.by_page.keys().copied().collect();
+        let mut pages: Vec<u64> = self.code.by_page.keys().copied().collect();
+        if let Some(bt) = self.bt.as_ref() {
+            pages.extend(bt.pages());
+        }
         for p in pages {
             self.invalidate_code_page(p);
         }

@@ -9,9 +9,11 @@
 
 use super::{Access, Translation};
 
-pub const TLB_SIZE: usize = 256;
+pub const TLB_SIZE: usize = btvmm_translator::abi::tlb::ENTRIES;
 const INVALID: u64 = 1;
 
+/// Laid out as `btvmm_translator::abi::tlb` says: CCFs probe it inline.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TlbEntry {
     /// Linear page address, or `INVALID` (never page-aligned, so never matches).
@@ -60,6 +62,11 @@ impl Tlb {
         } else {
             None
         }
+    }
+
+    /// Host address of the table translated code probes for `kind` at this privilege.
+    pub fn table_addr(&self, kind: Access, user: bool) -> u64 {
+        self.entries[user as usize][kind as usize].as_ptr() as u64
     }
 
     /// The entry for `lin`, if cached (for its physical page).
@@ -127,6 +134,15 @@ impl Tlb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tlb_entry_layout_is_the_translator_abi() {
+        use btvmm_translator::abi::tlb;
+        assert_eq!(std::mem::size_of::<TlbEntry>(), tlb::ENTRY_BYTES);
+        assert_eq!(std::mem::offset_of!(TlbEntry, tag), tlb::OFF_TAG);
+        assert_eq!(std::mem::offset_of!(TlbEntry, addend), tlb::OFF_ADDEND);
+        assert!(TLB_SIZE.is_power_of_two());
+    }
 
     #[test]
     fn tlb_fill_then_lookup_adds_offset() {

@@ -47,10 +47,9 @@
 //! memory operand was rewritten to the staging buffer, which is larger than any
 //! operand), saves and restores every callee-saved GPR, MXCSR and the x87 control
 //! word, leaves DF clear and the x87 stack empty, and cannot fault given the checks
-//! above. Stub code lives in `code_mem.rs`.
+//! above. Stub code lives in `crate::code_mem`.
 
 mod classify;
-mod code_mem;
 mod state;
 mod stub;
 #[cfg(test)]
@@ -64,7 +63,7 @@ pub use classify::{check_enabled, is_simd, memory_access, Access, SimdControl};
 pub use state::{FpuState, InvalidXcr0, XCR0_AVX, XCR0_SSE, XCR0_X87, XSAVE_AREA_BYTES};
 
 use classify::{accesses_mxcsr, classify, loads_mxcsr, required_alignment, x87_pointer_fields};
-use code_mem::CodeArena;
+use crate::code_mem::{self, CodeArena, CodeMemError};
 use state::{normalize_after_save, read_u32, write_u32, HostXsave, XsaveArea, OFF_MXCSR};
 use stub::{StubFn, StubFrame};
 
@@ -83,12 +82,10 @@ pub enum SimdOutcome {
 /// The executor's own failures (not guest events).
 #[derive(Debug, thiserror::Error)]
 pub enum SimdError {
-    #[error("cannot map stub code memory: {0}")]
-    CodeMemory(#[source] std::io::Error),
+    #[error(transparent)]
+    CodeMemory(#[from] CodeMemError),
     #[error("host lacks OS-enabled XSAVE with x87 and SSE state")]
     HostLacksXsave,
-    #[error("stub of {0} bytes exceeds a code chunk")]
-    StubTooLarge(usize),
 }
 
 /// Counters for `--stats`.

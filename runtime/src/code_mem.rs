@@ -1,8 +1,9 @@
-//! Executable memory for the executor's stubs, never writable and executable at the
-//! same address: each chunk is a private memfd mapped twice, read-write for the
-//! emitter and read-execute for running. Chunks only grow by appending; when the
-//! byte budget is spent the whole arena is dropped at once (callers drop every
-//! stub pointer at the same moment, see `SimdExecutor::stub_for`).
+//! Executable memory for generated code (the SIMD executor's stubs, the
+//! translator's CCFs), never writable and executable at the same address: each
+//! chunk is a private memfd mapped twice, read-write for the emitter and
+//! read-execute for running. Chunks only grow by appending; when the byte budget
+//! is spent the whole arena is dropped at once (callers drop every code pointer
+//! at the same moment).
 //!
 //! # Safety
 //! A stub pointer handed out by [`CodeArena::publish`] points into a live RX
@@ -15,12 +16,19 @@ use std::fs::File;
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
-use super::SimdError;
+/// Failures to provide code memory (not guest events).
+#[derive(Debug, thiserror::Error)]
+pub enum CodeMemError {
+    #[error("cannot map code memory: {0}")]
+    Map(#[source] std::io::Error),
+    #[error("code of {0} bytes exceeds a code chunk")]
+    TooLarge(usize),
+}
 
-const CHUNK_BYTES: usize = 64 * 1024;
+pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Total code bytes before the arena is flushed (bounds what a guest can make us
-/// allocate by executing many distinct SIMD instructions).
-pub(super) const ARENA_BUDGET: usize = 8 * 1024 * 1024;
+/// allocate by executing many distinct instructions).
+pub const ARENA_BUDGET: usize = 8 * 1024 * 1024;
 /// Stubs start on a cache-line boundary.
 const STUB_ALIGN: usize = 64;
 
@@ -31,24 +39,24 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new() -> Result<Chunk, SimdError> {
-        let fd = memfd_create(c"btvmm-simd-stubs", MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(|e| SimdError::CodeMemory(e.into()))?;
+    fn new() -> Result<Chunk, CodeMemError> {
+        let fd = memfd_create(c"btvmm-code", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| CodeMemError::Map(e.into()))?;
         let file = File::from(fd);
-        file.set_len(CHUNK_BYTES as u64).map_err(SimdError::CodeMemory)?;
+        file.set_len(CHUNK_BYTES as u64).map_err(CodeMemError::Map)?;
         // SAFETY: the memfd was created just above and never escapes this module, so
         // the shared file cannot be truncated or changed behind the mapping.
         let writable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_mut(&file) }
-            .map_err(SimdError::CodeMemory)?;
+            .map_err(CodeMemError::Map)?;
         // SAFETY: as above; this second view is PROT_READ|PROT_EXEC only.
         let executable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_exec(&file) }
-            .map_err(SimdError::CodeMemory)?;
+            .map_err(CodeMemError::Map)?;
         Ok(Chunk { writable, executable, used: 0 })
     }
 }
 
-/// Append-only store of stub code.
-pub(super) struct CodeArena {
+/// Append-only store of generated code.
+pub struct CodeArena {
     chunks: Vec<Chunk>,
     total: usize,
     budget: usize,
@@ -61,19 +69,19 @@ impl Default for CodeArena {
 }
 
 impl CodeArena {
-    pub(super) fn with_budget(budget: usize) -> Self {
+    pub fn with_budget(budget: usize) -> Self {
         CodeArena { chunks: Vec::new(), total: 0, budget }
     }
 
     /// True once the byte budget is spent; the owner then calls [`CodeArena::clear`].
-    pub(super) fn is_full(&self) -> bool {
+    pub fn is_full(&self) -> bool {
         self.total >= self.budget
     }
 
     /// Copies `code` in and returns its executable address.
-    pub(super) fn publish(&mut self, code: &[u8]) -> Result<*const u8, SimdError> {
+    pub fn publish(&mut self, code: &[u8]) -> Result<*const u8, CodeMemError> {
         if code.len() > CHUNK_BYTES {
-            return Err(SimdError::StubTooLarge(code.len()));
+            return Err(CodeMemError::TooLarge(code.len()));
         }
         let fits = |c: &Chunk| c.used + code.len() <= CHUNK_BYTES;
         if !self.chunks.last().is_some_and(fits) {
@@ -89,8 +97,27 @@ impl CodeArena {
         Ok(chunk.executable[start..].as_ptr())
     }
 
+    /// Bytes published since the last clear.
+    pub fn used(&self) -> usize {
+        self.total
+    }
+
+    /// Rewrites published code at executable address `at` (chaining a jump).
+    /// Returns false if `at..at+len` is not inside published code.
+    pub fn patch(&mut self, at: *const u8, bytes: &[u8]) -> bool {
+        for c in &mut self.chunks {
+            let base = c.executable.as_ptr() as usize;
+            let start = (at as usize).wrapping_sub(base);
+            if (at as usize) >= base && start + bytes.len() <= c.used {
+                c.writable[start..start + bytes.len()].copy_from_slice(bytes);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Unmaps all code. Every pointer from `publish` is dangling afterwards.
-    pub(super) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.chunks.clear();
         self.total = 0;
     }
@@ -118,6 +145,6 @@ mod tests {
     fn publish_oversized_code_rejected() {
         let mut arena = CodeArena::default();
 
-        assert!(matches!(arena.publish(&vec![0x90; CHUNK_BYTES + 1]), Err(SimdError::StubTooLarge(_))));
+        assert!(matches!(arena.publish(&vec![0x90; CHUNK_BYTES + 1]), Err(CodeMemError::TooLarge(_))));
     }
 }

@@ -1,0 +1,520 @@
+//! The binary-translation engine: the code cache, the dispatcher's side of
+//! the CCF protocol, and entry into compiled code (DESIGN.md, "Execution
+//! engines").
+//!
+//! The interpreter's run loop stays the one loop: it polls time, delivers
+//! interrupts and sleeps in `hlt` for both engines. Where the interpreter
+//! would run a decoded block, the translator's engine looks up (or compiles)
+//! the CCF for (physical address, RIP, mode), loads the guest registers into
+//! the host's, and runs it until it exits. An exit that names an
+//! instruction (a system instruction, a soft-TLB miss, a division) runs that
+//! one instruction in the interpreter, whose functions are the one shared
+//! implementation of everything sensitive.
+
+use std::collections::HashMap;
+
+use btvmm_translator::abi::{rflags, seg, BtBlock, ExitReason};
+use btvmm_translator::templates;
+use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
+
+use crate::code_mem::{CodeArena, CodeMemError, ARENA_BUDGET};
+use crate::cpu::CpuMode;
+use crate::interp::Vcpu;
+use crate::mmu::Access;
+
+/// CCFs a chain of jumps may enter before the dispatcher looks at the clock
+/// and the interrupt lines again.
+const CHAIN_BUDGET: u64 = 64;
+
+/// More host code than any one TU compiles to (12 instructions of at most
+/// a few hundred bytes each, plus their exits).
+const MAX_CCF_BYTES: usize = 16 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    phys: u64,
+    rip: u64,
+    /// CS base (outside 64-bit mode): with the RIP, the linear address.
+    cs_base: u64,
+    mode: Mode,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    /// A published CCF, by TU id.
+    Tu(u32),
+    /// The first instruction here always needs the runtime.
+    Interpret,
+}
+
+/// A published CCF and its links.
+struct Tu {
+    key: Key,
+    /// Where its code starts in the cache, and its entry point.
+    base: *const u8,
+    entry: *const u8,
+    exits: Vec<ExitSite>,
+    /// The linear page of its first instruction: jumps within it are chained.
+    lin_page: u64,
+    /// The second page's linear and physical address, if the TU spans two:
+    /// checked at every lookup, never chained into.
+    page2: Option<(u64, u64)>,
+    /// Exit stubs (TU id, stub index) patched to jump here.
+    incoming: Vec<(u32, u8)>,
+    /// TUs this one's stubs jump to.
+    outgoing: Vec<u32>,
+}
+
+/// Counters for `--stats`.
+#[derive(Clone, Debug, Default)]
+pub struct BtStats {
+    /// TUs compiled, by code size (16, 32, 64 bits).
+    pub tus: [u64; 3],
+    pub ident: u64,
+    pub mem: u64,
+    pub control: u64,
+    pub sensitive: u64,
+    /// Host code bytes compiled.
+    pub code_bytes: u64,
+    /// CCFs entered from the dispatcher.
+    pub entries: u64,
+    pub lookups_hit: u64,
+    pub lookups_miss: u64,
+    /// Whole-cache flushes (the byte budget was spent).
+    pub flushes: u64,
+    /// TUs dropped because their guest page was written.
+    pub invalidated: u64,
+    /// Instructions run in the shared Rust semantics on a CCF's behalf, by mnemonic.
+    pub callouts: HashMap<iced_x86::Mnemonic, u64>,
+    /// Exit stubs patched into direct jumps, and undone again.
+    pub chained: u64,
+    pub unchained: u64,
+}
+
+/// The translator's engine state, owned by a [`Vcpu`].
+pub struct Bt {
+    block: Box<BtBlock>,
+    arena: CodeArena,
+    budget: usize,
+    entry: extern "sysv64" fn(),
+    exit: u64,
+    map: HashMap<Key, Slot>,
+    by_page: HashMap<u64, Vec<Key>>,
+    /// TUs by id; ids of removed TUs are reused.
+    tus: Vec<Option<Tu>>,
+    free_ids: Vec<u32>,
+    /// The exit the last CCF left through, if it may be chained to the
+    /// next TU: (TU id, stub index).
+    pending_chain: Option<(u32, u8)>,
+    pub stats: BtStats,
+}
+
+/// The engine cannot start (not a guest event).
+#[derive(Debug, thiserror::Error)]
+pub enum BtError {
+    #[error(transparent)]
+    CodeMemory(#[from] CodeMemError),
+    #[error("cannot set the host GS base: {0}")]
+    GsBase(std::io::Error),
+}
+
+impl Bt {
+    /// An engine with a code cache of `cache_bytes`.
+    pub fn new(cache_bytes: usize) -> Result<Self, BtError> {
+        let mut arena = CodeArena::with_budget(usize::MAX);
+        let t = templates::trampolines();
+        let base = arena.publish(&t.code)?;
+        // SAFETY: `t.entry` is the offset of the entry trampoline within the
+        // code just published, which follows the SysV ABI for a function of
+        // no arguments (it saves and restores every callee-saved register).
+        let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
+        let exit = base as u64 + t.exit as u64;
+        Ok(Self {
+            block: Box::default(),
+            arena,
+            budget: cache_bytes.max(64 * 1024),
+            entry,
+            exit,
+            map: HashMap::new(),
+            by_page: HashMap::new(),
+            tus: Vec::new(),
+            free_ids: Vec::new(),
+            pending_chain: None,
+            stats: BtStats::default(),
+        })
+    }
+
+    /// An engine with the default code-cache size.
+    pub fn with_default_cache() -> Result<Self, BtError> {
+        Self::new(ARENA_BUDGET)
+    }
+
+    /// The guest pages that hold translated code.
+    pub fn pages(&self) -> Vec<u64> {
+        self.by_page.keys().copied().collect()
+    }
+
+    /// Drops every TU with bytes in `phys_page`.
+    pub fn invalidate_page(&mut self, phys_page: u64) {
+        if let Some(keys) = self.by_page.remove(&phys_page) {
+            for k in keys {
+                if let Some(slot) = self.map.remove(&k) {
+                    self.stats.invalidated += 1;
+                    tracing::debug!(target: "cache", rip = format_args!("{:#x}", k.rip), page = format_args!("{phys_page:#x}"), "TU invalidated: its page was written");
+                    if let Slot::Tu(id) = slot {
+                        self.remove_tu(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets TU `id`: every jump chained into it goes back to exiting,
+    /// and its own chains are forgotten by their targets.
+    fn remove_tu(&mut self, id: u32) {
+        let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
+        if self.pending_chain.is_some_and(|(src, _)| src == id) {
+            self.pending_chain = None;
+        }
+        for (src, stub) in tu.incoming {
+            if let Some(Some(s)) = self.tus.get(src as usize) {
+                let at = s.base.wrapping_add(s.exits[stub as usize].offset);
+                self.arena.patch(at, &templates::UNCHAINED_JUMP);
+                self.stats.unchained += 1;
+            }
+        }
+        for dst in tu.outgoing {
+            if let Some(Some(d)) = self.tus.get_mut(dst as usize) {
+                d.incoming.retain(|&(src, _)| src != id);
+            }
+        }
+        self.free_ids.push(id);
+    }
+
+    /// An id for a new TU.
+    fn next_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            self.tus.push(None);
+            (self.tus.len() - 1) as u32
+        })
+    }
+
+    /// Patches the exit stub the last CCF left through into a jump to TU
+    /// `dst`, if both lie in one linear page (so one mapping covers them).
+    fn chain(&mut self, dst: u32) {
+        let Some((src, stub)) = self.pending_chain.take() else { return };
+        let (Some(Some(s)), Some(Some(d))) = (self.tus.get(src as usize), self.tus.get(dst as usize)) else { return };
+        if s.lin_page != d.lin_page || d.page2.is_some() || s.key.mode != d.key.mode || s.key.cs_base != d.key.cs_base {
+            return;
+        }
+        let Some(exit) = s.exits.get(stub as usize) else { return };
+        if exit.reason != ExitReason::Next || exit.rip != d.key.rip {
+            return;
+        }
+        let at = s.base.wrapping_add(exit.offset);
+        let Some(jump) = translate::chain_jump(at as u64, d.entry as u64) else { return };
+        if !self.arena.patch(at, &jump) {
+            return;
+        }
+        self.stats.chained += 1;
+        if let Some(Some(d)) = self.tus.get_mut(dst as usize) {
+            d.incoming.push((src, stub));
+        }
+        if let Some(Some(s)) = self.tus.get_mut(src as usize) {
+            s.outgoing.push(dst);
+        }
+    }
+
+    /// Drops every TU and all compiled code, keeping the trampolines.
+    fn flush(&mut self) -> Result<(), BtError> {
+        self.stats.flushes += 1;
+        tracing::debug!(target: "cache", bytes = self.arena.used(), "code cache full: flushed");
+        self.map.clear();
+        self.by_page.clear();
+        self.tus.clear();
+        self.free_ids.clear();
+        self.pending_chain = None;
+        self.arena.clear();
+        let t = templates::trampolines();
+        let base = self.arena.publish(&t.code)?;
+        // SAFETY: as in `new`.
+        self.entry = unsafe { std::mem::transmute::<*const u8, extern "sysv64" fn()>(base.add(t.entry)) };
+        self.exit = base as u64 + t.exit as u64;
+        Ok(())
+    }
+
+    /// Sets this thread's host GS base to the vCPU block. Rust and glibc on
+    /// x86-64 Linux never use GS, so it is ours for as long as we want it.
+    pub(crate) fn claim_gs(&mut self) -> Result<(), BtError> {
+        const ARCH_SET_GS: libc::c_long = 0x1001;
+        let block: *mut BtBlock = &mut *self.block;
+        // SAFETY: arch_prctl(ARCH_SET_GS) only changes this thread's GS base;
+        // nothing in this process addresses memory through GS except CCFs,
+        // which expect exactly this block, boxed and never moved.
+        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, block as u64) };
+        if r != 0 {
+            return Err(BtError::GsBase(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+/// The translator's view of the current mode, or `None` where the
+/// interpreter runs the code (16-bit code, real and virtual-8086 mode).
+fn bt_mode(v: &Vcpu) -> Option<Mode> {
+    let c = &v.cpu;
+    match c.mode {
+        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64 }),
+        // Branch targets are not checked against the CS limit: CS must span 4 GiB.
+        CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
+            let (mut seg_base_mask, mut seg_usable_mask) = (0u8, 0u8);
+            for s in [seg::ES, seg::SS, seg::DS, seg::FS, seg::GS] {
+                let d = &c.seg[s];
+                // A CCF checks no limits or rights: it accesses memory only
+                // through present, writable, expand-up data segments that
+                // span 4 GiB. Anything else (a null selector, a limit) is
+                // left to the runtime, instruction by instruction.
+                let writable_data = d.attr & crate::cpu::Segment::ATTR_S != 0 && d.seg_type() & 0b1010 == 0b0010;
+                if d.present() && writable_data && d.seg_type() & 0b0100 == 0 && d.limit == 0xffff_ffff {
+                    seg_usable_mask |= 1 << s;
+                }
+                if d.base != 0 {
+                    seg_base_mask |= 1 << s;
+                }
+            }
+            let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits })
+        }
+        _ => None,
+    }
+}
+
+impl Vcpu {
+    /// Turns the binary translator on for this vCPU.
+    pub fn enable_bt(&mut self, cache_bytes: usize) -> Result<(), BtError> {
+        self.bt = Some(Box::new(Bt::new(cache_bytes)?));
+        Ok(())
+    }
+
+    /// Runs translated code from the current RIP until it exits (or one
+    /// instruction in the interpreter, where nothing can be translated).
+    pub(crate) fn run_translated(&mut self) {
+        let Some(mode) = bt_mode(self) else {
+            if let Some(bt) = self.bt.as_mut() {
+                bt.pending_chain = None;
+            }
+            self.run_block(false, u64::MAX);
+            return;
+        };
+        let slot = match self.lookup_or_translate(mode) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(bt) = self.bt.as_mut() {
+                    bt.pending_chain = None;
+                }
+                self.raise(e);
+                return;
+            }
+        };
+        let bt = self.bt.as_mut().expect("translator on");
+        match slot {
+            Slot::Interpret => {
+                bt.pending_chain = None;
+                self.callout();
+            }
+            Slot::Tu(id) => {
+                bt.chain(id);
+                let entry = bt.tus[id as usize].as_ref().map(|t| t.entry);
+                if let Some(entry) = entry {
+                    self.enter_ccf(entry);
+                }
+            }
+        }
+    }
+
+    fn lookup_or_translate(&mut self, mode: Mode) -> Result<Slot, crate::exception::Exception> {
+        let rip = self.cpu.regs.rip;
+        let lin = self.code_linear(rip)?;
+        let user = self.user();
+        let phys = match self.tlb.entry(lin, Access::Execute, user) {
+            Some(e) => e.phys_page | (lin & 0xfff),
+            None => self.translate(lin, Access::Execute, user)?,
+        };
+        let cs_base = if mode.bits == 64 { 0 } else { self.cpu.seg[seg::CS].base };
+        let key = Key { phys, rip, cs_base, mode };
+        let found = self.bt.as_ref().and_then(|bt| bt.map.get(&key).copied());
+        if let Some(slot) = found {
+            // A TU reaching into a second page is only good while that page
+            // still maps where it did.
+            let page2 = match slot {
+                Slot::Tu(id) => self.bt.as_ref().and_then(|bt| bt.tus[id as usize].as_ref()).and_then(|t| t.page2),
+                Slot::Interpret => None,
+            };
+            let still = page2.is_none_or(|(lin2, phys2)| self.translate(lin2, Access::Execute, user).ok() == Some(phys2));
+            let bt = self.bt.as_mut().expect("translator on");
+            if still {
+                bt.stats.lookups_hit += 1;
+                return Ok(slot);
+            }
+            bt.map.remove(&key);
+            if let Slot::Tu(id) = slot {
+                bt.remove_tu(id);
+            }
+        }
+        self.bt.as_mut().expect("translator on").stats.lookups_miss += 1;
+        // The TU's bytes: the rest of this page, and of the next one if the
+        // TU may reach into it and it is mapped.
+        let mut bytes = [0u8; MAX_TU_INSNS * 15];
+        let first = (0x1000 - (phys & 0xfff) as usize).min(bytes.len());
+        self.mem.read(phys, &mut bytes[..first]);
+        let mut have = first;
+        let mut second = None;
+        if first < bytes.len() {
+            let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+            let next_lin = if mode.bits == 64 { next_lin } else { next_lin & 0xffff_ffff };
+            if let Ok(next) = self.translate(next_lin, Access::Execute, user) {
+                self.mem.read(next, &mut bytes[first..]);
+                have = bytes.len();
+                second = Some((next_lin, next & !0xfff));
+            }
+        }
+        let bt = self.bt.as_mut().expect("translator on");
+        if bt.arena.used() + MAX_CCF_BYTES > bt.budget && bt.flush().is_err() {
+            self.bt = None;
+            tracing::error!(target: "translator", "cannot map code memory; falling back to the interpreter");
+            return Ok(Slot::Interpret);
+        }
+        let id = bt.next_id();
+        let started = std::time::Instant::now();
+        let outcome = translate::translate(&bytes[..have], rip, mode, id);
+        self.stats.vmm_ns += started.elapsed().as_nanos() as u64;
+        let mut pages = vec![phys & !0xfff];
+        let slot = match outcome {
+            Outcome::Interpret => {
+                self.bt.as_mut().expect("translator on").free_ids.push(id);
+                Slot::Interpret
+            }
+            Outcome::Ccf(ccf) => {
+                let page2 = if ccf.guest_bytes > first { second } else { None };
+                if let Some((_, p)) = page2 {
+                    pages.push(p);
+                }
+                match self.publish(&ccf, key, id, lin & !0xfff, page2) {
+                    Some(()) => Slot::Tu(id),
+                    None => {
+                        self.bt.as_mut().expect("translator on").free_ids.push(id);
+                        Slot::Interpret
+                    }
+                }
+            }
+        };
+        for &page in &pages {
+            self.mark_code_page(page);
+        }
+        let bt = self.bt.as_mut().expect("translator on");
+        bt.map.insert(key, slot);
+        for page in pages {
+            bt.by_page.entry(page).or_default().push(key);
+        }
+        Ok(slot)
+    }
+
+    /// Copies a CCF into the code cache (flushing it if full) as TU `id`.
+    fn publish(&mut self, ccf: &Ccf, key: Key, id: u32, lin_page: u64, page2: Option<(u64, u64)>) -> Option<()> {
+        let bt = self.bt.as_mut()?;
+        let base = bt.arena.publish(&ccf.code).ok()?;
+        let s = &mut bt.stats;
+        s.tus[if key.mode.bits == 64 { 2 } else { 1 }] += 1;
+        s.ident += ccf.counts.ident as u64;
+        s.mem += ccf.counts.mem as u64;
+        s.control += ccf.counts.control as u64;
+        s.sensitive += ccf.counts.sensitive as u64;
+        s.code_bytes += ccf.code.len() as u64;
+        tracing::debug!(
+            target: "translator",
+            rip = format_args!("{:#x}", key.rip),
+            bits = key.mode.bits,
+            insns = ccf.guest.len(),
+            ident = ccf.counts.ident,
+            mem = ccf.counts.mem,
+            control = ccf.counts.control,
+            sensitive = ccf.counts.sensitive,
+            host_bytes = ccf.code.len(),
+            "TU translated"
+        );
+        let tu = Tu {
+            key,
+            base,
+            entry: base.wrapping_add(ccf.entry),
+            exits: ccf.exits.clone(),
+            lin_page,
+            page2,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+        };
+        let slot = bt.tus.get_mut(id as usize)?;
+        *slot = Some(tu);
+        Some(())
+    }
+
+    /// Loads the guest registers into the block, runs the CCF at `entry`,
+    /// and takes the registers back.
+    fn enter_ccf(&mut self, entry: *const u8) {
+        let user = self.user();
+        let (tlb_read, tlb_write) = (self.tlb.table_addr(Access::Read, user), self.tlb.table_addr(Access::Write, user));
+        let bt = self.bt.as_mut().expect("translator on");
+        let b = &mut *bt.block;
+        b.regs.gpr = self.cpu.regs.gpr;
+        b.regs.rip = self.cpu.regs.rip;
+        b.host_flags = (self.cpu.regs.rflags & rflags::ARITH) | rflags::FIXED1;
+        for (i, s) in self.cpu.seg.iter().enumerate() {
+            b.seg_base[i] = s.base;
+        }
+        b.tlb_read = tlb_read;
+        b.tlb_write = tlb_write;
+        b.budget = CHAIN_BUDGET;
+        b.target = entry as u64;
+        b.exit_stub = bt.exit;
+        bt.stats.entries += 1;
+        (bt.entry)();
+        let b = &*bt.block;
+        self.cpu.regs.gpr = b.regs.gpr;
+        self.cpu.regs.rip = b.regs.rip;
+        self.cpu.regs.rflags = (self.cpu.regs.rflags & !rflags::ARITH) | (b.host_flags & rflags::ARITH);
+        let site = b.exit_site;
+        match ExitReason::from_raw(b.exit_reason) {
+            Some(ExitReason::Next) => bt.pending_chain = Some(((site >> 8) as u32, (site & 0xff) as u8)),
+            Some(ExitReason::Budget) => {}
+            Some(ExitReason::Indirect) => {
+                // A 64-bit target must be canonical, or the branch faults
+                // with nothing done: replay it in the interpreter.
+                let rip = self.cpu.regs.rip;
+                if self.cpu.mode == CpuMode::Long && !crate::interp::access::is_canonical(rip) {
+                    let (id, stub) = ((site >> 8) as usize, (site & 0xff) as usize);
+                    let branch = bt.tus.get(id).and_then(Option::as_ref).and_then(|t| t.exits.get(stub)).map(|e| e.rip);
+                    if let Some(branch) = branch {
+                        self.cpu.regs.gpr[4] = bt.block.scratch[BtBlock::SLOT_OLD_RSP];
+                        self.cpu.regs.rip = branch;
+                        self.callout();
+                    }
+                }
+            }
+            Some(ExitReason::Interpret) | None => self.callout(),
+        }
+    }
+
+    /// Runs the instruction at RIP in the shared Rust semantics, for
+    /// translated code, and counts it by mnemonic.
+    fn callout(&mut self) {
+        let rip = self.cpu.regs.rip;
+        if let Some(m) = self.interpret_one() {
+            tracing::debug!(target: "callout", rip = format_args!("{rip:#x}"), mnemonic = ?m, "callout");
+            if let Some(bt) = self.bt.as_mut() {
+                *bt.stats.callouts.entry(m).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! The fixed pieces of generated code that are not guest instructions: the
+//! entry and exit trampolines between Rust and compiled code fragments, and
+//! the exit stubs a CCF leaves through. All of them address the vCPU block
+//! through the host GS base ([`BtBlock`]).
+
+use dynasmrt::{dynasm, x64::X64Relocation, DynasmApi, VecAssembler};
+
+use crate::abi::{BtBlock, ExitReason};
+
+/// The host registers Rust expects preserved across a call (SysV ABI),
+/// pushed by the entry trampoline in this order.
+const CALLEE_SAVED: [u8; 6] = [3, 5, 12, 13, 14, 15]; // rbx rbp r12 r13 r14 r15
+
+/// The entry and exit trampolines, assembled once into one piece of code.
+pub struct Trampolines {
+    pub code: Vec<u8>,
+    /// `extern "sysv64" fn()`: enters the CCF at `gs:[target]` with the
+    /// guest registers and arithmetic flags of the block loaded; returns
+    /// when the CCF leaves through the exit.
+    pub entry: usize,
+    /// Where every CCF exit jumps (`gs:[exit_stub]` points here).
+    pub exit: usize,
+}
+
+fn gpr_off(r: u8) -> i32 {
+    BtBlock::off_gpr(r as usize) as i32
+}
+
+/// Assembles the trampolines.
+///
+/// Entry: saves the callee-saved registers, records host RSP, loads the
+/// guest's arithmetic flags (with DF, AC and TF clear, as the Rust ABI and
+/// translated code need) and every guest GPR but RSP, and jumps to the CCF.
+/// Exit: the mirror image, storing the guest GPRs and the host RFLAGS.
+pub fn trampolines() -> Trampolines {
+    let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+    let entry = a.offset().0;
+    for &r in &CALLEE_SAVED {
+        dynasm!(a ; .arch x64 ; push Rq(r));
+    }
+    dynasm!(a
+        ; .arch x64
+        ; gs mov QWORD [BtBlock::OFF_HOST_RSP as i32], rsp
+        ; gs push QWORD [BtBlock::OFF_HOST_FLAGS as i32]
+        ; popfq
+    );
+    for r in (0u8..16).filter(|&r| r != 4) {
+        dynasm!(a ; .arch x64 ; gs mov Rq(r), QWORD [gpr_off(r)]);
+    }
+    dynasm!(a ; .arch x64 ; gs jmp QWORD [BtBlock::OFF_TARGET as i32]);
+
+    let exit = a.offset().0;
+    dynasm!(a
+        ; .arch x64
+        ; pushfq
+        ; gs pop QWORD [BtBlock::OFF_HOST_FLAGS as i32]
+    );
+    for r in (0u8..16).filter(|&r| r != 4) {
+        dynasm!(a ; .arch x64 ; gs mov QWORD [gpr_off(r)], Rq(r));
+    }
+    dynasm!(a ; .arch x64 ; gs mov rsp, QWORD [BtBlock::OFF_HOST_RSP as i32]);
+    for &r in CALLEE_SAVED.iter().rev() {
+        dynasm!(a ; .arch x64 ; pop Rq(r));
+    }
+    dynasm!(a ; .arch x64 ; ret);
+    let code = a.finalize().unwrap_or_default();
+    Trampolines { code, entry, exit }
+}
+
+/// Bytes of the patchable jump that opens every exit stub.
+pub const CHAIN_JUMP_BYTES: usize = 5;
+/// That jump unchained: to the next instruction, into the exit.
+pub const UNCHAINED_JUMP: [u8; CHAIN_JUMP_BYTES] = [0xe9, 0, 0, 0, 0];
+
+/// An exit stub: leaves the CCF for the dispatcher with `reason`, at guest
+/// `rip`, naming itself as `site` (see `BtBlock::exit_site`). It opens with a
+/// 5-byte `jmp rel32` that falls through to the next instruction; chaining
+/// patches it to jump straight to the CCF of `rip`.
+pub fn exit_stub(rip: u64, reason: ExitReason, site: u32) -> Vec<u8> {
+    let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+    a.extend(UNCHAINED_JUMP);
+    dynasm!(a
+        ; .arch x64
+        ; gs mov DWORD [BtBlock::OFF_RIP as i32], rip as u32 as i32
+        ; gs mov DWORD [BtBlock::OFF_RIP as i32 + 4], (rip >> 32) as u32 as i32
+        ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], reason as u64 as i32
+        ; gs mov DWORD [BtBlock::OFF_EXIT_SITE as i32], site as i32
+        ; gs jmp QWORD [BtBlock::OFF_EXIT_STUB as i32]
+    );
+    a.finalize().unwrap_or_default()
+}
+
+/// The exit of an indirect branch, which has stored the RIP it leaves for
+/// itself: never chained.
+pub fn indirect_exit_stub(site: u32) -> Vec<u8> {
+    let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+    dynasm!(a
+        ; .arch x64
+        ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], ExitReason::Indirect as u64 as i32
+        ; gs mov DWORD [BtBlock::OFF_EXIT_SITE as i32], site as i32
+        ; gs jmp QWORD [BtBlock::OFF_EXIT_STUB as i32]
+    );
+    a.finalize().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    fn disasm(code: &[u8]) -> Vec<String> {
+        let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        let mut out = Vec::new();
+        for i in &mut d {
+            let mut s = String::new();
+            f.format(&i, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn gs_operands_are_absolute_not_rip_relative() {
+        let t = trampolines();
+        let text = disasm(&t.code);
+        assert!(text.iter().all(|l| !l.contains("rip") && !l.contains("(bad)")), "{text:#?}");
+        assert!(text.contains(&"mov gs:[0C0h],rsp".to_string()), "{text:#?}");
+        assert_eq!(BtBlock::OFF_HOST_RSP, 0xc0);
+        assert_eq!(text.iter().filter(|l| l.starts_with("jmp qword ptr gs:")).count(), 1, "{text:#?}");
+        assert_eq!(text.last().map(String::as_str), Some("ret"));
+    }
+
+    #[test]
+    fn exit_stub_stores_rip_and_reason() {
+        let s = exit_stub(0xffff_ffff_8100_1234, ExitReason::Interpret, 0x703);
+        let text = disasm(&s);
+        assert_eq!(text[0], "jmp 5");
+        assert!(text[1].ends_with("81001234h"), "{text:#?}");
+        assert!(text[2].ends_with("0FFFFFFFFh"), "{text:#?}");
+        assert!(text[3].ends_with(",1"), "{text:#?}");
+        assert!(text[4].ends_with(",703h"), "{text:#?}");
+        assert!(text[5].starts_with("jmp qword ptr gs:"), "{text:#?}");
+    }
+}

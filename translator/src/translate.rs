@@ -1,0 +1,1036 @@
+//! Translation units into compiled code fragments (CCFs).
+//!
+//! A translation unit (TU) is at most [`MAX_TU_INSNS`] guest instructions
+//! from one RIP, ending at the first control transfer or at the first
+//! instruction that needs the runtime. Each instruction becomes:
+//!
+//! - **IDENT**: itself. Guest GPRs are host GPRs inside a CCF, so the bytes
+//!   run unchanged; only guest RSP, which lives in the vCPU block, is
+//!   substituted by a scratch register loaded from and stored back to it.
+//! - **MEM**: the memory operand's linear address is computed into a scratch
+//!   register (`lea`, plus the segment base where it is not zero), looked up
+//!   in the soft TLB inline, and the instruction runs on the host address.
+//!   A miss (unmapped page, MMIO, a code page being written, a page-crossing
+//!   access) leaves the CCF so the instruction is interpreted, precisely:
+//!   nothing of it has happened yet. Guest code can therefore only ever
+//!   touch guest RAM through a CCF.
+//! - **CONTROL**: direct jumps and conditional branches end the TU in exit
+//!   stubs that chaining later patches into direct jumps to the next CCF.
+//! - Everything else (system instructions, the virtual flags, stack and
+//!   string instructions, divisions, which fault on the host) ends the TU
+//!   with an exit that runs the instruction in the shared Rust semantics.
+//!
+//! Arithmetic flags live in host RFLAGS. A TLB probe clobbers them, so it is
+//! wrapped in `pushfq`/`popfq` exactly where liveness inside the TU says the
+//! guest's flags are still needed.
+
+use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, InstructionInfoFactory,
+    MemoryOperand, Mnemonic, OpAccess, OpKind, Register, RflagsBits,
+};
+
+use crate::abi::{seg, tlb, BtBlock, ExitReason};
+use crate::classify::{classify, Class};
+use crate::templates::{exit_stub, CHAIN_JUMP_BYTES};
+
+/// The most guest instructions one TU holds.
+pub const MAX_TU_INSNS: usize = 12;
+
+/// What the translator must know about the guest's state besides its bytes;
+/// part of the code cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mode {
+    /// Code size: 32 or 64 (16-bit code is interpreted).
+    pub bits: u32,
+    /// Outside 64-bit mode: the data segments (bit `1 << seg::X`) whose base
+    /// is not zero and must be added to every address. In 64-bit mode only
+    /// FS and GS have bases, and they are always added.
+    pub seg_base_mask: u8,
+    /// The segments a CCF may access memory through without checking
+    /// limits or rights (all of them in 64-bit mode); an access through any
+    /// other is left to the runtime.
+    pub seg_usable_mask: u8,
+    /// Stack address size (SS.B, or 64): 16-bit stacks are left to the runtime.
+    pub stack_bits: u32,
+}
+
+/// How the instructions of a TU were translated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ident: u32,
+    pub mem: u32,
+    pub control: u32,
+    /// Instructions that end the TU to run in the runtime (counted once,
+    /// for the one that ends it).
+    pub sensitive: u32,
+}
+
+/// What one guest instruction became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Treatment {
+    /// Itself (IDENT), or nothing at all (a nop).
+    Ident,
+    /// Itself on a host address found by an inline soft-TLB probe.
+    Mem,
+    /// A branch into exit stubs (chained later).
+    Control,
+    /// An exit to the shared Rust semantics, which run it.
+    Callout,
+}
+
+/// One exit stub of a CCF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitSite {
+    /// Offset of the stub's patchable `jmp rel32`.
+    pub offset: usize,
+    /// The guest RIP the stub leaves for.
+    pub rip: u64,
+    pub reason: ExitReason,
+}
+
+/// A compiled code fragment, position-independent until it is chained.
+#[derive(Clone, Debug)]
+pub struct Ccf {
+    pub code: Vec<u8>,
+    /// Offset of the entry point (chained jumps land here too).
+    pub entry: usize,
+    /// The guest instructions of the TU, the last one possibly only
+    /// handed to the runtime (see `counts.sensitive`).
+    pub guest: Vec<Instruction>,
+    /// What each of `guest` became.
+    pub treatment: Vec<Treatment>,
+    /// Guest bytes the TU spans from its first RIP.
+    pub guest_bytes: usize,
+    pub counts: Counts,
+    pub exits: Vec<ExitSite>,
+    /// Host offset at which each guest instruction's code starts, with its
+    /// RIP: a host fault inside the CCF maps back to a guest instruction.
+    pub rip_map: Vec<(u32, u64)>,
+}
+
+/// What became of a TU.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Ccf(Ccf),
+    /// The first instruction must run in the runtime; nothing to compile.
+    Interpret,
+}
+
+/// How one instruction is translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Emits nothing (nop, endbr).
+    Nothing,
+    Ident,
+    Mem,
+    Jump(u64),
+    Branch(ConditionCode, u64),
+    /// push of a register or an immediate.
+    Push,
+    /// pop into a register.
+    Pop,
+    /// leave: RSP = RBP, then pop RBP.
+    Leave,
+    /// A direct near call: push the return address, then jump.
+    Call(u64),
+    /// A near return (with its immediate).
+    Ret,
+    /// jmp or call through a register.
+    IndirectReg,
+    /// Ends the TU: the runtime runs this instruction.
+    Stop,
+}
+
+const ARITH_FLAGS: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+
+const GPR64: [Register; 16] = [
+    Register::RAX, Register::RCX, Register::RDX, Register::RBX, Register::RSP, Register::RBP, Register::RSI, Register::RDI,
+    Register::R8, Register::R9, Register::R10, Register::R11, Register::R12, Register::R13, Register::R14, Register::R15,
+];
+const GPR32: [Register; 16] = [
+    Register::EAX, Register::ECX, Register::EDX, Register::EBX, Register::ESP, Register::EBP, Register::ESI, Register::EDI,
+    Register::R8D, Register::R9D, Register::R10D, Register::R11D, Register::R12D, Register::R13D, Register::R14D, Register::R15D,
+];
+const GPR16: [Register; 16] = [
+    Register::AX, Register::CX, Register::DX, Register::BX, Register::SP, Register::BP, Register::SI, Register::DI,
+    Register::R8W, Register::R9W, Register::R10W, Register::R11W, Register::R12W, Register::R13W, Register::R14W, Register::R15W,
+];
+const GPR8: [Register; 16] = [
+    Register::AL, Register::CL, Register::DL, Register::BL, Register::SPL, Register::BPL, Register::SIL, Register::DIL,
+    Register::R8L, Register::R9L, Register::R10L, Register::R11L, Register::R12L, Register::R13L, Register::R14L, Register::R15L,
+];
+const RSP: u8 = 4;
+
+/// The hardware number of a general register (any width), if it is one.
+fn gpr_number(r: Register) -> Option<u8> {
+    if !r.is_gpr() {
+        return None;
+    }
+    GPR64.iter().position(|&g| g == r.full_register()).map(|n| n as u8)
+}
+
+/// Register `n` at `size` bytes (8-bit means the low byte, never AH..BH).
+fn gpr_sized(n: u8, size: usize) -> Register {
+    let n = n as usize & 15;
+    match size {
+        1 => GPR8[n],
+        2 => GPR16[n],
+        4 => GPR32[n],
+        _ => GPR64[n],
+    }
+}
+
+fn is_high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// Decodes and plans a TU: the instructions and what each becomes. The
+/// last instruction is the one that ends the TU (a branch or a stop), or
+/// the `limit`-th.
+fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction, Plan)> {
+    let mut dec = Decoder::with_ip(mode.bits, bytes, rip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    let mut info = InstructionInfoFactory::new();
+    while out.len() < limit && dec.can_decode() {
+        let mut insn = dec.decode();
+        if mode.bits != 64 {
+            host_form(&mut insn);
+        }
+        let plan = if insn.is_invalid() { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
+        out.push((insn, plan));
+        if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg) {
+            break;
+        }
+    }
+    // Bytes ran out mid-instruction: leave the rest to the runtime.
+    if out.is_empty() && !bytes.is_empty() {
+        out.push((Instruction::default(), Plan::Stop));
+    }
+    out
+}
+
+/// Replaces a 32-bit-only encoding by the 64-bit form with the same effect
+/// (the one-byte inc/dec are REX prefixes on the host).
+fn host_form(insn: &mut Instruction) {
+    let code = match insn.code() {
+        Code::Inc_r16 => Code::Inc_rm16,
+        Code::Inc_r32 => Code::Inc_rm32,
+        Code::Dec_r16 => Code::Dec_rm16,
+        Code::Dec_r32 => Code::Dec_rm32,
+        _ => return,
+    };
+    insn.set_code(code);
+}
+
+fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) -> Plan {
+    // Direct jumps become exit stubs of our own, in any code size.
+    if insn.is_jmp_short_or_near() {
+        return Plan::Jump(insn.near_branch_target());
+    }
+    if insn.is_jcc_short_or_near() {
+        return Plan::Branch(insn.condition_code(), insn.near_branch_target());
+    }
+    if let Some(plan) = plan_stack(insn, mode) {
+        return plan;
+    }
+    if classify(insn.code()).0 != Class::Data {
+        return Plan::Stop;
+    }
+    if insn.flow_control() != FlowControl::Next {
+        return Plan::Stop;
+    }
+    let m = insn.mnemonic();
+    if matches!(m, Mnemonic::Nop | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Pause) {
+        return Plan::Nothing;
+    }
+    // Host faults (#DE) and implicit or unbounded memory: the runtime's.
+    if matches!(
+        m,
+        Mnemonic::Div | Mnemonic::Idiv | Mnemonic::Xlatb | Mnemonic::Cmpxchg16b | Mnemonic::Enter | Mnemonic::Leave
+    ) || insn.stack_pointer_increment() != 0
+    {
+        return Plan::Stop;
+    }
+    // bt/bts/btr/btc with a register bit offset address memory beyond the operand.
+    if matches!(m, Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc)
+        && insn.op0_kind() == OpKind::Memory
+        && insn.op1_kind() == OpKind::Register
+    {
+        return Plan::Stop;
+    }
+    // Only integer instructions on general registers run as themselves for
+    // now: x87/SSE/AVX state is the runtime's (some x87 and SSE forms, like
+    // fnstcw or stmxcsr, name no vector register at all).
+    if !insn.cpuid_features().iter().all(|f| integer_feature(*f))
+        && !matches!(m, Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence | Mnemonic::Movnti | Mnemonic::Prefetchnta | Mnemonic::Prefetcht0 | Mnemonic::Prefetcht1 | Mnemonic::Prefetcht2 | Mnemonic::Prefetchw)
+    {
+        return Plan::Stop;
+    }
+    let used = info.info(insn);
+    if used.used_registers().iter().any(|u| !u.register().is_gpr() && !u.register().is_segment_register()) {
+        return Plan::Stop;
+    }
+    let mut has_mem = false;
+    for i in 0..insn.op_count() {
+        match insn.op_kind(i) {
+            OpKind::Register => {
+                if !insn.op_register(i).is_gpr() {
+                    return Plan::Stop;
+                }
+            }
+            OpKind::Memory => has_mem = true,
+            OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return Plan::Stop,
+        }
+    }
+    if !has_mem || m == Mnemonic::Lea {
+        return if m == Mnemonic::Lea && !lea_is_plain(insn, mode) { Plan::Stop } else { Plan::Ident };
+    }
+    let size = insn.memory_size().size();
+    if size == 0 || size > 16 || used.used_memory().len() != 1 {
+        return Plan::Stop;
+    }
+    if mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) == 0 {
+        return Plan::Stop;
+    }
+    Plan::Mem
+}
+
+/// CPUID features of integer instructions, which run natively in a CCF.
+fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
+    use iced_x86::CpuidFeature as F;
+    matches!(
+        f,
+        F::INTEL8086 | F::INTEL186 | F::INTEL286 | F::INTEL386 | F::INTEL486 | F::X64 | F::CMOV | F::CX8
+            | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
+            | F::RDRAND | F::RDSEED | F::CLFSH | F::CLFLUSHOPT | F::PREFETCHW
+    )
+}
+
+/// Stack instructions the translator does itself, through SS.
+fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
+    let stack_ok = (mode.stack_bits == 32 || mode.stack_bits == 64) && mode.seg_usable_mask & (1 << seg::SS) != 0;
+    // Pushes and pops of the natural stack width (or 16 bits).
+    let width = (-insn.stack_pointer_increment()) as u32;
+    let natural = if mode.bits == 64 { 8 } else { 4 };
+    let rsp_reg = |r: Register| gpr_number(r) == Some(RSP);
+    let plan = match insn.mnemonic() {
+        Mnemonic::Push if matches!(width, 2 | 4 | 8) => match insn.op0_kind() {
+            OpKind::Register if !rsp_reg(insn.op0_register()) && insn.op0_register().is_gpr() => Plan::Push,
+            OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate32to64 => Plan::Push,
+            _ => return None,
+        },
+        Mnemonic::Pop if insn.op0_kind() == OpKind::Register => {
+            let r = insn.op0_register();
+            if rsp_reg(r) || !r.is_gpr() {
+                return None;
+            }
+            Plan::Pop
+        }
+        Mnemonic::Leave if insn.stack_pointer_increment() == 0 || insn.code() == Code::Leavew => return None,
+        Mnemonic::Leave => Plan::Leave,
+        Mnemonic::Call if insn.is_call_near() && width == natural => Plan::Call(insn.near_branch_target()),
+        Mnemonic::Call if insn.is_call_near_indirect() && insn.op0_kind() == OpKind::Register && width == natural => {
+            Plan::IndirectReg
+        }
+        Mnemonic::Jmp if insn.is_jmp_near_indirect() && insn.op0_kind() == OpKind::Register => {
+            return Some(Plan::IndirectReg).filter(|_| insn.op0_register().size() as u32 * 8 == mode.bits);
+        }
+        Mnemonic::Ret if insn.op0_kind() != OpKind::Immediate16 || true => {
+            if matches!(insn.code(), Code::Retnw | Code::Retnw_imm16) {
+                return None;
+            }
+            Plan::Ret
+        }
+        _ => return None,
+    };
+    if !stack_ok {
+        return Some(Plan::Stop);
+    }
+    Some(plan)
+}
+
+/// `lea` computes an address without touching memory; RIP-relative forms
+/// become immediates, which only 64-bit code has.
+fn lea_is_plain(insn: &Instruction, mode: Mode) -> bool {
+    mode.bits == 64 || !matches!(insn.memory_base(), Register::EIP | Register::RIP)
+}
+
+fn seg_index(r: Register) -> usize {
+    match r {
+        Register::ES => seg::ES,
+        Register::CS => seg::CS,
+        Register::SS => seg::SS,
+        Register::FS => seg::FS,
+        Register::GS => seg::GS,
+        _ => seg::DS,
+    }
+}
+
+/// Arithmetic flags live before each instruction: read by it, or live after
+/// it and not written by it. Everything is live after the TU.
+fn live_flags(tu: &[(Instruction, Plan)]) -> Vec<u32> {
+    let mut live = vec![0; tu.len()];
+    let mut after = ARITH_FLAGS;
+    for (k, (insn, plan)) in tu.iter().enumerate().rev() {
+        let before = if *plan == Plan::Stop {
+            ARITH_FLAGS
+        } else {
+            let written = insn.rflags_written() | insn.rflags_cleared() | insn.rflags_set() | insn.rflags_undefined();
+            (after & !written) | insn.rflags_read()
+        } & ARITH_FLAGS;
+        live[k] = before;
+        after = before;
+    }
+    live
+}
+
+/// An instruction could not be encoded for the host (a register the
+/// rewrite needs cannot be combined with the instruction's own).
+#[derive(Debug)]
+struct Unencodable;
+
+struct Emitter {
+    a: VecAssembler<X64Relocation>,
+    /// The TU's id, which its exit stubs report (`BtBlock::exit_site`).
+    id: u32,
+    mode: Mode,
+    exits: Vec<ExitSite>,
+    /// Out-of-line TLB-miss paths, emitted after the main line.
+    misses: Vec<Miss>,
+    counts: Counts,
+}
+
+struct Miss {
+    label: DynamicLabel,
+    rip: u64,
+    scratch: Vec<u8>,
+    flags_saved: bool,
+}
+
+fn scratch_off(slot: usize) -> i32 {
+    (BtBlock::OFF_SCRATCH + slot * 8) as i32
+}
+
+/// The spill slot the budget check borrows RCX through.
+const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
+
+impl Emitter {
+    fn exit(&mut self, rip: u64, reason: ExitReason) {
+        let offset = self.a.offset().0;
+        let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
+        self.a.extend(exit_stub(rip, reason, site));
+        self.exits.push(ExitSite { offset, rip, reason });
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.a.extend(b.iter().copied());
+    }
+
+    fn encode(&mut self, insn: &Instruction) -> Result<(), Unencodable> {
+        let mut enc = Encoder::new(64);
+        enc.encode(insn, 0).map_err(|_| Unencodable)?;
+        let b = enc.take_buffer();
+        self.bytes(&b);
+        Ok(())
+    }
+
+    fn spill(&mut self, scratch: &[u8]) {
+        for (slot, &r) in scratch.iter().enumerate() {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(slot)], Rq(r));
+        }
+    }
+
+    fn unspill(&mut self, scratch: &[u8]) {
+        for (slot, &r) in scratch.iter().enumerate() {
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(slot)]);
+        }
+    }
+
+    /// IDENT: the instruction itself, with guest RSP through a scratch
+    /// register if it names RSP.
+    fn ident(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let uses_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP))
+            || (insn.op0_kind() == OpKind::Memory || insn.op1_kind() == OpKind::Memory)
+                && (gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP));
+        let rip_relative = matches!(insn.memory_base(), Register::RIP | Register::EIP);
+        if insn.mnemonic() == Mnemonic::Lea && rip_relative {
+            // lea r, [rip+d]: the address is a constant.
+            let dst = insn.op0_register();
+            let n = gpr_number(dst).ok_or(Unencodable)?;
+            let value = insn.memory_displacement64();
+            match dst.size() {
+                8 => dynasm!(self.a ; .arch x64 ; mov Rq(n), QWORD value as i64),
+                4 => dynasm!(self.a ; .arch x64 ; mov Rd(n), value as u32 as i32),
+                _ => return Err(Unencodable),
+            }
+            return Ok(());
+        }
+        if !uses_rsp {
+            if self.mode.bits == 64 {
+                let mut enc = Encoder::new(64);
+                enc.encode(insn, insn.ip()).map_err(|_| Unencodable)?;
+                let b = enc.take_buffer();
+                self.bytes(&b);
+                return Ok(());
+            }
+            return self.encode(insn);
+        }
+        let scratch = pick_scratch(insn, info, 1);
+        let s = scratch[0];
+        let mut copy = *insn;
+        substitute_rsp(&mut copy, s);
+        self.spill(&scratch);
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s), QWORD [BtBlock::off_gpr(4) as i32]);
+        self.encode(&copy)?;
+        if writes_rsp(insn, info) {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(s));
+        }
+        self.unspill(&scratch);
+        Ok(())
+    }
+
+    /// MEM: address, inline soft-TLB probe, then the instruction on the host address.
+    fn mem(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let access = info.info(insn).used_memory()[0].access();
+        let write = !matches!(access, OpAccess::Read | OpAccess::CondRead);
+        let size = insn.memory_size().size() as i32;
+        let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
+            || gpr_number(insn.memory_index()) == Some(RSP)
+            || (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
+        let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        let s_rsp = uses_rsp.then(|| scratch[3]);
+        let flags_saved = live != 0;
+
+        // The rewritten instruction first: if it cannot be encoded, nothing
+        // has been emitted yet.
+        let mut body = *insn;
+        if let Some(r) = s_rsp {
+            substitute_rsp(&mut body, r);
+        }
+        // The moffs forms of mov have no ModRM to name a base register.
+        let modrm = match body.code() {
+            Code::Mov_AL_moffs8 => Some(Code::Mov_r8_rm8),
+            Code::Mov_AX_moffs16 => Some(Code::Mov_r16_rm16),
+            Code::Mov_EAX_moffs32 => Some(Code::Mov_r32_rm32),
+            Code::Mov_RAX_moffs64 => Some(Code::Mov_r64_rm64),
+            Code::Mov_moffs8_AL => Some(Code::Mov_rm8_r8),
+            Code::Mov_moffs16_AX => Some(Code::Mov_rm16_r16),
+            Code::Mov_moffs32_EAX => Some(Code::Mov_rm32_r32),
+            Code::Mov_moffs64_RAX => Some(Code::Mov_rm64_r64),
+            _ => None,
+        };
+        if let Some(code) = modrm {
+            body.set_code(code);
+        }
+        body.set_memory_base(GPR64[s0 as usize]);
+        body.set_memory_index(Register::None);
+        body.set_memory_index_scale(1);
+        body.set_memory_displacement64(0);
+        body.set_memory_displ_size(0);
+        body.set_segment_prefix(Register::None);
+        let mut enc = Encoder::new(64);
+        enc.encode(&body, 0).map_err(|_| Unencodable)?;
+        let body_bytes = enc.take_buffer();
+
+        if flags_saved {
+            dynasm!(self.a ; .arch x64 ; pushfq);
+        }
+        self.spill(&scratch);
+        if let Some(r) = s_rsp {
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
+        }
+        self.address(insn, s0, s_rsp)?;
+        self.add_segment_base(s0, seg_index(insn.memory_segment()));
+        let miss = self.probe(s0, s1, s2, size, write);
+        // s1 and s2 are done with; give them back before the instruction.
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov Rq(s1), QWORD [scratch_off(1)]
+            ; gs mov Rq(s2), QWORD [scratch_off(2)]
+        );
+        if flags_saved {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+        self.bytes(&body_bytes);
+        if let Some(r) = s_rsp {
+            if writes_rsp(insn, info) {
+                dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(r));
+            }
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(3)]);
+        }
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved });
+        Ok(())
+    }
+
+    /// Adds the base of `segment` to the address in `s0`, where it may not be zero.
+    fn add_segment_base(&mut self, s0: u8, segment: usize) {
+        let add_base = if self.mode.bits == 64 {
+            segment == seg::FS || segment == seg::GS
+        } else {
+            self.mode.seg_base_mask & (1 << segment) != 0
+        };
+        if add_base {
+            let off = (BtBlock::OFF_SEG_BASE + segment * 8) as i32;
+            dynasm!(self.a ; .arch x64 ; gs add Rq(s0), QWORD [off]);
+            if self.mode.bits != 64 {
+                dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(s0));
+            }
+        }
+    }
+
+    /// The inline soft-TLB probe: turns the linear address in `s0` into a
+    /// host address, using `s1` and `s2`; jumps to the returned label when
+    /// the access of `size` bytes has no entry (miss, or page-crossing).
+    fn probe(&mut self, s0: u8, s1: u8, s2: u8, size: i32, write: bool) -> DynamicLabel {
+        let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
+        let index_mask = ((tlb::ENTRIES - 1) * tlb::ENTRY_BYTES) as i32;
+        let shift = (12 - tlb::ENTRY_BYTES.trailing_zeros()) as i8;
+        let miss = self.a.new_dynamic_label();
+        dynasm!(self.a
+            ; .arch x64
+            ; mov Rq(s1), Rq(s0)
+            ; shr Rq(s1), shift
+            ; and Rd(s1), index_mask
+            ; gs add Rq(s1), QWORD [table]
+            ; lea Rq(s2), [Rq(s0) + size - 1]
+            ; and Rq(s2), -4096
+            ; cmp Rq(s2), QWORD [Rq(s1) + tlb::OFF_TAG as i32]
+            ; jne =>miss
+            ; add Rq(s0), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
+        );
+        miss
+    }
+
+    /// Guest RSP into `dst` (at the stack width), moved by `delta` bytes.
+    fn load_rsp(&mut self, dst: u8, delta: i32) {
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(dst), QWORD [BtBlock::off_gpr(4) as i32]);
+        if self.mode.stack_bits == 64 {
+            if delta != 0 {
+                dynasm!(self.a ; .arch x64 ; lea Rq(dst), [Rq(dst) + delta]);
+            }
+        } else {
+            dynasm!(self.a ; .arch x64 ; lea Rd(dst), [Rq(dst) + delta]);
+        }
+    }
+
+    /// The host address of `size` stack bytes at guest RSP + `delta`, into
+    /// `s0` (its scratch registers spilled first, flags saved if `live`).
+    /// Returns the miss label; the caller restores s1/s2 and the flags.
+    fn stack_slot(&mut self, scratch: &[u8], delta: i32, size: i32, write: bool, live: u32) -> DynamicLabel {
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; pushfq);
+        }
+        self.spill(scratch);
+        self.load_rsp(s0, delta);
+        self.add_segment_base(s0, seg::SS);
+        self.probe(s0, s1, s2, size, write)
+    }
+
+    /// Guest RSP += `delta` (at the stack width), through `tmp`.
+    fn move_rsp(&mut self, tmp: u8, delta: i32) {
+        self.load_rsp(tmp, delta);
+        dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(tmp));
+    }
+
+    /// Stores `value` (a register number, or an immediate) of `size` bytes at host `[s0]`.
+    fn store(&mut self, s0: u8, s1: u8, size: i32, value: Result<u8, i64>) {
+        match (value, size) {
+            (Ok(r), 8) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], Rq(r)),
+            (Ok(r), 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], Rd(r)),
+            (Ok(r), _) => dynasm!(self.a ; .arch x64 ; mov WORD [Rq(s0)], Rw(r)),
+            (Err(imm), 8) if i32::try_from(imm).is_ok() => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], imm as i32),
+            (Err(imm), 8) => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD imm ; mov QWORD [Rq(s0)], Rq(s1)),
+            (Err(imm), 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], imm as i32),
+            (Err(imm), _) => dynasm!(self.a ; .arch x64 ; mov WORD [Rq(s0)], imm as i16),
+        }
+    }
+
+    /// Finishes a stack access: s1/s2 back, flags back.
+    fn after_probe(&mut self, scratch: &[u8], live: u32) {
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
+            ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]
+        );
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+    }
+
+    /// push reg/imm, or the return address of a call: writes below RSP,
+    /// then moves RSP.
+    fn push(&mut self, insn: &Instruction, value: Result<u8, i64>, size: i32, live: u32, info: &mut InstructionInfoFactory) {
+        let scratch = pick_scratch(insn, info, 3);
+        let miss = self.stack_slot(&scratch, -size, size, true, live);
+        // Keep s1 for a 64-bit immediate; restore it after the store.
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]);
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+        self.store(scratch[0], scratch[1], size, value);
+        self.move_rsp(scratch[0], -size);
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
+            ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
+        );
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+    }
+
+    /// pop reg: reads at RSP, then moves RSP.
+    fn pop(&mut self, insn: &Instruction, dst: Register, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let size = dst.size() as i32;
+        let n = gpr_number(dst).ok_or(Unencodable)?;
+        let scratch = pick_scratch(insn, info, 3);
+        let miss = self.stack_slot(&scratch, 0, size, false, live);
+        self.after_probe(&scratch, live);
+        let s0 = scratch[0];
+        match size {
+            8 => dynasm!(self.a ; .arch x64 ; mov Rq(n), QWORD [Rq(s0)]),
+            4 => dynasm!(self.a ; .arch x64 ; mov Rd(n), DWORD [Rq(s0)]),
+            _ => dynasm!(self.a ; .arch x64 ; mov Rw(n), WORD [Rq(s0)]),
+        }
+        self.move_rsp(s0, size);
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        Ok(())
+    }
+
+    /// ret [imm16]: the return address into the block's RIP, RSP moved, and
+    /// an indirect exit.
+    fn ret(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
+        let size = (self.mode.bits / 8) as i32;
+        let extra = if insn.op_count() > 0 { insn.immediate16() as i32 } else { 0 };
+        let scratch = pick_scratch(insn, info, 3);
+        let miss = self.stack_slot(&scratch, 0, size, false, live);
+        self.after_probe(&scratch, live);
+        let (s0, s1) = (scratch[0], scratch[1]);
+        if size == 8 {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]);
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0)]);
+        }
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s1)
+            ; gs mov Rq(s1), QWORD [BtBlock::off_gpr(4) as i32]
+            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s1)
+        );
+        self.move_rsp(s0, size + extra);
+        self.unspill(&scratch[..2]);
+        self.indirect_exit(insn.ip());
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+    }
+
+    /// jmp/call through a register.
+    fn indirect_reg(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let r = gpr_number(insn.op0_register()).ok_or(Unencodable)?;
+        let scratch = pick_scratch(insn, info, 3);
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov QWORD [scratch_off(0)], Rq(scratch[0])
+            ; gs mov Rq(scratch[0]), QWORD [BtBlock::off_gpr(4) as i32]
+            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(scratch[0])
+            ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
+        );
+        if insn.mnemonic() == Mnemonic::Call {
+            let size = (self.mode.bits / 8) as i32;
+            self.push(insn, Err(insn.next_ip() as i64), size, live, info);
+        }
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(r));
+        } else {
+            let _ = scratch;
+            dynasm!(self.a
+                ; .arch x64
+                ; gs mov DWORD [BtBlock::OFF_RIP as i32], Rd(r)
+                ; gs mov DWORD [BtBlock::OFF_RIP as i32 + 4], 0
+            );
+        }
+        self.indirect_exit(insn.ip());
+        Ok(())
+    }
+
+    fn indirect_exit(&mut self, rip: u64) {
+        let offset = self.a.offset().0;
+        let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
+        self.a.extend(crate::templates::indirect_exit_stub(site));
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect });
+    }
+
+    /// The linear address (before the segment base) of the memory operand, into `dst`.
+    fn address(&mut self, insn: &Instruction, dst: u8, s_rsp: Option<u8>) -> Result<(), Unencodable> {
+        let base = insn.memory_base();
+        let index = insn.memory_index();
+        if matches!(base, Register::RIP | Register::EIP) || (base == Register::None && index == Register::None) {
+            let mut ea = insn.memory_displacement64();
+            if base == Register::EIP || self.mode.bits != 64 {
+                ea &= 0xffff_ffff;
+            }
+            dynasm!(self.a ; .arch x64 ; mov Rq(dst), QWORD ea as i64);
+            return Ok(());
+        }
+        let swap = |r: Register| match (gpr_number(r), s_rsp) {
+            (Some(RSP), Some(s)) => gpr_sized(s, r.size()),
+            _ => r,
+        };
+        let (base, index) = (swap(base), swap(index));
+        let addr_size = if base != Register::None { base.size() } else { index.size() };
+        let (code, dst_reg, disp) = match addr_size {
+            8 => (Code::Lea_r64_m, GPR64[dst as usize], insn.memory_displacement64() as i64),
+            4 => (Code::Lea_r32_m, GPR32[dst as usize], insn.memory_displacement32() as i32 as i64),
+            _ => return Err(Unencodable),
+        };
+        // iced wants the displacement size of the address size (or 1 for disp8).
+        let displ_size = if disp == 0 {
+            0
+        } else if i8::try_from(disp).is_ok() {
+            1
+        } else {
+            addr_size as u32
+        };
+        let mem = MemoryOperand::new(base, index, insn.memory_index_scale(), disp, displ_size, false, Register::None);
+        let lea = Instruction::with2(code, dst_reg, mem).map_err(|_| Unencodable)?;
+        self.encode(&lea)
+    }
+}
+
+/// `count` host registers the instruction does not use, to borrow. The
+/// first one is the new memory base; if the instruction names AH..BH it
+/// cannot take a REX prefix, so that one is picked among the first eight.
+fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: usize) -> Vec<u8> {
+    let mut used = 1u16 << RSP;
+    for u in info.info(insn).used_registers() {
+        if let Some(n) = gpr_number(u.register()) {
+            used |= 1 << n;
+        }
+    }
+    let high_byte = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i)));
+    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 1, 2, 11, 10, 9, 8, 12, 13, 14, 15] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 15, 0, 1, 2] };
+    let mut out = Vec::with_capacity(count);
+    for &r in order {
+        if out.len() == count {
+            break;
+        }
+        if used & (1 << r) == 0 {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Replaces every use of guest RSP (any width) in `insn` by host register `s`.
+fn substitute_rsp(insn: &mut Instruction, s: u8) {
+    for i in 0..insn.op_count() {
+        if insn.op_kind(i) == OpKind::Register {
+            let r = insn.op_register(i);
+            if gpr_number(r) == Some(RSP) {
+                insn.set_op_register(i, gpr_sized(s, r.size()));
+            }
+        }
+    }
+    for (get, set) in [
+        (Instruction::memory_base as fn(&Instruction) -> Register, Instruction::set_memory_base as fn(&mut Instruction, Register)),
+        (Instruction::memory_index, Instruction::set_memory_index),
+    ] {
+        let r = get(insn);
+        if gpr_number(r) == Some(RSP) {
+            set(insn, gpr_sized(s, r.size()));
+        }
+    }
+}
+
+fn writes_rsp(insn: &Instruction, info: &mut InstructionInfoFactory) -> bool {
+    info.info(insn).used_registers().iter().any(|u| {
+        gpr_number(u.register()) == Some(RSP)
+            && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
+    })
+}
+
+/// Translates the TU at `rip` from `bytes` (the guest code from `rip` on,
+/// as far as it is mapped; at most a page and a bit is ever needed). `id`
+/// (below 2^24) names the TU in its exits.
+pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
+    let mut limit = MAX_TU_INSNS;
+    loop {
+        let tu = plan_tu(bytes, rip, mode, limit);
+        if tu.first().is_none_or(|(_, p)| *p == Plan::Stop) {
+            return Outcome::Interpret;
+        }
+        match emit(&tu, rip, mode, id) {
+            Ok(ccf) => return Outcome::Ccf(ccf),
+            // Instruction k cannot be rewritten: end the TU before it.
+            Err(k) if k > 0 => limit = k,
+            Err(_) => return Outcome::Interpret,
+        }
+    }
+}
+
+/// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
+fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), counts: Counts::default() };
+    let mut info = InstructionInfoFactory::new();
+    let live = live_flags(tu);
+
+    // The budget check, flag-free (RCX borrowed, jrcxz): at zero the CCF
+    // exits before doing anything, so the dispatcher can look at the time.
+    let exhausted = e.a.new_dynamic_label();
+    dynasm!(e.a ; .arch x64 ; =>exhausted ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]);
+    e.exit(rip, ExitReason::Budget);
+    let entry = e.a.offset().0;
+    dynasm!(e.a
+        ; .arch x64
+        ; gs mov QWORD [scratch_off(BUDGET_SLOT)], rcx
+        ; gs mov ecx, DWORD [BtBlock::OFF_BUDGET as i32]
+        ; jrcxz =>exhausted
+        ; lea ecx, [rcx - 1]
+        ; gs mov DWORD [BtBlock::OFF_BUDGET as i32], ecx
+        ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]
+    );
+
+    let mut rip_map = Vec::with_capacity(tu.len());
+    let mut ended = false;
+    for (k, (insn, plan)) in tu.iter().enumerate() {
+        rip_map.push((e.a.offset().0 as u32, insn.ip()));
+        match *plan {
+            Plan::Nothing => e.counts.ident += 1,
+            Plan::Ident => {
+                e.ident(insn, &mut info).map_err(|_| k)?;
+                e.counts.ident += 1;
+            }
+            Plan::Mem => {
+                e.mem(insn, live[k], &mut info).map_err(|_| k)?;
+                e.counts.mem += 1;
+            }
+            Plan::Jump(target) => {
+                e.counts.control += 1;
+                e.exit(mask_rip(target, mode), ExitReason::Next);
+                ended = true;
+            }
+            Plan::Branch(cc, target) => {
+                e.counts.control += 1;
+                // jcc rel32 over the fall-through stub to the taken one.
+                let fall = exit_stub(insn.next_ip(), ExitReason::Next, 0);
+                let cc = cc as u8 - ConditionCode::o as u8;
+                e.bytes(&[0x0f, 0x80 + cc]);
+                e.bytes(&(fall.len() as i32).to_le_bytes());
+                e.exit(mask_rip(insn.next_ip(), mode), ExitReason::Next);
+                e.exit(mask_rip(target, mode), ExitReason::Next);
+                ended = true;
+            }
+            Plan::Push => {
+                let size = -insn.stack_pointer_increment();
+                let value = if insn.op0_kind() == OpKind::Register {
+                    Ok(gpr_number(insn.op0_register()).ok_or(k)?)
+                } else {
+                    Err(insn.immediate(0) as i64)
+                };
+                e.push(insn, value, size, live[k], &mut info);
+                e.counts.mem += 1;
+            }
+            Plan::Pop => {
+                e.pop(insn, insn.op0_register(), live[k], &mut info).map_err(|_| k)?;
+                e.counts.mem += 1;
+            }
+            Plan::Leave => {
+                // RSP = RBP (at the stack width), then pop RBP.
+                let width = (mode.stack_bits / 8) as usize;
+                let rbp = gpr_sized(5, width.max(4));
+                if width == 8 {
+                    dynasm!(e.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], rbp);
+                } else {
+                    let _ = rbp;
+                    dynasm!(e.a
+                        ; .arch x64
+                        ; gs mov DWORD [BtBlock::off_gpr(4) as i32], ebp
+                        ; gs mov DWORD [BtBlock::off_gpr(4) as i32 + 4], 0
+                    );
+                }
+                let dst = gpr_sized(5, (mode.bits / 8) as usize);
+                e.pop(insn, dst, live[k], &mut info).map_err(|_| k)?;
+                e.counts.mem += 1;
+            }
+            Plan::Call(target) => {
+                let size = (mode.bits / 8) as i32;
+                e.push(insn, Err(insn.next_ip() as i64), size, live[k], &mut info);
+                e.counts.control += 1;
+                e.exit(mask_rip(target, mode), ExitReason::Next);
+                ended = true;
+            }
+            Plan::Ret => {
+                e.ret(insn, live[k], &mut info);
+                e.counts.control += 1;
+                ended = true;
+            }
+            Plan::IndirectReg => {
+                e.indirect_reg(insn, live[k], &mut info).map_err(|_| k)?;
+                e.counts.control += 1;
+                ended = true;
+            }
+            Plan::Stop => {
+                e.counts.sensitive += 1;
+                e.exit(insn.ip(), ExitReason::Interpret);
+                ended = true;
+            }
+        }
+    }
+    let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
+    if !ended {
+        e.exit(mask_rip(last.next_ip(), mode), ExitReason::Next);
+    }
+    for m in std::mem::take(&mut e.misses) {
+        dynasm!(e.a ; .arch x64 ; =>m.label);
+        e.unspill(&m.scratch);
+        if m.flags_saved {
+            dynasm!(e.a ; .arch x64 ; popfq);
+        }
+        e.exit(m.rip, ExitReason::Interpret);
+    }
+    let guest_bytes = (last.next_ip().wrapping_sub(rip)) as usize;
+    let Emitter { a, exits, counts, .. } = e;
+    let code = a.finalize().map_err(|_| 0usize)?;
+    let treatment = tu
+        .iter()
+        .map(|(_, p)| match p {
+            Plan::Nothing | Plan::Ident => Treatment::Ident,
+            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave => Treatment::Mem,
+            Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
+            Plan::Stop => Treatment::Callout,
+        })
+        .collect();
+    Ok(Ccf { code, entry, guest: tu.iter().map(|(i, _)| *i).collect(), treatment, guest_bytes, counts, exits, rip_map })
+}
+
+fn mask_rip(rip: u64, mode: Mode) -> u64 {
+    if mode.bits == 64 { rip } else { rip & 0xffff_ffff }
+}
+
+/// The patchable jump of an exit stub, pointed at `target` (both offsets in
+/// one address space): chaining.
+pub fn chain_jump(stub_addr: u64, target: u64) -> Option<[u8; CHAIN_JUMP_BYTES]> {
+    let rel = target.wrapping_sub(stub_addr + CHAIN_JUMP_BYTES as u64) as i64;
+    let rel = i32::try_from(rel).ok()?;
+    let mut b = [0xe9, 0, 0, 0, 0];
+    b[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(b)
+}
+
+
