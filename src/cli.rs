@@ -79,8 +79,8 @@ pub struct RunArgs {
     /// Execution engine for guest code.
     #[arg(long, value_enum, default_value_t = Engine::Interp)]
     pub engine: Engine,
-    /// The binary translator's code-cache budget (e.g. 8M, 64K).
-    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = parse_cache_size)]
+    /// The binary translator's code-cache budget (e.g. 64M, 256K).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_cache_size)]
     pub code_cache: u64,
     /// Trace targets, comma-separated (exec, int, mmu, device, io, all); see also BTVMM_LOG.
     #[arg(long, value_name = "TARGETS")]

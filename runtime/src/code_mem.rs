@@ -39,17 +39,17 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new() -> Result<Chunk, CodeMemError> {
+    fn new(len: usize) -> Result<Chunk, CodeMemError> {
         let fd = memfd_create(c"btvmm-code", MemFdCreateFlag::MFD_CLOEXEC)
             .map_err(|e| CodeMemError::Map(e.into()))?;
         let file = File::from(fd);
-        file.set_len(CHUNK_BYTES as u64).map_err(CodeMemError::Map)?;
+        file.set_len(len as u64).map_err(CodeMemError::Map)?;
         // SAFETY: the memfd was created just above and never escapes this module, so
         // the shared file cannot be truncated or changed behind the mapping.
-        let writable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_mut(&file) }
+        let writable = unsafe { MmapOptions::new().len(len).map_mut(&file) }
             .map_err(CodeMemError::Map)?;
         // SAFETY: as above; this second view is PROT_READ|PROT_EXEC only.
-        let executable = unsafe { MmapOptions::new().len(CHUNK_BYTES).map_exec(&file) }
+        let executable = unsafe { MmapOptions::new().len(len).map_exec(&file) }
             .map_err(CodeMemError::Map)?;
         Ok(Chunk { writable, executable, used: 0 })
     }
@@ -60,6 +60,7 @@ pub struct CodeArena {
     chunks: Vec<Chunk>,
     total: usize,
     budget: usize,
+    chunk_bytes: usize,
 }
 
 impl Default for CodeArena {
@@ -70,7 +71,12 @@ impl Default for CodeArena {
 
 impl CodeArena {
     pub fn with_budget(budget: usize) -> Self {
-        CodeArena { chunks: Vec::new(), total: 0, budget }
+        CodeArena { chunks: Vec::new(), total: 0, budget, chunk_bytes: CHUNK_BYTES }
+    }
+
+    /// An arena whose chunks (one memfd each) are `chunk_bytes` long.
+    pub fn with_chunks(budget: usize, chunk_bytes: usize) -> Self {
+        CodeArena { chunks: Vec::new(), total: 0, budget, chunk_bytes: chunk_bytes.max(CHUNK_BYTES) }
     }
 
     /// True once the byte budget is spent; the owner then calls [`CodeArena::clear`].
@@ -80,17 +86,18 @@ impl CodeArena {
 
     /// Copies `code` in and returns its executable address.
     pub fn publish(&mut self, code: &[u8]) -> Result<*const u8, CodeMemError> {
-        if code.len() > CHUNK_BYTES {
+        let chunk_bytes = self.chunk_bytes;
+        if code.len() > chunk_bytes {
             return Err(CodeMemError::TooLarge(code.len()));
         }
-        let fits = |c: &Chunk| c.used + code.len() <= CHUNK_BYTES;
+        let fits = |c: &Chunk| c.used + code.len() <= c.writable.len();
         if !self.chunks.last().is_some_and(fits) {
-            self.chunks.push(Chunk::new()?);
+            self.chunks.push(Chunk::new(chunk_bytes)?);
         }
         let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
         let start = chunk.used;
         chunk.writable[start..start + code.len()].copy_from_slice(code);
-        chunk.used = (start + code.len()).next_multiple_of(STUB_ALIGN).min(CHUNK_BYTES);
+        chunk.used = (start + code.len()).next_multiple_of(STUB_ALIGN).min(chunk.writable.len());
         self.total += code.len();
         // The RX view aliases the same pages, so the bytes are visible there; x86
         // keeps instruction fetch coherent with stores to the physical page.

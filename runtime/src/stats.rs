@@ -67,8 +67,8 @@ impl Stats {
                 );
                 let _ = writeln!(
                     s,
-                    "code cache: {} bytes compiled; lookups {} hits, {} misses; {} flushes, {} TUs invalidated; {} CCF entries",
-                    b.code_bytes, b.lookups_hit, b.lookups_miss, b.flushes, b.invalidated, b.entries
+                    "code cache: {} bytes compiled; lookups {} hits, {} misses; {} evictions, {} flushes, {} TUs invalidated; {} chained, {} unchained; {} CCF entries",
+                    b.code_bytes, b.lookups_hit, b.lookups_miss, b.evictions, b.flushes, b.invalidated, b.chained, b.unchained, b.entries
                 );
                 let mut callouts: Vec<_> = b.callouts.iter().map(|(m, n)| (*n, format!("{m:?}").to_lowercase())).collect();
                 callouts.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));

@@ -341,7 +341,7 @@ fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
             }
             Plan::Pop
         }
-        Mnemonic::Leave if insn.stack_pointer_increment() == 0 || insn.code() == Code::Leavew => return None,
+        Mnemonic::Leave if insn.code() == Code::Leavew || mode.stack_bits != mode.bits => return None,
         Mnemonic::Leave => Plan::Leave,
         Mnemonic::Call if insn.is_call_near() && width == natural => Plan::Call(insn.near_branch_target()),
         Mnemonic::Call

@@ -26,9 +26,16 @@ use crate::mmu::Access;
 /// and the interrupt lines again.
 const CHAIN_BUDGET: u64 = 64;
 
-/// More host code than any one TU compiles to (12 instructions of at most
-/// a few hundred bytes each, plus their exits).
-const MAX_CCF_BYTES: usize = 16 * 1024;
+/// The code cache hands out slots of these sizes; a CCF takes the smallest
+/// that holds it (one larger than the last is not cached: interpreted).
+const SLOT_CLASSES: [usize; 6] = [512, 1024, 2048, 4096, 8192, 16384];
+
+/// Code memory is mapped in pieces of this size.
+const CACHE_CHUNK: usize = 4 << 20;
+
+fn slot_class(len: usize) -> Option<usize> {
+    SLOT_CLASSES.iter().position(|&c| len <= c)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
@@ -50,8 +57,10 @@ enum Slot {
 /// A published CCF and its links.
 struct Tu {
     key: Key,
-    /// Where its code starts in the cache, and its entry point.
+    /// Where its code starts in the cache (a slot of class `class`), and
+    /// its entry point.
     base: *const u8,
+    class: usize,
     entry: *const u8,
     exits: Vec<ExitSite>,
     /// The linear page of its first instruction: jumps within it are chained.
@@ -80,7 +89,9 @@ pub struct BtStats {
     pub entries: u64,
     pub lookups_hit: u64,
     pub lookups_miss: u64,
-    /// Whole-cache flushes (the byte budget was spent).
+    /// TUs evicted, least recently used first, to make room.
+    pub evictions: u64,
+    /// Whole-cache flushes (eviction could not free a slot of the size needed).
     pub flushes: u64,
     /// TUs dropped because their guest page was written.
     pub invalidated: u64,
@@ -95,7 +106,13 @@ pub struct BtStats {
 pub struct Bt {
     block: Box<BtBlock>,
     arena: CodeArena,
+    /// Bytes of slots the cache may carve from the arena.
     budget: usize,
+    /// Bytes carved so far, and the free slots of each class.
+    carved: usize,
+    free_slots: [Vec<*const u8>; SLOT_CLASSES.len()],
+    /// TU ids by recency of use from the dispatcher.
+    lru: lru::LruCache<u32, ()>,
     entry: extern "sysv64" fn(),
     exit: u64,
     map: HashMap<Key, Slot>,
@@ -121,7 +138,7 @@ pub enum BtError {
 impl Bt {
     /// An engine with a code cache of `cache_bytes`.
     pub fn new(cache_bytes: usize) -> Result<Self, BtError> {
-        let mut arena = CodeArena::with_budget(usize::MAX);
+        let mut arena = CodeArena::with_chunks(usize::MAX, CACHE_CHUNK);
         let t = templates::trampolines();
         let base = arena.publish(&t.code)?;
         // SAFETY: `t.entry` is the offset of the entry trampoline within the
@@ -133,6 +150,9 @@ impl Bt {
             block: Box::default(),
             arena,
             budget: cache_bytes.max(64 * 1024),
+            carved: 0,
+            free_slots: Default::default(),
+            lru: lru::LruCache::unbounded(),
             entry,
             exit,
             map: HashMap::new(),
@@ -173,6 +193,8 @@ impl Bt {
     /// and its own chains are forgotten by their targets.
     fn remove_tu(&mut self, id: u32) {
         let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
+        self.lru.pop(&id);
+        self.free_slots[tu.class].push(tu.base);
         if self.pending_chain.is_some_and(|(src, _)| src == id) {
             self.pending_chain = None;
         }
@@ -225,6 +247,41 @@ impl Bt {
         }
     }
 
+    /// A slot for `len` bytes of code: a free one, a newly carved one while
+    /// the budget lasts, or one freed by evicting the least recently used
+    /// TUs (unchaining every jump into them). `None` if `len` is too large.
+    fn alloc_slot(&mut self, len: usize) -> Result<Option<(*const u8, usize)>, BtError> {
+        let Some(class) = slot_class(len) else { return Ok(None) };
+        loop {
+            if let Some(p) = self.free_slots[class].pop() {
+                return Ok(Some((p, class)));
+            }
+            let size = SLOT_CLASSES[class];
+            if self.carved + size <= self.budget {
+                let p = self.arena.publish(&vec![0xcc; size])?;
+                self.carved += size;
+                return Ok(Some((p, class)));
+            }
+            match self.lru.pop_lru() {
+                Some((victim, ())) => self.evict(victim),
+                // Everything is evicted and the free slots are all of other
+                // sizes: start over with the budget.
+                None => self.flush()?,
+            }
+        }
+    }
+
+    /// Evicts TU `id` from the cache.
+    fn evict(&mut self, id: u32) {
+        if let Some(Some(tu)) = self.tus.get(id as usize) {
+            let key = tu.key;
+            tracing::debug!(target: "cache", rip = format_args!("{:#x}", key.rip), "TU evicted");
+            self.map.remove(&key);
+            self.stats.evictions += 1;
+        }
+        self.remove_tu(id);
+    }
+
     /// Drops every TU and all compiled code, keeping the trampolines.
     fn flush(&mut self) -> Result<(), BtError> {
         self.stats.flushes += 1;
@@ -234,6 +291,9 @@ impl Bt {
         self.tus.clear();
         self.free_ids.clear();
         self.pending_chain = None;
+        self.lru.clear();
+        self.free_slots = Default::default();
+        self.carved = 0;
         self.arena.clear();
         let t = templates::trampolines();
         let base = self.arena.publish(&t.code)?;
@@ -354,6 +414,9 @@ impl Vcpu {
             let bt = self.bt.as_mut().expect("translator on");
             if still {
                 bt.stats.lookups_hit += 1;
+                if let Slot::Tu(id) = slot {
+                    bt.lru.promote(&id);
+                }
                 return Ok(slot);
             }
             bt.map.remove(&key);
@@ -378,13 +441,7 @@ impl Vcpu {
                 second = Some((next_lin, next & !0xfff));
             }
         }
-        let bt = self.bt.as_mut().expect("translator on");
-        if bt.arena.used() + MAX_CCF_BYTES > bt.budget && bt.flush().is_err() {
-            self.bt = None;
-            tracing::error!(target: "translator", "cannot map code memory; falling back to the interpreter");
-            return Ok(Slot::Interpret);
-        }
-        let id = bt.next_id();
+        let id = self.bt.as_mut().expect("translator on").next_id();
         let started = std::time::Instant::now();
         let outcome = translate::translate(&bytes[..have], rip, mode, id);
         self.stats.vmm_ns += started.elapsed().as_nanos() as u64;
@@ -419,10 +476,23 @@ impl Vcpu {
         Ok(slot)
     }
 
-    /// Copies a CCF into the code cache (flushing it if full) as TU `id`.
+    /// Copies a CCF into the code cache (evicting to make room) as TU `id`.
     fn publish(&mut self, ccf: &Ccf, key: Key, id: u32, lin_page: u64, page2: Option<(u64, u64)>) -> Option<()> {
         let bt = self.bt.as_mut()?;
-        let base = bt.arena.publish(&ccf.code).ok()?;
+        let (base, class) = match bt.alloc_slot(ccf.code.len()) {
+            Ok(slot) => slot?,
+            Err(e) => {
+                tracing::error!(target: "translator", "{e}; falling back to the interpreter");
+                self.bt = None;
+                return None;
+            }
+        };
+        // A flush while making room forgot every id: take this TU's back.
+        if bt.tus.len() <= id as usize {
+            bt.tus.resize_with(id as usize + 1, || None);
+            bt.free_ids = (0..id).rev().collect();
+        }
+        bt.arena.patch(base, &ccf.code);
         let s = &mut bt.stats;
         s.tus[if key.mode.bits == 64 { 2 } else { 1 }] += 1;
         s.ident += ccf.counts.ident as u64;
@@ -442,9 +512,11 @@ impl Vcpu {
             host_bytes = ccf.code.len(),
             "TU translated"
         );
+        bt.lru.put(id, ());
         let tu = Tu {
             key,
             base,
+            class,
             entry: base.wrapping_add(ccf.entry),
             exits: ccf.exits.clone(),
             lin_page,
