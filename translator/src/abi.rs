@@ -130,7 +130,7 @@ impl VcpuRegs {
 /// and the exit protocol. Field order is ABI: emitted code uses the
 /// `OFF_*` constants below, which a test checks against the layout.
 #[repr(C)]
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct BtBlock {
     pub regs: VcpuRegs,
     /// Spill slots for the scratch registers a rewrite borrows.
@@ -157,6 +157,41 @@ pub struct BtBlock {
     /// Which exit stub the CCF left through: `tu_id << 8 | stub index`, so
     /// the dispatcher can chain it.
     pub exit_site: u64,
+    /// The indirect-branch translation cache: (guest RIP, CCF entry) pairs,
+    /// at [`ibtc_index`] of the RIP. Indirect branches and jumps to another
+    /// page look here before leaving for the dispatcher, which fills it and
+    /// empties it whenever the mappings, the mode or the privilege change.
+    pub ibtc: [[u64; 2]; IBTC_ENTRIES],
+}
+
+/// Entries in [`BtBlock::ibtc`] (a power of two).
+pub const IBTC_ENTRIES: usize = 1024;
+/// A guest RIP no lookup ever has (non-canonical, above 4 GiB): empty entries.
+pub const IBTC_EMPTY: u64 = 0x8000_0000_0000_0001;
+
+/// The IBTC slot of a guest RIP; emitted code computes the same.
+pub const fn ibtc_index(rip: u64) -> usize {
+    ((rip ^ (rip >> 10)) as usize) & (IBTC_ENTRIES - 1)
+}
+
+impl Default for BtBlock {
+    fn default() -> Self {
+        Self {
+            regs: VcpuRegs::default(),
+            scratch: [0; 6],
+            host_rsp: 0,
+            target: 0,
+            exit_stub: 0,
+            exit_reason: 0,
+            host_flags: 0,
+            seg_base: [0; 6],
+            tlb_read: 0,
+            tlb_write: 0,
+            budget: 0,
+            exit_site: 0,
+            ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
+        }
+    }
 }
 
 impl BtBlock {
@@ -177,6 +212,7 @@ impl BtBlock {
     pub const OFF_TLB_WRITE: usize = Self::OFF_TLB_READ + 8;
     pub const OFF_BUDGET: usize = Self::OFF_TLB_WRITE + 8;
     pub const OFF_EXIT_SITE: usize = Self::OFF_BUDGET + 8;
+    pub const OFF_IBTC: usize = Self::OFF_EXIT_SITE + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -254,5 +290,6 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, tlb_write), BtBlock::OFF_TLB_WRITE);
         assert_eq!(offset_of!(BtBlock, budget), BtBlock::OFF_BUDGET);
         assert_eq!(offset_of!(BtBlock, exit_site), BtBlock::OFF_EXIT_SITE);
+        assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
     }
 }

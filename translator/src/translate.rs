@@ -409,6 +409,8 @@ struct Emitter {
     a: VecAssembler<X64Relocation>,
     /// The TU's id, which its exit stubs report (`BtBlock::exit_site`).
     id: u32,
+    /// The TU's first RIP (jumps within its page are chained).
+    tu_rip: u64,
     mode: Mode,
     exits: Vec<ExitSite>,
     /// Out-of-line TLB-miss paths, emitted after the main line.
@@ -436,6 +438,70 @@ impl Emitter {
         let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
         self.a.extend(exit_stub(rip, reason, site));
         self.exits.push(ExitSite { offset, rip, reason });
+    }
+
+    /// The code of a Next exit to `rip`, as exit number `index` would emit
+    /// it, and the offset of its (chainable) stub in it. A target in another
+    /// page than the TU's first looks in the IBTC first: jumps there are
+    /// never chained, since the other page's mapping may change.
+    fn next_exit_code(&self, rip: u64, index: usize) -> (Vec<u8>, usize) {
+        let site = (self.id << 8) | (index as u32 & 0xff);
+        let stub = exit_stub(rip, ExitReason::Next, site);
+        if rip & !0xfff == self.tu_rip & !0xfff {
+            return (stub, 0);
+        }
+        let entry = (BtBlock::OFF_IBTC + crate::abi::ibtc_index(rip) * 16) as i32;
+        let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+        let miss = a.new_dynamic_label();
+        dynasm!(a
+            ; .arch x64
+            ; pushfq
+            ; gs mov QWORD [scratch_off(0)], rcx
+            ; mov rcx, QWORD rip as i64
+            ; gs cmp rcx, QWORD [entry]
+            ; jne =>miss
+            ; gs mov rcx, QWORD [entry + 8]
+            ; gs mov QWORD [BtBlock::OFF_TARGET as i32], rcx
+            ; gs mov rcx, QWORD [scratch_off(0)]
+            ; popfq
+            ; gs jmp QWORD [BtBlock::OFF_TARGET as i32]
+            ; =>miss
+            ; gs mov rcx, QWORD [scratch_off(0)]
+            ; popfq
+        );
+        let mut code = a.finalize().unwrap_or_default();
+        let at = code.len();
+        code.extend(stub);
+        (code, at)
+    }
+
+    /// A Next exit to `rip` (see `next_exit_code`).
+    fn exit_next(&mut self, rip: u64) {
+        let (code, at) = self.next_exit_code(rip, self.exits.len());
+        let offset = self.a.offset().0 + at;
+        self.bytes(&code);
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next });
+    }
+
+    /// Looks the guest RIP in register `t` up in the IBTC (using `tmp`,
+    /// clobbering the flags): on a hit, the CCF entry is in gs:[target] and
+    /// `t` is clobbered; on a miss, jumps to the returned label.
+    fn ibtc_lookup(&mut self, t: u8, tmp: u8) -> DynamicLabel {
+        let miss = self.a.new_dynamic_label();
+        let table = BtBlock::OFF_IBTC as i32;
+        dynasm!(self.a
+            ; .arch x64
+            ; mov Rq(tmp), Rq(t)
+            ; shr Rq(tmp), 10
+            ; xor Rq(tmp), Rq(t)
+            ; and Rd(tmp), (crate::abi::IBTC_ENTRIES - 1) as i32
+            ; shl Rd(tmp), 4
+            ; gs cmp Rq(t), QWORD [Rq(tmp) + table]
+            ; jne =>miss
+            ; gs mov Rq(t), QWORD [Rq(tmp) + table + 8]
+            ; gs mov QWORD [BtBlock::OFF_TARGET as i32], Rq(t)
+        );
+        miss
     }
 
     fn bytes(&mut self, b: &[u8]) {
@@ -722,15 +788,15 @@ impl Emitter {
         Ok(())
     }
 
-    /// ret [imm16]: the return address into the block's RIP, RSP moved, and
-    /// an indirect exit.
+    /// ret [imm16]: the return address into the block's RIP, RSP moved,
+    /// then the IBTC, or an indirect exit.
     fn ret(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
         let size = (self.mode.bits / 8) as i32;
         let extra = if insn.op_count() > 0 { insn.immediate16() as i32 } else { 0 };
         let scratch = pick_scratch(insn, info, 3);
+        let saved = live != 0;
         let miss = self.stack_slot(&scratch, 0, size, false, live);
-        self.after_probe(&scratch, live);
-        let (s0, s1) = (scratch[0], scratch[1]);
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         if size == 8 {
             dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]);
         } else {
@@ -739,39 +805,60 @@ impl Emitter {
         dynasm!(self.a
             ; .arch x64
             ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s1)
-            ; gs mov Rq(s1), QWORD [BtBlock::off_gpr(4) as i32]
-            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s1)
+            ; gs mov Rq(s2), QWORD [BtBlock::off_gpr(4) as i32]
+            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s2)
         );
         self.move_rsp(s0, size + extra);
-        self.unspill(&scratch[..2]);
+        let ibtc_miss = self.ibtc_lookup(s1, s2);
+        self.unspill(&scratch);
+        if saved {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+        dynasm!(self.a ; .arch x64 ; gs jmp QWORD [BtBlock::OFF_TARGET as i32] ; =>ibtc_miss);
+        self.unspill(&scratch);
+        if saved {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
         self.indirect_exit(insn.ip());
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: saved });
     }
 
-    /// jmp/call through a register.
+    /// jmp/call through a register, then the IBTC, or an indirect exit.
     fn indirect_reg(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let r = gpr_number(insn.op0_register()).ok_or(Unencodable)?;
         let scratch = pick_scratch(insn, info, 3);
+        let (s0, s1) = (scratch[0], scratch[1]);
         dynasm!(self.a
             ; .arch x64
-            ; gs mov QWORD [scratch_off(0)], Rq(scratch[0])
-            ; gs mov Rq(scratch[0]), QWORD [BtBlock::off_gpr(4) as i32]
-            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(scratch[0])
-            ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
+            ; gs mov QWORD [scratch_off(0)], Rq(s0)
+            ; gs mov Rq(s0), QWORD [BtBlock::off_gpr(4) as i32]
+            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s0)
+            ; gs mov Rq(s0), QWORD [scratch_off(0)]
         );
         if insn.mnemonic() == Mnemonic::Call {
             let size = (self.mode.bits / 8) as i32;
             self.push(insn, Err(insn.next_ip() as i64), size, live, info);
         }
+        let saved = live != 0;
+        if saved {
+            dynasm!(self.a ; .arch x64 ; pushfq);
+        }
+        self.spill(&scratch[..2]);
         if self.mode.bits == 64 {
-            dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(r));
+            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(r));
         } else {
-            let _ = scratch;
-            dynasm!(self.a
-                ; .arch x64
-                ; gs mov DWORD [BtBlock::OFF_RIP as i32], Rd(r)
-                ; gs mov DWORD [BtBlock::OFF_RIP as i32 + 4], 0
-            );
+            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(r));
+        }
+        dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s0));
+        let ibtc_miss = self.ibtc_lookup(s0, s1);
+        self.unspill(&scratch[..2]);
+        if saved {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+        dynasm!(self.a ; .arch x64 ; gs jmp QWORD [BtBlock::OFF_TARGET as i32] ; =>ibtc_miss);
+        self.unspill(&scratch[..2]);
+        if saved {
+            dynasm!(self.a ; .arch x64 ; popfq);
         }
         self.indirect_exit(insn.ip());
         Ok(())
@@ -894,7 +981,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -930,18 +1017,18 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Jump(target) => {
                 e.counts.control += 1;
-                e.exit(mask_rip(target, mode), ExitReason::Next);
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Branch(cc, target) => {
                 e.counts.control += 1;
-                // jcc rel32 over the fall-through stub to the taken one.
-                let fall = exit_stub(insn.next_ip(), ExitReason::Next, 0);
+                // jcc rel32 over the fall-through exit to the taken one.
+                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
                 let cc = cc as u8 - ConditionCode::o as u8;
                 e.bytes(&[0x0f, 0x80 + cc]);
                 e.bytes(&(fall.len() as i32).to_le_bytes());
-                e.exit(mask_rip(insn.next_ip(), mode), ExitReason::Next);
-                e.exit(mask_rip(target, mode), ExitReason::Next);
+                e.exit_next(mask_rip(insn.next_ip(), mode));
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Push => {
@@ -980,7 +1067,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 let size = (mode.bits / 8) as i32;
                 e.push(insn, Err(insn.next_ip() as i64), size, live[k], &mut info);
                 e.counts.control += 1;
-                e.exit(mask_rip(target, mode), ExitReason::Next);
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Ret => {
@@ -1002,7 +1089,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     }
     let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
     if !ended {
-        e.exit(mask_rip(last.next_ip(), mode), ExitReason::Next);
+        e.exit_next(mask_rip(last.next_ip(), mode));
     }
     for m in std::mem::take(&mut e.misses) {
         dynasm!(e.a ; .arch x64 ; =>m.label);

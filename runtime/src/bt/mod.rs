@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 
-use btvmm_translator::abi::{rflags, seg, BtBlock, ExitReason};
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use btvmm_translator::abi::{ibtc_index, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
 use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
@@ -24,7 +26,7 @@ use crate::mmu::Access;
 
 /// CCFs a chain of jumps may enter before the dispatcher looks at the clock
 /// and the interrupt lines again.
-const CHAIN_BUDGET: u64 = 64;
+const CHAIN_BUDGET: u64 = 4096;
 
 /// The code cache hands out slots of these sizes; a CCF takes the smallest
 /// that holds it (one larger than the last is not cached: interpreted).
@@ -112,17 +114,20 @@ pub struct Bt {
     carved: usize,
     free_slots: [Vec<*const u8>; SLOT_CLASSES.len()],
     /// TU ids by recency of use from the dispatcher.
-    lru: lru::LruCache<u32, ()>,
+    lru: lru::LruCache<u32, (), FxBuildHasher>,
     entry: extern "sysv64" fn(),
     exit: u64,
-    map: HashMap<Key, Slot>,
-    by_page: HashMap<u64, Vec<Key>>,
+    map: FxHashMap<Key, Slot>,
+    by_page: FxHashMap<u64, Vec<Key>>,
     /// TUs by id; ids of removed TUs are reused.
     tus: Vec<Option<Tu>>,
     free_ids: Vec<u32>,
     /// The exit the last CCF left through, if it may be chained to the
     /// next TU: (TU id, stub index).
     pending_chain: Option<(u32, u8)>,
+    /// What the IBTC's entries were looked up under: TLB generation, mode,
+    /// CS base, CPL. Any change empties it.
+    ibtc_context: (u64, Mode, u64, u8),
     pub stats: BtStats,
 }
 
@@ -152,14 +157,15 @@ impl Bt {
             budget: cache_bytes.max(64 * 1024),
             carved: 0,
             free_slots: Default::default(),
-            lru: lru::LruCache::unbounded(),
+            lru: lru::LruCache::unbounded_with_hasher(FxBuildHasher),
             entry,
             exit,
-            map: HashMap::new(),
-            by_page: HashMap::new(),
+            map: FxHashMap::default(),
+            by_page: FxHashMap::default(),
             tus: Vec::new(),
             free_ids: Vec::new(),
             pending_chain: None,
+            ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0 }, 0, 0),
             stats: BtStats::default(),
         })
     }
@@ -194,6 +200,9 @@ impl Bt {
     fn remove_tu(&mut self, id: u32) {
         let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
         self.lru.pop(&id);
+        for e in self.block.ibtc.iter_mut().filter(|e| e[1] == tu.entry as u64) {
+            *e = [IBTC_EMPTY, 0];
+        }
         self.free_slots[tu.class].push(tu.base);
         if self.pending_chain.is_some_and(|(src, _)| src == id) {
             self.pending_chain = None;
@@ -271,6 +280,10 @@ impl Bt {
         }
     }
 
+    fn clear_ibtc(&mut self) {
+        self.block.ibtc.fill([IBTC_EMPTY, 0]);
+    }
+
     /// Evicts TU `id` from the cache.
     fn evict(&mut self, id: u32) {
         if let Some(Some(tu)) = self.tus.get(id as usize) {
@@ -292,6 +305,7 @@ impl Bt {
         self.free_ids.clear();
         self.pending_chain = None;
         self.lru.clear();
+        self.clear_ibtc();
         self.free_slots = Default::default();
         self.carved = 0;
         self.arena.clear();
@@ -376,7 +390,12 @@ impl Vcpu {
                 return;
             }
         };
+        let context = (self.tlb.generation, mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
         let bt = self.bt.as_mut().expect("translator on");
+        if bt.ibtc_context != context {
+            bt.clear_ibtc();
+            bt.ibtc_context = context;
+        }
         match slot {
             Slot::Interpret => {
                 bt.pending_chain = None;
@@ -384,10 +403,15 @@ impl Vcpu {
             }
             Slot::Tu(id) => {
                 bt.chain(id);
-                let entry = bt.tus[id as usize].as_ref().map(|t| t.entry);
-                if let Some(entry) = entry {
-                    self.enter_ccf(entry);
+                let Some(tu) = bt.tus[id as usize].as_ref() else { return };
+                let entry = tu.entry;
+                // Later indirect branches and jumps from other pages to
+                // here find it without the dispatcher.
+                if tu.page2.is_none() {
+                    let rip = tu.key.rip;
+                    bt.block.ibtc[ibtc_index(rip)] = [rip, entry as u64];
                 }
+                self.enter_ccf(entry);
             }
         }
     }
@@ -414,8 +438,12 @@ impl Vcpu {
             let bt = self.bt.as_mut().expect("translator on");
             if still {
                 bt.stats.lookups_hit += 1;
+                // Recency is sampled: promoting on every lookup costs more
+                // than the precision is worth.
                 if let Slot::Tu(id) = slot {
-                    bt.lru.promote(&id);
+                    if bt.stats.lookups_hit % 8 == 0 {
+                        bt.lru.promote(&id);
+                    }
                 }
                 return Ok(slot);
             }

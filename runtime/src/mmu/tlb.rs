@@ -35,6 +35,9 @@ pub struct Tlb {
     /// since the large mapping is spread over many 4 KiB entries.
     has_large: bool,
     pub flushes: u64,
+    /// Bumped whenever a mapping is dropped (flush, invlpg): what was looked
+    /// up through the TLB before may be stale after.
+    pub generation: u64,
 }
 
 impl Default for Tlb {
@@ -45,7 +48,7 @@ impl Default for Tlb {
 
 impl Tlb {
     pub fn new() -> Self {
-        Self { entries: Box::new([[[TlbEntry::EMPTY; TLB_SIZE]; 3]; 2]), has_large: false, flushes: 0 }
+        Self { entries: Box::new([[[TlbEntry::EMPTY; TLB_SIZE]; 3]; 2]), has_large: false, flushes: 0, generation: 0 }
     }
 
     #[inline(always)]
@@ -96,6 +99,7 @@ impl Tlb {
     /// Drops every non-global entry, or every entry if `keep_global` is false.
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
+        self.generation += 1;
         for e in self.entries.iter_mut().flatten().flatten() {
             if !(keep_global && e.global) {
                 *e = TlbEntry::EMPTY;
@@ -108,6 +112,7 @@ impl Tlb {
 
     /// `invlpg`: drops the mapping of the page holding `lin`, global or not.
     pub fn invalidate_page(&mut self, lin: u64) {
+        self.generation += 1;
         if self.has_large {
             self.flush(false);
             return;
