@@ -22,6 +22,7 @@ fn args(kernel: &str) -> RunArgs {
         boot_entry: None,
         fast_boot: false,
         engine: Engine::Interp,
+        code_cache: 64 << 20,
         trace: None,
         stats: false,
         profile: false,

@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub fast_boot: bool,
     /// Execution engine for guest code.
-    #[arg(long, value_enum, default_value_t = Engine::Interp)]
+    #[arg(long, value_enum, default_value_t = Engine::Bt)]
     pub engine: Engine,
     /// The binary translator's code-cache budget (e.g. 64M, 256K).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_cache_size)]

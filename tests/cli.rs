@@ -84,10 +84,24 @@ fn run_triple_fault_reports_guest_state_and_fails() {
 #[test]
 fn run_stats_reports_instructions_exceptions_and_io() {
     let k = aout_kernel("stats", &print_and_exit(b"ok\n", 0));
-    let o = btvmm(&["run", "--multiboot", k.to_str().unwrap(), "--stats"]);
+    let o = btvmm(&["run", "--engine", "interp", "--multiboot", k.to_str().unwrap(), "--stats"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     // mov dx; then mov al + out per byte and for the exit code.
     assert!(err.contains("guest instructions executed: 9"), "{err}");
+    assert!(err.contains("I/O port accesses by device: debug-exit:1 com1:3"), "{err}");
+    assert!(err.contains("translation units: none (engine: interpreter)"), "{err}");
+}
+
+#[test]
+fn run_stats_under_the_translator_reports_tus_and_callouts() {
+    let k = aout_kernel("stats-bt", &print_and_exit(b"ok\n", 0));
+    let o = btvmm(&["run", "--multiboot", k.to_str().unwrap(), "--stats"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The code is mov dx / (mov al, out)* : TUs of a mov each, ended by the
+    // out, which runs in the runtime.
+    assert!(err.contains("translation units: 16-bit 0, 32-bit "), "{err}");
+    assert!(err.contains("callouts: 4 (out:4)"), "{err}");
     assert!(err.contains("I/O port accesses by device: debug-exit:1 com1:3"), "{err}");
 }

@@ -96,6 +96,8 @@ macro_rules! engine_tests {
             kernel_test!(sysinstr64_matches_reference, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
             kernel_test!(usermode_matches_reference, "usermode", "BTVMM_KERNEL_USERMODE");
             kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
+            kernel_test!(callouts_matches_reference, "callouts", "BTVMM_KERNEL_CALLOUTS");
+            kernel_test!(callouts64_matches_reference, "callouts64", "BTVMM_KERNEL_CALLOUTS64");
 
             #[test]
             fn multiboot_info_matches_spec() {

@@ -145,17 +145,39 @@ fn boot_and_check(kernel: &str, initrd: &str, machine: &str, extra: &[&str]) {
 
 #[test]
 fn linux_amd64_boots_runs_commands_and_powers_off() {
-    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &[]);
+    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--engine", "interp"]);
 }
 
 #[test]
 fn linux_i386_boots_runs_commands_and_powers_off() {
-    boot_and_check("i386/vmlinuz-686", "i386/initramfs.cpio.gz", "i686", &[]);
+    boot_and_check("i386/vmlinuz-686", "i386/initramfs.cpio.gz", "i686", &["--engine", "interp"]);
 }
 
 #[test]
 fn linux_i386_pae_boots_runs_commands_and_powers_off() {
-    boot_and_check("i386/vmlinuz-686-pae", "i386/initramfs.cpio.gz", "i686", &[]);
+    boot_and_check("i386/vmlinuz-686-pae", "i386/initramfs.cpio.gz", "i686", &["--engine", "interp"]);
+}
+
+#[test]
+fn bt_linux_amd64_boots_runs_commands_and_powers_off() {
+    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--engine", "bt"]);
+}
+
+#[test]
+fn bt_linux_i386_boots_runs_commands_and_powers_off() {
+    boot_and_check("i386/vmlinuz-686", "i386/initramfs.cpio.gz", "i686", &["--engine", "bt"]);
+}
+
+#[test]
+fn bt_linux_i386_pae_boots_runs_commands_and_powers_off() {
+    boot_and_check("i386/vmlinuz-686-pae", "i386/initramfs.cpio.gz", "i686", &["--engine", "bt"]);
+}
+
+/// A code cache far smaller than the kernel's working set: TUs are evicted
+/// and unchained all the way to the shell.
+#[test]
+fn bt_linux_amd64_boots_with_a_tiny_code_cache() {
+    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--engine", "bt", "--code-cache", "8M"]);
 }
 
 fn one_error_line(out: &Output, what: &str) {
@@ -202,5 +224,5 @@ fn linux_initrd_larger_than_memory_is_one_clear_error() {
 
 #[test]
 fn linux_amd64_fast_boot_matches_the_normal_boot() {
-    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--fast-boot"]);
+    boot_and_check("amd64/vmlinuz", "amd64/initramfs.cpio.gz", "x86_64", &["--fast-boot", "--engine", "interp"]);
 }

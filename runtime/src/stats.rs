@@ -49,7 +49,15 @@ impl Stats {
     /// The report printed at exit, with the translator's counters if it ran.
     pub fn report(&self, bt: Option<&crate::bt::BtStats>) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
+        match bt {
+            None => {
+                let _ = writeln!(s, "guest instructions executed: {}", self.instructions);
+            }
+            // Translated code counts no instructions.
+            Some(_) => {
+                let _ = writeln!(s, "guest instructions interpreted (callouts, untranslated code): {}", self.instructions);
+            }
+        }
         let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
         // The binary translator's counters: TUs per bitness (as the VMware
         // papers report them), IDENT share, callouts by kind, code cache.

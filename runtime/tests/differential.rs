@@ -276,3 +276,13 @@ fn interpreter_matches_host() {
     let report = check_against_host(&mut InterpAdapter::new());
     assert!(report.instructions >= 100_000, "only {} instructions", report.instructions);
 }
+
+/// The same corpus (memory operands in the window, stack, string and
+/// control-flow compounds included) translated: the host, the interpreter
+/// (above) and the translator all agree.
+#[test]
+fn translator_matches_host() {
+    let mut bt = InterpAdapter::translator();
+    let report = check_against_host(&mut bt);
+    assert!(report.instructions >= 100_000, "only {} instructions", report.instructions);
+}

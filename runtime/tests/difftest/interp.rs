@@ -1,4 +1,4 @@
-//! The interpreter as a differential-test executor.
+//! The interpreter, and the binary translator, as differential-test executors.
 //!
 //! Guest layout (4-level paging, CPL 3): the code pages at `CODE_ADDR` and
 //! the window at `WINDOW_ADDR` are mapped to small guest-physical pages, so
@@ -25,9 +25,20 @@ const BUDGET: u64 = 1_000_000;
 pub struct InterpAdapter {
     vcpu: Vcpu,
     events: EventSignal,
+    /// The translator runs the code (sequences only branch forward, so a
+    /// run without an instruction budget always ends).
+    translated: bool,
 }
 
 impl InterpAdapter {
+    /// The binary translator (CPL 3 code translated as with --user-mode bt).
+    pub fn translator() -> Self {
+        let mut a = Self::new();
+        a.vcpu.enable_bt(64 << 20).expect("translator");
+        a.translated = true;
+        a
+    }
+
     pub fn new() -> Self {
         let mem = Arc::new(GuestMemory::new(1 << 20).expect("guest memory"));
         let pte = 0x7; // present, writable, user
@@ -43,7 +54,7 @@ impl InterpAdapter {
         }
         let mut vcpu = Vcpu::new(mem, Box::new(NullPlatform));
         vcpu.trap_exceptions = true;
-        Self { vcpu, events: EventSignal::new() }
+        Self { vcpu, events: EventSignal::new(), translated: false }
     }
 
     fn reset(&mut self, init: &MachineState) {
@@ -73,7 +84,7 @@ impl InterpAdapter {
 
 impl Executor for InterpAdapter {
     fn name(&self) -> &str {
-        "interpreter"
+        if self.translated { "translator" } else { "interpreter" }
     }
 
     fn run(&mut self, code: &[u8], code_addr: u64, init: &MachineState, window: &mut [u8]) -> Result<Outcome, ExecutorError> {
@@ -88,12 +99,13 @@ impl Executor for InterpAdapter {
         self.vcpu.cpu.regs.rip = code_addr;
         let start = self.vcpu.stats.instructions;
         let end = code_addr + code.len() as u64;
-        let exit = self.vcpu.run(&self.events, Some(BUDGET));
+        let exit = self.vcpu.run(&self.events, if self.translated { None } else { Some(BUDGET) });
         mem.read(WINDOW_PHYS, window);
-        let retired = self.vcpu.stats.instructions - start;
+        // Translated code counts no instructions.
+        let retired = (!self.translated).then(|| self.vcpu.stats.instructions - start - 1);
         match exit {
             VmExit::Exception(e) if e.vector == 13 && self.vcpu.cpu.regs.rip == end => {
-                Ok(Outcome::Completed { state: self.state(), retired: Some(retired - 1) })
+                Ok(Outcome::Completed { state: self.state(), retired })
             }
             VmExit::Exception(e) => Ok(Outcome::Fault {
                 vector: e.vector,
