@@ -47,6 +47,7 @@ fn describe(t: Treatment) -> &'static str {
         Treatment::Ident => "IDENT",
         Treatment::Mem => "MEM",
         Treatment::Control => "CONTROL",
+        Treatment::Inline => "SENSITIVE: inline over the virtual state in the vCPU block",
         Treatment::Callout => "SENSITIVE: exits to the shared Rust semantics",
     }
 }
@@ -89,7 +90,7 @@ fn print_ccf(out: &mut String, f: &mut IntelFormatter, ccf: &Ccf, bytes: &[u8], 
 pub fn run(args: &TranslateArgs) -> anyhow::Result<String> {
     let bytes = guest_bytes(args)?;
     let bits: u32 = args.bits.parse().unwrap_or(64);
-    let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits };
+    let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits, cpl0: true };
     let mut f = IntelFormatter::new();
     f.options_mut().set_first_operand_char_index(8);
     let mut out = String::new();

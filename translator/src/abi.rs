@@ -157,6 +157,22 @@ pub struct BtBlock {
     /// Which exit stub the CCF left through: `tu_id << 8 | stub index`, so
     /// the dispatcher can chain it.
     pub exit_site: u64,
+    /// The virtual flags CCFs change inline: IF (`cli`) and DF (`cld`,
+    /// `std`), one byte each (0 or 1), and every other non-arithmetic RFLAGS
+    /// bit as of the entry (what `pushf` pushes besides them).
+    pub vif: u8,
+    pub vdf: u8,
+    pub _pad: [u8; 6],
+    pub vflags: u64,
+    /// Virtual system registers the inline reads return (as of the entry:
+    /// only callouts change them): CR0, GDTR, IDTR, the LDTR and TR selectors.
+    pub cr0: u64,
+    pub gdtr_base: u64,
+    pub gdtr_limit: u64,
+    pub idtr_base: u64,
+    pub idtr_limit: u64,
+    pub ldtr_sel: u64,
+    pub tr_sel: u64,
     /// The indirect-branch translation cache: (guest RIP, CCF entry) pairs,
     /// at [`ibtc_index`] of the RIP. Indirect branches and jumps to another
     /// page look here before leaving for the dispatcher, which fills it and
@@ -189,6 +205,17 @@ impl Default for BtBlock {
             tlb_write: 0,
             budget: 0,
             exit_site: 0,
+            vif: 0,
+            vdf: 0,
+            _pad: [0; 6],
+            vflags: 0,
+            cr0: 0,
+            gdtr_base: 0,
+            gdtr_limit: 0,
+            idtr_base: 0,
+            idtr_limit: 0,
+            ldtr_sel: 0,
+            tr_sel: 0,
             ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
         }
     }
@@ -212,7 +239,17 @@ impl BtBlock {
     pub const OFF_TLB_WRITE: usize = Self::OFF_TLB_READ + 8;
     pub const OFF_BUDGET: usize = Self::OFF_TLB_WRITE + 8;
     pub const OFF_EXIT_SITE: usize = Self::OFF_BUDGET + 8;
-    pub const OFF_IBTC: usize = Self::OFF_EXIT_SITE + 8;
+    pub const OFF_VIF: usize = Self::OFF_EXIT_SITE + 8;
+    pub const OFF_VDF: usize = Self::OFF_VIF + 1;
+    pub const OFF_VFLAGS: usize = Self::OFF_VIF + 8;
+    pub const OFF_CR0: usize = Self::OFF_VFLAGS + 8;
+    pub const OFF_GDTR_BASE: usize = Self::OFF_CR0 + 8;
+    pub const OFF_GDTR_LIMIT: usize = Self::OFF_GDTR_BASE + 8;
+    pub const OFF_IDTR_BASE: usize = Self::OFF_GDTR_LIMIT + 8;
+    pub const OFF_IDTR_LIMIT: usize = Self::OFF_IDTR_BASE + 8;
+    pub const OFF_LDTR_SEL: usize = Self::OFF_IDTR_LIMIT + 8;
+    pub const OFF_TR_SEL: usize = Self::OFF_LDTR_SEL + 8;
+    pub const OFF_IBTC: usize = Self::OFF_TR_SEL + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -290,6 +327,13 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, tlb_write), BtBlock::OFF_TLB_WRITE);
         assert_eq!(offset_of!(BtBlock, budget), BtBlock::OFF_BUDGET);
         assert_eq!(offset_of!(BtBlock, exit_site), BtBlock::OFF_EXIT_SITE);
+        assert_eq!(offset_of!(BtBlock, vif), BtBlock::OFF_VIF);
+        assert_eq!(offset_of!(BtBlock, vdf), BtBlock::OFF_VDF);
+        assert_eq!(offset_of!(BtBlock, vflags), BtBlock::OFF_VFLAGS);
+        assert_eq!(offset_of!(BtBlock, cr0), BtBlock::OFF_CR0);
+        assert_eq!(offset_of!(BtBlock, gdtr_base), BtBlock::OFF_GDTR_BASE);
+        assert_eq!(offset_of!(BtBlock, idtr_limit), BtBlock::OFF_IDTR_LIMIT);
+        assert_eq!(offset_of!(BtBlock, tr_sel), BtBlock::OFF_TR_SEL);
         assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
     }
 }

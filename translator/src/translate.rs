@@ -53,6 +53,9 @@ pub struct Mode {
     pub seg_usable_mask: u8,
     /// Stack address size (SS.B, or 64): 16-bit stacks are left to the runtime.
     pub stack_bits: u32,
+    /// The code runs at CPL 0: `cli` and the reads of system registers
+    /// (which may fault at other privileges) become inline code.
+    pub cpl0: bool,
 }
 
 /// How the instructions of a TU were translated.
@@ -66,6 +69,29 @@ pub struct Counts {
     pub sensitive: u32,
 }
 
+/// The sensitive instructions that become inline code reading or writing
+/// the virtual state in the vCPU block, instead of callouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VirtualOp {
+    /// cli: the virtual IF byte to 0 (CPL 0 only).
+    Cli,
+    /// cld/std: the virtual DF byte.
+    SetDf(u8),
+    /// pushf: arithmetic flags from the host, the rest virtual.
+    Pushf,
+    /// smsw/sldt/str/sgdt/sidt: a value from the block into a register or memory.
+    Read(SysReg),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SysReg {
+    Cr0,
+    Ldtr,
+    Tr,
+    Gdtr,
+    Idtr,
+}
+
 /// What one guest instruction became.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Treatment {
@@ -75,6 +101,8 @@ pub enum Treatment {
     Mem,
     /// A branch into exit stubs (chained later).
     Control,
+    /// Sensitive, done inline over the virtual state in the vCPU block.
+    Inline,
     /// An exit to the shared Rust semantics, which run it.
     Callout,
 }
@@ -138,6 +166,8 @@ enum Plan {
     Ret,
     /// jmp or call through a register.
     IndirectReg,
+    /// Inline code over the virtual state in the vCPU block.
+    Virtual(VirtualOp),
     /// Ends the TU: the runtime runs this instruction.
     Stop,
 }
@@ -234,6 +264,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if let Some(plan) = plan_stack(insn, mode) {
         return plan;
     }
+    if let Some(op) = plan_virtual(insn, mode) {
+        return Plan::Virtual(op);
+    }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
     }
@@ -314,6 +347,37 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
             | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
             | F::RDRAND | F::RDSEED | F::CLFSH | F::CLFLUSHOPT | F::PREFETCHW
     )
+}
+
+/// Sensitive instructions done inline over the virtual state.
+fn plan_virtual(insn: &Instruction, mode: Mode) -> Option<VirtualOp> {
+    // A register destination other than RSP; a memory one through a usable segment.
+    let dest_ok = insn.op_count() == 0
+        || match insn.op0_kind() {
+            OpKind::Register => gpr_number(insn.op0_register()).is_some_and(|n| n != RSP),
+            OpKind::Memory => mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0,
+            _ => false,
+        };
+    let op = match insn.mnemonic() {
+        Mnemonic::Cli if mode.cpl0 => VirtualOp::Cli,
+        Mnemonic::Cld => VirtualOp::SetDf(0),
+        Mnemonic::Std => VirtualOp::SetDf(1),
+        Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => {
+            let stack_ok = (mode.stack_bits == 32 || mode.stack_bits == 64) && mode.seg_usable_mask & (1 << seg::SS) != 0;
+            if !stack_ok {
+                return None;
+            }
+            VirtualOp::Pushf
+        }
+        Mnemonic::Smsw if mode.cpl0 => VirtualOp::Read(SysReg::Cr0),
+        Mnemonic::Sldt if mode.cpl0 => VirtualOp::Read(SysReg::Ldtr),
+        Mnemonic::Str if mode.cpl0 => VirtualOp::Read(SysReg::Tr),
+        // The 10-byte image of 64-bit mode only (compatibility mode differs).
+        Mnemonic::Sgdt if mode.cpl0 && mode.bits == 64 => VirtualOp::Read(SysReg::Gdtr),
+        Mnemonic::Sidt if mode.cpl0 && mode.bits == 64 => VirtualOp::Read(SysReg::Idtr),
+        _ => return None,
+    };
+    dest_ok.then_some(op)
 }
 
 /// Stack instructions the translator does itself, through SS.
@@ -897,6 +961,109 @@ impl Emitter {
         Ok(())
     }
 
+    /// Inline code over the virtual state (see [`VirtualOp`]).
+    fn virtual_op(&mut self, insn: &Instruction, op: VirtualOp, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        match op {
+            VirtualOp::Cli => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VIF as i32], 0),
+            VirtualOp::SetDf(v) => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VDF as i32], v as i8),
+            VirtualOp::Pushf => self.pushf(insn, info),
+            VirtualOp::Read(r) => {
+                let off = match r {
+                    SysReg::Cr0 => BtBlock::OFF_CR0,
+                    SysReg::Ldtr => BtBlock::OFF_LDTR_SEL,
+                    SysReg::Tr => BtBlock::OFF_TR_SEL,
+                    SysReg::Gdtr => BtBlock::OFF_GDTR_LIMIT,
+                    SysReg::Idtr => BtBlock::OFF_IDTR_LIMIT,
+                } as i32;
+                if insn.op0_kind() == OpKind::Register {
+                    let dst = insn.op0_register();
+                    let n = gpr_number(dst).ok_or(Unencodable)?;
+                    // As the interpreter's set_reg: 16 bits merge, wider zero-extend
+                    // (smsw gives CR0's low 32 bits).
+                    if dst.size() == 2 {
+                        dynasm!(self.a ; .arch x64 ; gs mov Rw(n), WORD [off]);
+                    } else {
+                        dynasm!(self.a ; .arch x64 ; gs mov Rd(n), DWORD [off]);
+                    }
+                    return Ok(());
+                }
+                self.store_virtual(insn, r, off, live, info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// smsw/sldt/str/sgdt/sidt to memory: address, probe, store from the block.
+    fn store_virtual(&mut self, insn: &Instruction, r: SysReg, off: i32, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let table = matches!(r, SysReg::Gdtr | SysReg::Idtr);
+        let size = if table { 10 } else { 2 };
+        let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP);
+        let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; pushfq);
+        }
+        self.spill(&scratch);
+        let s_rsp = uses_rsp.then(|| scratch[3]);
+        if let Some(r) = s_rsp {
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
+        }
+        self.address(insn, s0, s_rsp)?;
+        self.add_segment_base(s0, seg_index(insn.memory_segment()));
+        let miss = self.probe(s0, s1, s2, size, true);
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov Rw(s1), WORD [off]
+            ; mov WORD [Rq(s0)], Rw(s1)
+        );
+        if table {
+            // The base follows the limit in the block too.
+            dynasm!(self.a
+                ; .arch x64
+                ; gs mov Rq(s1), QWORD [off - 8]
+                ; mov QWORD [Rq(s0) + 2], Rq(s1)
+            );
+        }
+        self.unspill(&scratch);
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        }
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        Ok(())
+    }
+
+    /// pushf: the image is the host's arithmetic flags, the virtual IF and
+    /// DF bytes, and the other virtual bits (RF and VM read as 0).
+    fn pushf(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        let size = -insn.stack_pointer_increment();
+        let scratch = pick_scratch(insn, info, 4);
+        let (s0, s1, s2, v) = (scratch[0], scratch[1], scratch[2], scratch[3]);
+        // pushfq saves the guest's flags for the whole sequence and gives
+        // their arithmetic part.
+        dynasm!(self.a ; .arch x64 ; pushfq);
+        self.spill(&scratch);
+        dynasm!(self.a
+            ; .arch x64
+            ; mov Rq(v), QWORD [rsp]
+            ; and Rd(v), 0x8d5
+            ; gs or Rq(v), QWORD [BtBlock::OFF_VFLAGS as i32]
+            ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VIF as i32]
+            ; shl Rd(s1), 9
+            ; or Rq(v), Rq(s1)
+            ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VDF as i32]
+            ; shl Rd(s1), 10
+            ; or Rq(v), Rq(s1)
+        );
+        self.load_rsp(s0, -size);
+        self.add_segment_base(s0, seg::SS);
+        let miss = self.probe(s0, s1, s2, size, true);
+        self.store(s0, s1, size, Ok(v));
+        self.move_rsp(s0, -size);
+        self.unspill(&scratch);
+        dynasm!(self.a ; .arch x64 ; popfq);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: true });
+    }
+
     fn indirect_exit(&mut self, rip: u64) {
         let offset = self.a.offset().0;
         let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
@@ -1113,6 +1280,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.control += 1;
                 ended = true;
             }
+            Plan::Virtual(op) => {
+                e.virtual_op(insn, op, live[k], &mut info).map_err(|_| k)?;
+                e.counts.sensitive += 1;
+            }
             Plan::Stop => {
                 e.counts.sensitive += 1;
                 e.exit(insn.ip(), ExitReason::Interpret);
@@ -1140,6 +1311,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         .map(|(_, p)| match p {
             Plan::Nothing | Plan::Ident => Treatment::Ident,
             Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave => Treatment::Mem,
+            Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
             Plan::Stop => Treatment::Callout,
         })
@@ -1168,7 +1340,7 @@ mod tests {
     use super::*;
 
     fn mode(bits: u32) -> Mode {
-        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits }
+        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true }
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.

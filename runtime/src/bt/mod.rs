@@ -165,7 +165,7 @@ impl Bt {
             tus: Vec::new(),
             free_ids: Vec::new(),
             pending_chain: None,
-            ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0 }, 0, 0),
+            ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
             stats: BtStats::default(),
         })
     }
@@ -338,7 +338,7 @@ impl Bt {
 fn bt_mode(v: &Vcpu) -> Option<Mode> {
     let c = &v.cpu;
     match c.mode {
-        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64 }),
+        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0 }),
         // Branch targets are not checked against the CS limit: CS must span 4 GiB.
         CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
             let (mut seg_base_mask, mut seg_usable_mask) = (0u8, 0u8);
@@ -357,7 +357,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 }
             }
             let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
-            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits })
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0 })
         }
         _ => None,
     }
@@ -566,7 +566,16 @@ impl Vcpu {
         let b = &mut *bt.block;
         b.regs.gpr = self.cpu.regs.gpr;
         b.regs.rip = self.cpu.regs.rip;
-        b.host_flags = (self.cpu.regs.rflags & rflags::ARITH) | rflags::FIXED1;
+        let f = self.cpu.regs.rflags;
+        b.host_flags = (f & rflags::ARITH) | rflags::FIXED1;
+        b.vif = (f & rflags::IF != 0) as u8;
+        b.vdf = (f & rflags::DF != 0) as u8;
+        b.vflags = (f & !(rflags::ARITH | rflags::IF | rflags::DF | rflags::RF | rflags::VM)) | rflags::FIXED1;
+        let c = &self.cpu;
+        b.cr0 = c.cr0;
+        (b.gdtr_base, b.gdtr_limit) = (c.gdtr.base, c.gdtr.limit as u64);
+        (b.idtr_base, b.idtr_limit) = (c.idtr.base, c.idtr.limit as u64);
+        (b.ldtr_sel, b.tr_sel) = (c.ldtr.selector as u64, c.tr.selector as u64);
         for (i, s) in self.cpu.seg.iter().enumerate() {
             b.seg_base[i] = s.base;
         }
@@ -580,7 +589,9 @@ impl Vcpu {
         let b = &*bt.block;
         self.cpu.regs.gpr = b.regs.gpr;
         self.cpu.regs.rip = b.regs.rip;
-        self.cpu.regs.rflags = (self.cpu.regs.rflags & !rflags::ARITH) | (b.host_flags & rflags::ARITH);
+        let virt = (rflags::IF * b.vif as u64) | (rflags::DF * b.vdf as u64);
+        self.cpu.regs.rflags =
+            (self.cpu.regs.rflags & !(rflags::ARITH | rflags::IF | rflags::DF)) | (b.host_flags & rflags::ARITH) | virt;
         let site = b.exit_site;
         match ExitReason::from_raw(b.exit_reason) {
             Some(ExitReason::Next) => bt.pending_chain = Some(((site >> 8) as u32, (site & 0xff) as u8)),

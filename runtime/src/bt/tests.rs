@@ -115,3 +115,47 @@ fn eviction_under_a_tiny_cache_keeps_results() {
     assert!(s.evictions > 100, "{} evictions", s.evictions);
     assert!(s.chained > 0);
 }
+
+/// cli, cld/std, pushf and the reads of system registers are inline code
+/// in a CCF: what they produce equals the interpreter's.
+#[test]
+fn inline_virtual_state_matches_the_interpreter() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(esp, DATA as u32).unwrap();
+    a.stc().unwrap();
+    a.std().unwrap();
+    a.pushfd().unwrap(); // CF, DF, IF (set below) as the guest sees them
+    a.cli().unwrap();
+    a.cld().unwrap();
+    a.pushfd().unwrap();
+    a.pop(eax).unwrap();
+    a.pop(ebx).unwrap();
+    a.smsw(ecx).unwrap();
+    a.sldt(dx).unwrap();
+    a.str(si).unwrap();
+    a.smsw(word_ptr(DATA as u32 + 0x100)).unwrap();
+    a.mov(edi, dword_ptr(DATA as u32 + 0x100)).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut results = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.cpu.regs.rflags |= crate::cpu::rflags::IF;
+        v.cpu.tr.selector = 0x28;
+        run(&mut v);
+        if let Some(b) = v.bt.as_ref() {
+            // Memory forms may take a soft-TLB miss on first touch; the
+            // rest never leave the CCF.
+            use iced_x86::Mnemonic as M;
+            for m in [M::Cli, M::Cld, M::Std, M::Sldt, M::Str, M::Stc] {
+                assert!(!b.stats.callouts.contains_key(&m), "{m:?} was a callout: {:?}", b.stats.callouts);
+            }
+        }
+        results.push((v.cpu.regs.gpr, v.cpu.regs.rflags));
+    }
+    assert_eq!(results[0], results[1]);
+    let (gpr, _) = results[1];
+    assert_eq!(gpr[3] & 0x601, 0x601, "first image: IF, DF and CF set");
+    assert_eq!(gpr[0] & 0x601, 0x001, "second image: IF and DF clear");
+    assert_eq!(gpr[6] & 0xffff, 0x28, "str");
+}
