@@ -292,7 +292,7 @@ impl ExitReason {
 /// its tables in this shape; a runtime test checks it).
 pub mod tlb {
     /// Entries per table (a power of two), indexed by linear page number.
-    pub const ENTRIES: usize = 256;
+    pub const ENTRIES: usize = 1024;
     /// Bytes per entry.
     pub const ENTRY_BYTES: usize = 32;
     /// The linear page address an entry maps (never page-aligned when empty).
