@@ -20,9 +20,11 @@
 //!   string instructions, divisions, which fault on the host) ends the TU
 //!   with an exit that runs the instruction in the shared Rust semantics.
 //!
-//! Arithmetic flags live in host RFLAGS. A TLB probe clobbers them, so it is
-//! wrapped in `pushfq`/`popfq` exactly where liveness inside the TU says the
-//! guest's flags are still needed.
+//! Arithmetic flags live in host RFLAGS. A TLB probe clobbers them, so it
+//! saves them first (`pushfq`, cheap) and, on a hit, restores them (`popfq`,
+//! dear) only where liveness inside the TU says they are still needed, else
+//! drops them; a miss always restores them, since the instruction may fault
+//! and the guest sees its flags in the exception frame.
 
 use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use iced_x86::{
@@ -519,7 +521,6 @@ struct Miss {
     label: DynamicLabel,
     rip: u64,
     scratch: Vec<u8>,
-    flags_saved: bool,
 }
 
 fn scratch_off(slot: usize) -> i32 {
@@ -613,6 +614,23 @@ impl Emitter {
         Ok(())
     }
 
+    /// Saves the guest's flags before a probe clobbers them. Always: even
+    /// flags that are dead in the TU are visible in the frame of a fault
+    /// the instruction takes (the probe's miss path restores them).
+    fn save_flags(&mut self) {
+        dynasm!(self.a ; .arch x64 ; pushfq);
+    }
+
+    /// After a probe hit: the saved flags back if they are live, else just
+    /// dropped (pushfq is cheap, popfq is not).
+    fn restore_flags(&mut self, live: u32) {
+        if live != 0 {
+            dynasm!(self.a ; .arch x64 ; popfq);
+        } else {
+            dynasm!(self.a ; .arch x64 ; lea rsp, [rsp + 8]);
+        }
+    }
+
     fn spill(&mut self, scratch: &[u8]) {
         for (slot, &r) in scratch.iter().enumerate() {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(slot)], Rq(r));
@@ -686,8 +704,6 @@ impl Emitter {
         let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         let s_rsp = uses_rsp.then(|| scratch[3]);
-        let flags_saved = live != 0;
-
         // The rewritten instruction first: if it cannot be encoded, nothing
         // has been emitted yet.
         let mut body = *insn;
@@ -719,9 +735,7 @@ impl Emitter {
         enc.encode(&body, 0).map_err(|_| Unencodable)?;
         let body_bytes = enc.take_buffer();
 
-        if flags_saved {
-            dynasm!(self.a ; .arch x64 ; pushfq);
-        }
+        self.save_flags();
         self.spill(&scratch);
         if let Some(r) = s_rsp {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
@@ -735,9 +749,7 @@ impl Emitter {
             ; gs mov Rq(s1), QWORD [scratch_off(1)]
             ; gs mov Rq(s2), QWORD [scratch_off(2)]
         );
-        if flags_saved {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
             if writes_rsp(insn, info) {
@@ -746,7 +758,7 @@ impl Emitter {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(3)]);
         }
         dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
         Ok(())
     }
 
@@ -802,13 +814,12 @@ impl Emitter {
     }
 
     /// The host address of `size` stack bytes at guest RSP + `delta`, into
-    /// `s0` (its scratch registers spilled first, flags saved if `live`).
+    /// `s0` (flags saved and its scratch registers spilled first).
     /// Returns the miss label; the caller restores s1/s2 and the flags.
     fn stack_slot(&mut self, scratch: &[u8], delta: i32, size: i32, write: bool, live: u32) -> DynamicLabel {
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        if live != 0 {
-            dynasm!(self.a ; .arch x64 ; pushfq);
-        }
+        let _ = live;
+        self.save_flags();
         self.spill(scratch);
         self.load_rsp(s0, delta);
         self.add_segment_base(s0, seg::SS);
@@ -841,9 +852,7 @@ impl Emitter {
             ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
             ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]
         );
-        if live != 0 {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
     }
 
     /// push reg/imm, or the return address of a call: writes below RSP,
@@ -853,9 +862,7 @@ impl Emitter {
         let miss = self.stack_slot(&scratch, -size, size, true, live);
         // Keep s1 for a 64-bit immediate; restore it after the store.
         dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]);
-        if live != 0 {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         self.store(scratch[0], scratch[1], size, value);
         self.move_rsp(scratch[0], -size);
         dynasm!(self.a
@@ -863,7 +870,7 @@ impl Emitter {
             ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
             ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
         );
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
     }
 
     /// pop reg: reads at RSP, then moves RSP.
@@ -881,7 +888,7 @@ impl Emitter {
         }
         self.move_rsp(s0, size);
         dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
         Ok(())
     }
 
@@ -891,7 +898,6 @@ impl Emitter {
         let size = (self.mode.bits / 8) as i32;
         let extra = if insn.op_count() > 0 { insn.immediate16() as i32 } else { 0 };
         let scratch = pick_scratch(insn, info, 3);
-        let saved = live != 0;
         let miss = self.stack_slot(&scratch, 0, size, false, live);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         if size == 8 {
@@ -908,16 +914,12 @@ impl Emitter {
         self.move_rsp(s0, size + extra);
         let ibtc_miss = self.ibtc_lookup(s1, s2);
         self.unspill(&scratch);
-        if saved {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         dynasm!(self.a ; .arch x64 ; gs jmp QWORD [BtBlock::OFF_TARGET as i32] ; =>ibtc_miss);
         self.unspill(&scratch);
-        if saved {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         self.indirect_exit(insn.ip());
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: saved });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
     }
 
     /// jmp/call through a register, then the IBTC, or an indirect exit.
@@ -936,10 +938,7 @@ impl Emitter {
             let size = (self.mode.bits / 8) as i32;
             self.push(insn, Err(insn.next_ip() as i64), size, live, info);
         }
-        let saved = live != 0;
-        if saved {
-            dynasm!(self.a ; .arch x64 ; pushfq);
-        }
+        self.save_flags();
         self.spill(&scratch[..2]);
         if self.mode.bits == 64 {
             dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(r));
@@ -949,14 +948,10 @@ impl Emitter {
         dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s0));
         let ibtc_miss = self.ibtc_lookup(s0, s1);
         self.unspill(&scratch[..2]);
-        if saved {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         dynasm!(self.a ; .arch x64 ; gs jmp QWORD [BtBlock::OFF_TARGET as i32] ; =>ibtc_miss);
         self.unspill(&scratch[..2]);
-        if saved {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
+        self.restore_flags(live);
         self.indirect_exit(insn.ip());
         Ok(())
     }
@@ -1000,9 +995,7 @@ impl Emitter {
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP);
         let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        if live != 0 {
-            dynasm!(self.a ; .arch x64 ; pushfq);
-        }
+        self.save_flags();
         self.spill(&scratch);
         let s_rsp = uses_rsp.then(|| scratch[3]);
         if let Some(r) = s_rsp {
@@ -1025,10 +1018,8 @@ impl Emitter {
             );
         }
         self.unspill(&scratch);
-        if live != 0 {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        }
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: live != 0 });
+        self.restore_flags(live);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
         Ok(())
     }
 
@@ -1061,7 +1052,7 @@ impl Emitter {
         self.move_rsp(s0, -size);
         self.unspill(&scratch);
         dynasm!(self.a ; .arch x64 ; popfq);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: true });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
     }
 
     fn indirect_exit(&mut self, rip: u64) {
@@ -1298,9 +1289,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     for m in std::mem::take(&mut e.misses) {
         dynasm!(e.a ; .arch x64 ; =>m.label);
         e.unspill(&m.scratch);
-        if m.flags_saved {
-            dynasm!(e.a ; .arch x64 ; popfq);
-        }
+        dynasm!(e.a ; .arch x64 ; popfq);
         e.exit(m.rip, ExitReason::Interpret);
     }
     let guest_bytes = (last.next_ip().wrapping_sub(rip)) as usize;
@@ -1362,9 +1351,14 @@ mod tests {
         let mut depth = 0i32;
         for i in &mut d {
             assert!(!i.is_invalid(), "{what}: invalid host code at {:#x}", i.ip());
+            let drop_flags = i.mnemonic() == Mnemonic::Lea
+                && i.op0_register() == Register::RSP
+                && i.memory_base() == Register::RSP
+                && i.memory_displacement64() == 8;
             match i.mnemonic() {
                 Mnemonic::Pushfq => depth += 1,
                 Mnemonic::Popfq => depth -= 1,
+                _ if drop_flags => depth -= 1,
                 _ => {
                     let writes_rsp = info.info(&i).used_registers().iter().any(|u| {
                         u.register().full_register() == Register::RSP

@@ -159,3 +159,31 @@ fn inline_virtual_state_matches_the_interpreter() {
     assert_eq!(gpr[0] & 0x601, 0x001, "second image: IF and DF clear");
     assert_eq!(gpr[6] & 0xffff, 0x28, "str");
 }
+
+/// A memory access that faults sees the guest's flags even where the TU
+/// finds them dead (the next instruction overwrites them): they are in the
+/// exception frame. (The first version dropped them around the soft-TLB
+/// probe, so a #PF pushed the probe's flags; found by the hostile kernel.)
+#[test]
+fn a_fault_in_translated_code_keeps_dead_flags() {
+    use crate::cpu::{cr0, cr4, rflags};
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.stc().unwrap();
+    a.mov(eax, dword_ptr(0x0800_0000)).unwrap(); // beyond the one 4 MiB page: #PF
+    a.add(ebx, 1).unwrap(); // overwrites every flag: dead across the probe
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write_u32(DATA, 0x83); // one 4 MiB page, identity
+        v.cpu.cr3 = DATA;
+        v.cpu.cr4 |= cr4::PSE;
+        v.cpu.cr0 |= cr0::PG;
+        v.cpu.update_mode();
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, CODE + 1, "precise: at the mov ({bt:?})");
+        assert_ne!(v.cpu.regs.rflags & rflags::CF, 0, "CF from stc, as the frame would show ({bt:?})");
+    }
+}
