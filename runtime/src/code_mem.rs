@@ -104,6 +104,11 @@ impl CodeArena {
         Ok(chunk.executable[start..].as_ptr())
     }
 
+    /// The executable address ranges of the chunks mapped now.
+    pub fn ranges(&self) -> Vec<(usize, usize)> {
+        self.chunks.iter().map(|c| (c.executable.as_ptr() as usize, c.executable.as_ptr() as usize + c.executable.len())).collect()
+    }
+
     /// Bytes published since the last clear.
     pub fn used(&self) -> usize {
         self.total

@@ -173,6 +173,11 @@ pub struct BtBlock {
     pub idtr_limit: u64,
     pub ldtr_sel: u64,
     pub tr_sel: u64,
+    /// The guest RIP of the instruction that may take a host fault next
+    /// (a division), stored just before it, and where the fault handler
+    /// sends the host to leave the CCF.
+    pub fault_rip: u64,
+    pub fault_exit: u64,
     /// The indirect-branch translation cache: (guest RIP, CCF entry) pairs,
     /// at [`ibtc_index`] of the RIP. Indirect branches and jumps to another
     /// page look here before leaving for the dispatcher, which fills it and
@@ -216,6 +221,8 @@ impl Default for BtBlock {
             idtr_limit: 0,
             ldtr_sel: 0,
             tr_sel: 0,
+            fault_rip: 0,
+            fault_exit: 0,
             ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
         }
     }
@@ -249,7 +256,9 @@ impl BtBlock {
     pub const OFF_IDTR_LIMIT: usize = Self::OFF_IDTR_BASE + 8;
     pub const OFF_LDTR_SEL: usize = Self::OFF_IDTR_LIMIT + 8;
     pub const OFF_TR_SEL: usize = Self::OFF_LDTR_SEL + 8;
-    pub const OFF_IBTC: usize = Self::OFF_TR_SEL + 8;
+    pub const OFF_FAULT_RIP: usize = Self::OFF_TR_SEL + 8;
+    pub const OFF_FAULT_EXIT: usize = Self::OFF_FAULT_RIP + 8;
+    pub const OFF_IBTC: usize = Self::OFF_FAULT_EXIT + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -274,6 +283,10 @@ pub enum ExitReason {
     /// slot [`BtBlock::SLOT_OLD_RSP`] holds RSP from before it, so a target
     /// that faults (non-canonical) can be replayed precisely.
     Indirect = 3,
+    /// A host fault in the CCF (a division by zero or overflow): nothing of
+    /// the instruction at RIP happened; the runtime runs it, raising the
+    /// guest's exception.
+    Fault = 4,
 }
 
 impl ExitReason {
@@ -283,6 +296,7 @@ impl ExitReason {
             1 => Self::Interpret,
             2 => Self::Budget,
             3 => Self::Indirect,
+            4 => Self::Fault,
             _ => return None,
         })
     }
@@ -334,6 +348,8 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, gdtr_base), BtBlock::OFF_GDTR_BASE);
         assert_eq!(offset_of!(BtBlock, idtr_limit), BtBlock::OFF_IDTR_LIMIT);
         assert_eq!(offset_of!(BtBlock, tr_sel), BtBlock::OFF_TR_SEL);
+        assert_eq!(offset_of!(BtBlock, fault_rip), BtBlock::OFF_FAULT_RIP);
+        assert_eq!(offset_of!(BtBlock, fault_exit), BtBlock::OFF_FAULT_EXIT);
         assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
     }
 }

@@ -3,7 +3,7 @@
 //! the exit stubs a CCF leaves through. All of them address the vCPU block
 //! through the host GS base ([`BtBlock`]).
 
-use dynasmrt::{dynasm, x64::X64Relocation, DynasmApi, VecAssembler};
+use dynasmrt::{dynasm, x64::X64Relocation, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use crate::abi::{BtBlock, ExitReason};
 
@@ -20,6 +20,9 @@ pub struct Trampolines {
     pub entry: usize,
     /// Where every CCF exit jumps (`gs:[exit_stub]` points here).
     pub exit: usize,
+    /// Where the host fault handler sends a CCF that faulted (see
+    /// `BtBlock::fault_rip`): an exit with reason Fault at that RIP.
+    pub fault: usize,
 }
 
 fn gpr_off(r: u8) -> i32 {
@@ -52,6 +55,7 @@ pub fn trampolines() -> Trampolines {
     let exit = a.offset().0;
     dynasm!(a
         ; .arch x64
+        ; ->exit:
         ; pushfq
         ; gs pop QWORD [BtBlock::OFF_HOST_FLAGS as i32]
     );
@@ -63,8 +67,19 @@ pub fn trampolines() -> Trampolines {
         dynasm!(a ; .arch x64 ; pop Rq(r));
     }
     dynasm!(a ; .arch x64 ; ret);
+
+    // Entered with every register as at the faulting instruction, host RSP
+    // at the CCF's base; the flags are untouched by the fault.
+    let fault = a.offset().0;
+    dynasm!(a
+        ; .arch x64
+        ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], ExitReason::Fault as u64 as i32
+        ; gs push QWORD [BtBlock::OFF_FAULT_RIP as i32]
+        ; gs pop QWORD [BtBlock::OFF_RIP as i32]
+        ; jmp ->exit
+    );
     let code = a.finalize().unwrap_or_default();
-    Trampolines { code, entry, exit }
+    Trampolines { code, entry, exit, fault }
 }
 
 /// Bytes of the patchable jump that opens every exit stub.
@@ -128,7 +143,9 @@ mod tests {
         assert!(text.contains(&"mov gs:[0C0h],rsp".to_string()), "{text:#?}");
         assert_eq!(BtBlock::OFF_HOST_RSP, 0xc0);
         assert_eq!(text.iter().filter(|l| l.starts_with("jmp qword ptr gs:")).count(), 1, "{text:#?}");
-        assert_eq!(text.last().map(String::as_str), Some("ret"));
+        assert!(text.contains(&"ret".to_string()), "{text:#?}");
+        // The fault exit ends in a jump to the common exit.
+        assert!(text.last().unwrap().starts_with("jmp "), "{text:#?}");
     }
 
     #[test]

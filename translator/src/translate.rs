@@ -170,6 +170,9 @@ enum Plan {
     IndirectReg,
     /// Inline code over the virtual state in the vCPU block.
     Virtual(VirtualOp),
+    /// div/idiv by a register, run natively: its RIP is stored first, so a
+    /// host #DE (SIGFPE) leaves the CCF precisely at it.
+    Divide,
     /// Ends the TU: the runtime runs this instruction.
     Stop,
 }
@@ -279,11 +282,16 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if matches!(m, Mnemonic::Nop | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Pause) {
         return Plan::Nothing;
     }
-    // Host faults (#DE) and implicit or unbounded memory: the runtime's.
-    if matches!(
-        m,
-        Mnemonic::Div | Mnemonic::Idiv | Mnemonic::Xlatb | Mnemonic::Cmpxchg16b | Mnemonic::Enter | Mnemonic::Leave
-    ) || insn.stack_pointer_increment() != 0
+    // A division by a register runs natively, its host fault caught; one
+    // by memory is the runtime's (a fault would find a scratch register
+    // holding a host address).
+    if matches!(m, Mnemonic::Div | Mnemonic::Idiv) {
+        let by_reg = insn.op0_kind() == OpKind::Register && gpr_number(insn.op0_register()).is_some_and(|n| n != RSP);
+        return if by_reg { Plan::Divide } else { Plan::Stop };
+    }
+    // Implicit or unbounded memory: the runtime's.
+    if matches!(m, Mnemonic::Xlatb | Mnemonic::Cmpxchg16b | Mnemonic::Enter | Mnemonic::Leave)
+        || insn.stack_pointer_increment() != 0
     {
         return Plan::Stop;
     }
@@ -477,10 +485,12 @@ fn flags_written_conditionally(insn: &Instruction) -> bool {
     }
 }
 
-/// Arithmetic flags live before each instruction: read by it, or live after
-/// it and not written by it. Everything is live after the TU.
+/// The arithmetic flags each instruction needs from before it: read by it,
+/// or live after it and not written by it. Everything is live after the TU,
+/// and before any instruction that may fault (a memory access, a division):
+/// the exception frame shows the guest the flags as they were.
 fn live_flags(tu: &[(Instruction, Plan)]) -> Vec<u32> {
-    let mut live = vec![0; tu.len()];
+    let mut need = vec![0; tu.len()];
     let mut after = ARITH_FLAGS;
     for (k, (insn, plan)) in tu.iter().enumerate().rev() {
         let before = if *plan == Plan::Stop {
@@ -493,10 +503,11 @@ fn live_flags(tu: &[(Instruction, Plan)]) -> Vec<u32> {
             };
             (after & !written) | insn.rflags_read()
         } & ARITH_FLAGS;
-        live[k] = before;
-        after = before;
+        need[k] = before;
+        let may_fault = !matches!(plan, Plan::Nothing | Plan::Ident | Plan::Jump(_) | Plan::Branch(..));
+        after = if may_fault { ARITH_FLAGS } else { before };
     }
-    live
+    need
 }
 
 /// An instruction could not be encoded for the host (a register the
@@ -1271,6 +1282,16 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.control += 1;
                 ended = true;
             }
+            Plan::Divide => {
+                let at = insn.ip();
+                dynasm!(e.a
+                    ; .arch x64
+                    ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32], at as u32 as i32
+                    ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32 + 4], (at >> 32) as u32 as i32
+                );
+                e.encode(insn).map_err(|_| k)?;
+                e.counts.ident += 1;
+            }
             Plan::Virtual(op) => {
                 e.virtual_op(insn, op, live[k], &mut info).map_err(|_| k)?;
                 e.counts.sensitive += 1;
@@ -1298,7 +1319,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let treatment = tu
         .iter()
         .map(|(_, p)| match p {
-            Plan::Nothing | Plan::Ident => Treatment::Ident,
+            Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
             Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
@@ -1396,6 +1417,23 @@ mod tests {
         let bytes = [0x66, 0x45, 0x0f, 0x38, 0xf0, 0x17, 0x66, 0x41, 0xc1, 0xe5, 0x04, 0x90];
         let tu = plan_tu(&bytes, 0x1000, mode(64), MAX_TU_INSNS);
         assert_eq!(live_flags(&tu)[0] & ARITH_FLAGS & !RflagsBits::AF, 0);
+    }
+
+    /// Flags an instruction overwrites are still live before it if it may
+    /// fault first: `movbe bx, [m]; mov ah, 0; div ah` must keep the flags
+    /// across the movbe's probe, since the div's #DE shows them (found by
+    /// the differential test).
+    #[test]
+    fn flags_are_live_before_an_instruction_that_may_fault() {
+        let bytes = [0x66, 0x41, 0x0f, 0x38, 0xf0, 0x5f, 0x24, 0xb4, 0x00, 0xf6, 0xf4];
+        let tu = plan_tu(&bytes, 0x1000, mode(64), MAX_TU_INSNS);
+        assert_eq!(tu.len(), 3);
+        assert_eq!(tu[2].1, Plan::Divide);
+        assert_eq!(live_flags(&tu)[0], ARITH_FLAGS);
+        // With an add (which cannot fault) instead of the div, they are dead.
+        let bytes = [0x66, 0x41, 0x0f, 0x38, 0xf0, 0x5f, 0x24, 0x01, 0xc3, 0x90];
+        let tu = plan_tu(&bytes, 0x1000, mode(64), MAX_TU_INSNS);
+        assert_eq!(live_flags(&tu)[0], 0);
     }
 
     #[test]

@@ -20,6 +20,8 @@ use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
 use crate::code_mem::{CodeArena, CodeMemError, ARENA_BUDGET};
+
+mod fault;
 use crate::cpu::CpuMode;
 use crate::interp::Vcpu;
 use crate::mmu::Access;
@@ -117,6 +119,10 @@ pub struct Bt {
     lru: lru::LruCache<u32, (), FxBuildHasher>,
     entry: extern "sysv64" fn(),
     exit: u64,
+    /// The fault-exit trampoline (see `fault`), and the code ranges
+    /// registered with the fault handler.
+    fault_exit: u64,
+    fault_ranges: Vec<(usize, usize)>,
     map: FxHashMap<Key, Slot>,
     by_page: FxHashMap<u64, Vec<Key>>,
     /// TUs by id; ids of removed TUs are reused.
@@ -151,7 +157,8 @@ impl Bt {
         // no arguments (it saves and restores every callee-saved register).
         let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
         let exit = base as u64 + t.exit as u64;
-        Ok(Self {
+        let fault_exit = base as u64 + t.fault as u64;
+        let mut bt = Self {
             block: Box::default(),
             arena,
             budget: cache_bytes.max(64 * 1024),
@@ -160,6 +167,8 @@ impl Bt {
             lru: lru::LruCache::unbounded_with_hasher(FxBuildHasher),
             entry,
             exit,
+            fault_exit,
+            fault_ranges: Vec::new(),
             map: FxHashMap::default(),
             by_page: FxHashMap::default(),
             tus: Vec::new(),
@@ -167,7 +176,20 @@ impl Bt {
             pending_chain: None,
             ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
             stats: BtStats::default(),
-        })
+        };
+        bt.sync_fault_ranges();
+        Ok(bt)
+    }
+
+    /// Tells the fault handler where compiled code lives now.
+    fn sync_fault_ranges(&mut self) {
+        let ranges = self.arena.ranges();
+        if ranges != self.fault_ranges {
+            for &(start, end) in &ranges {
+                fault::register(start, end, self.fault_exit as usize);
+            }
+            self.fault_ranges = ranges;
+        }
     }
 
     /// An engine with the default code-cache size.
@@ -269,6 +291,7 @@ impl Bt {
             if self.carved + size <= self.budget {
                 let p = self.arena.publish(&vec![0xcc; size])?;
                 self.carved += size;
+                self.sync_fault_ranges();
                 return Ok(Some((p, class)));
             }
             match self.lru.pop_lru() {
@@ -314,6 +337,12 @@ impl Bt {
         // SAFETY: as in `new`.
         self.entry = unsafe { std::mem::transmute::<*const u8, extern "sysv64" fn()>(base.add(t.entry)) };
         self.exit = base as u64 + t.exit as u64;
+        self.fault_exit = base as u64 + t.fault as u64;
+        for &(start, end) in &self.fault_ranges {
+            fault::unregister(start, end);
+        }
+        self.fault_ranges.clear();
+        self.sync_fault_ranges();
         Ok(())
     }
 
@@ -584,6 +613,7 @@ impl Vcpu {
         b.budget = CHAIN_BUDGET;
         b.target = entry as u64;
         b.exit_stub = bt.exit;
+        b.fault_exit = bt.fault_exit;
         bt.stats.entries += 1;
         (bt.entry)();
         let b = &*bt.block;
@@ -610,7 +640,9 @@ impl Vcpu {
                     }
                 }
             }
-            Some(ExitReason::Interpret) | None => self.callout(),
+            // A host fault (SIGFPE) in the CCF: the runtime runs the
+            // instruction, raising the guest's exception.
+            Some(ExitReason::Interpret | ExitReason::Fault) | None => self.callout(),
         }
     }
 

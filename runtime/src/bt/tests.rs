@@ -187,3 +187,33 @@ fn a_fault_in_translated_code_keeps_dead_flags() {
         assert_ne!(v.cpu.regs.rflags & rflags::CF, 0, "CF from stc, as the frame would show ({bt:?})");
     }
 }
+
+/// A division by zero runs natively in the CCF; the host's SIGFPE becomes
+/// the guest's #DE at the div, with nothing of it done.
+#[test]
+fn division_by_zero_in_translated_code_is_a_precise_guest_de() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(eax, 5).unwrap();
+    a.mov(ebx, 7).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.div(ebx).unwrap(); // fine: eax = 0, edx = 5
+    a.mov(eax, 9).unwrap();
+    a.div(ecx).unwrap(); // #DE
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let div_at = CODE + code.len() as u64 - 3;
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 0), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, div_at, "at the faulting div ({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[0] & 0xffff_ffff, 9, "eax untouched ({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[2] & 0xffff_ffff, 5, "edx from the first div ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            // The first div ran in the CCF; only the faulting one was handed on.
+            assert_eq!(b.stats.callouts.get(&iced_x86::Mnemonic::Div), Some(&1), "{:?}", b.stats.callouts);
+        }
+    }
+}
