@@ -37,6 +37,8 @@ const KERNELS: &[Kernel] = &[
     Kernel { name: "cpu", bits: 32, sources: &["cpu.c", "workload.c"], defines: &[] },
     Kernel { name: "cpu64", bits: 64, sources: &["cpu.c", "workload.c"], defines: &[] },
     Kernel { name: "multiboot_info", bits: 32, sources: &["multiboot_info.c"], defines: &[] },
+    Kernel { name: "smc", bits: 32, sources: &["smc.c", "smc.S"], defines: &[] },
+    Kernel { name: "smc64", bits: 64, sources: &["smc.c", "smc.S"], defines: &[] },
 ];
 
 const CFLAGS: &[&str] = &[

@@ -96,6 +96,8 @@ macro_rules! engine_tests {
             kernel_test!(sysinstr64_matches_reference, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
             kernel_test!(usermode_matches_reference, "usermode", "BTVMM_KERNEL_USERMODE");
             kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
+            kernel_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
+            kernel_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
 
             #[test]
             fn multiboot_info_matches_spec() {

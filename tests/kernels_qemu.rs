@@ -85,6 +85,8 @@ kernel_test!(sysinstr_matches_qemu, "sysinstr", "BTVMM_KERNEL_SYSINSTR");
 kernel_test!(sysinstr64_matches_qemu, "sysinstr64", "BTVMM_KERNEL_SYSINSTR64");
 kernel_test!(usermode_matches_qemu, "usermode", "BTVMM_KERNEL_USERMODE");
 kernel_test!(usermode64_matches_qemu, "usermode64", "BTVMM_KERNEL_USERMODE64");
+kernel_test!(smc_matches_qemu, "smc", "BTVMM_KERNEL_SMC");
+kernel_test!(smc64_matches_qemu, "smc64", "BTVMM_KERNEL_SMC64");
 
 #[test]
 fn multiboot_info_matches_qemu() {
