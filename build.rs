@@ -39,6 +39,8 @@ const KERNELS: &[Kernel] = &[
     Kernel { name: "multiboot_info", bits: 32, sources: &["multiboot_info.c"], defines: &[] },
     Kernel { name: "smc", bits: 32, sources: &["smc.c", "smc.S"], defines: &[] },
     Kernel { name: "smc64", bits: 64, sources: &["smc.c", "smc.S"], defines: &[] },
+    Kernel { name: "codecache", bits: 32, sources: &["codecache.c", "codecache.S"], defines: &[] },
+    Kernel { name: "codecache64", bits: 64, sources: &["codecache.c", "codecache.S"], defines: &[] },
 ];
 
 const CFLAGS: &[&str] = &[

@@ -98,6 +98,8 @@ macro_rules! engine_tests {
             kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
             kernel_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
             kernel_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
+            kernel_test!(codecache_matches_reference, "codecache", "BTVMM_KERNEL_CODECACHE");
+            kernel_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
 
             #[test]
             fn multiboot_info_matches_spec() {
@@ -119,3 +121,25 @@ macro_rules! engine_tests {
 
 engine_tests!(interp, "interp");
 engine_tests!(bt, "bt");
+
+/// The translator with the smallest code cache (64 KiB, a few hundred
+/// translations): the codecache kernels' thousands of functions are
+/// translated, evicted and unchained over and over, and self-modifying code
+/// meets evictions. The output must not change.
+mod bt_small_cache {
+    use super::*;
+
+    macro_rules! small_cache_test {
+        ($test:ident, $name:literal, $env:literal) => {
+            #[test]
+            fn $test() {
+                check_against_file("bt", $name, concat!($name, ".txt"), env!($env), &["--code-cache", "64K"], &[]);
+            }
+        };
+    }
+
+    small_cache_test!(codecache_matches_reference, "codecache", "BTVMM_KERNEL_CODECACHE");
+    small_cache_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
+    small_cache_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
+    small_cache_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
+}

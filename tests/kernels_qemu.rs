@@ -87,6 +87,8 @@ kernel_test!(usermode_matches_qemu, "usermode", "BTVMM_KERNEL_USERMODE");
 kernel_test!(usermode64_matches_qemu, "usermode64", "BTVMM_KERNEL_USERMODE64");
 kernel_test!(smc_matches_qemu, "smc", "BTVMM_KERNEL_SMC");
 kernel_test!(smc64_matches_qemu, "smc64", "BTVMM_KERNEL_SMC64");
+kernel_test!(codecache_matches_qemu, "codecache", "BTVMM_KERNEL_CODECACHE");
+kernel_test!(codecache64_matches_qemu, "codecache64", "BTVMM_KERNEL_CODECACHE64");
 
 #[test]
 fn multiboot_info_matches_qemu() {
