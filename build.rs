@@ -41,6 +41,7 @@ const KERNELS: &[Kernel] = &[
     Kernel { name: "smc64", bits: 64, sources: &["smc.c", "smc.S"], defines: &[] },
     Kernel { name: "codecache", bits: 32, sources: &["codecache.c", "codecache.S"], defines: &[] },
     Kernel { name: "codecache64", bits: 64, sources: &["codecache.c", "codecache.S"], defines: &[] },
+    Kernel { name: "hostile", bits: 32, sources: &["hostile.c", "hostile.S"], defines: &[] },
 ];
 
 const CFLAGS: &[&str] = &[

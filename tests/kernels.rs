@@ -77,9 +77,10 @@ fn check_cpu(engine: &str, name: &str, kernel: &str) {
     assert_eq!(status, PASS_STATUS, "{name} ({engine})");
 }
 
-/// Every test kernel under one engine.
+/// Every test kernel under one engine. Attributes after the engine go on
+/// the test of `hostile` with the EFLAGS its exception frames saved.
 macro_rules! engine_tests {
-    ($module:ident, $engine:literal) => {
+    ($module:ident, $engine:literal $(, #[$hostile_frame_flags:meta])*) => {
         mod $module {
             use super::*;
             const ENGINE: &str = $engine;
@@ -102,6 +103,18 @@ macro_rules! engine_tests {
             kernel_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
 
             #[test]
+            $(#[$hostile_frame_flags])*
+            fn hostile_matches_reference() {
+                check_against_file(ENGINE, "hostile", "hostile.txt", env!("BTVMM_KERNEL_HOSTILE"), &[], &[]);
+            }
+
+            /// Everything but the EFLAGS saved in exception frames.
+            #[test]
+            fn hostile_without_frame_flags_matches_reference() {
+                check_hostile_without_frame_flags(ENGINE);
+            }
+
+            #[test]
             fn multiboot_info_matches_spec() {
                 check_multiboot_info(ENGINE);
             }
@@ -120,12 +133,48 @@ macro_rules! engine_tests {
 }
 
 engine_tests!(interp, "interp");
-engine_tests!(bt, "bt");
+// btvmm bug: a #PF raised by a memory access in translated code saves the
+// host flags left by the soft-TLB probe (`cmp` on the TLB tag) instead of
+// the guest's EFLAGS wherever the translator's flag liveness found them dead
+// after the instruction (e.g. `mov eax, [unmapped]; xor eax, eax`), so the
+// exception frame holds the wrong arithmetic flags. hostile's frame-flags
+// checks and hash fail under bt until that is fixed; the rest of hostile
+// runs under bt in hostile_without_frame_flags_matches_reference.
+engine_tests!(
+    bt,
+    "bt",
+    #[ignore = "btvmm bug: EFLAGS saved by a #PF from translated code are the soft-TLB probe's host flags where guest flags are dead"]
+);
+
+fn check_hostile_without_frame_flags(engine: &str) {
+    check_against_file(
+        engine,
+        "hostile",
+        "hostile.noframeflags.txt",
+        env!("BTVMM_KERNEL_HOSTILE"),
+        &["--append", "noframeflags=1"],
+        &[],
+    );
+}
+
+/// hostile with `strict=1` adds the corners where QEMU is no reference
+/// (values read beyond RAM, #AC, a store through CS, lock on mov, the #PF
+/// error code of a read-modify-write, sandbox faults reported as they are):
+/// both engines must print the same.
+#[test]
+fn hostile_strict_engines_agree() {
+    let kernel = env!("BTVMM_KERNEL_HOSTILE");
+    let args = ["--append", "strict=1 noframeflags=1"];
+    let (interp_status, interp_lines) = run("interp", kernel, "hostile", &args);
+    let (bt_status, bt_lines) = run("bt", kernel, "hostile", &args);
+    assert_eq!(interp_lines, bt_lines, "hostile strict=1: interp and bt differ");
+    assert_eq!((interp_status, bt_status), (PASS_STATUS, PASS_STATUS), "hostile strict=1: exit status");
+}
 
 /// The translator with the smallest code cache (64 KiB, a few hundred
 /// translations): the codecache kernels' thousands of functions are
-/// translated, evicted and unchained over and over, and self-modifying code
-/// meets evictions. The output must not change.
+/// translated, evicted and unchained over and over, and self-modifying and
+/// generated code meets evictions. The output must not change.
 mod bt_small_cache {
     use super::*;
 
@@ -142,4 +191,17 @@ mod bt_small_cache {
     small_cache_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
     small_cache_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
     small_cache_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
+
+    /// hostile rewrites its sandbox code page for every one of its 3000 runs.
+    #[test]
+    fn hostile_without_frame_flags_matches_reference() {
+        check_against_file(
+            "bt",
+            "hostile",
+            "hostile.noframeflags.txt",
+            env!("BTVMM_KERNEL_HOSTILE"),
+            &["--code-cache", "64K", "--append", "noframeflags=1"],
+            &[],
+        );
+    }
 }
