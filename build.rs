@@ -39,6 +39,11 @@ const KERNELS: &[Kernel] = &[
     Kernel { name: "multiboot_info", bits: 32, sources: &["multiboot_info.c"], defines: &[] },
     Kernel { name: "callouts", bits: 32, sources: &["callouts.c"], defines: &[] },
     Kernel { name: "callouts64", bits: 64, sources: &["callouts.c"], defines: &[] },
+    Kernel { name: "smc", bits: 32, sources: &["smc.c", "smc.S"], defines: &[] },
+    Kernel { name: "smc64", bits: 64, sources: &["smc.c", "smc.S"], defines: &[] },
+    Kernel { name: "codecache", bits: 32, sources: &["codecache.c", "codecache.S"], defines: &[] },
+    Kernel { name: "codecache64", bits: 64, sources: &["codecache.c", "codecache.S"], defines: &[] },
+    Kernel { name: "hostile", bits: 32, sources: &["hostile.c", "hostile.S"], defines: &[] },
 ];
 
 const CFLAGS: &[&str] = &[

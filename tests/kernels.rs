@@ -98,6 +98,21 @@ macro_rules! engine_tests {
             kernel_test!(usermode64_matches_reference, "usermode64", "BTVMM_KERNEL_USERMODE64");
             kernel_test!(callouts_matches_reference, "callouts", "BTVMM_KERNEL_CALLOUTS");
             kernel_test!(callouts64_matches_reference, "callouts64", "BTVMM_KERNEL_CALLOUTS64");
+            kernel_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
+            kernel_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
+            kernel_test!(codecache_matches_reference, "codecache", "BTVMM_KERNEL_CODECACHE");
+            kernel_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
+
+            #[test]
+            fn hostile_matches_reference() {
+                check_against_file(ENGINE, "hostile", "hostile.txt", env!("BTVMM_KERNEL_HOSTILE"), &[], &[]);
+            }
+
+            /// Everything but the EFLAGS saved in exception frames.
+            #[test]
+            fn hostile_without_frame_flags_matches_reference() {
+                check_hostile_without_frame_flags(ENGINE);
+            }
 
             #[test]
             fn multiboot_info_matches_spec() {
@@ -119,3 +134,63 @@ macro_rules! engine_tests {
 
 engine_tests!(interp, "interp");
 engine_tests!(bt, "bt");
+
+fn check_hostile_without_frame_flags(engine: &str) {
+    check_against_file(
+        engine,
+        "hostile",
+        "hostile.noframeflags.txt",
+        env!("BTVMM_KERNEL_HOSTILE"),
+        &["--append", "noframeflags=1"],
+        &[],
+    );
+}
+
+/// hostile with `strict=1` adds the corners where QEMU is no reference
+/// (values read beyond RAM, #AC, a store through CS, lock on mov, the #PF
+/// error code of a read-modify-write, sandbox faults reported as they are):
+/// both engines must print the same.
+#[test]
+fn hostile_strict_engines_agree() {
+    let kernel = env!("BTVMM_KERNEL_HOSTILE");
+    let args = ["--append", "strict=1 noframeflags=1"];
+    let (interp_status, interp_lines) = run("interp", kernel, "hostile", &args);
+    let (bt_status, bt_lines) = run("bt", kernel, "hostile", &args);
+    assert_eq!(interp_lines, bt_lines, "hostile strict=1: interp and bt differ");
+    assert_eq!((interp_status, bt_status), (PASS_STATUS, PASS_STATUS), "hostile strict=1: exit status");
+}
+
+/// The translator with the smallest code cache (64 KiB, a few hundred
+/// translations): the codecache kernels' thousands of functions are
+/// translated, evicted and unchained over and over, and self-modifying and
+/// generated code meets evictions. The output must not change.
+mod bt_small_cache {
+    use super::*;
+
+    macro_rules! small_cache_test {
+        ($test:ident, $name:literal, $env:literal) => {
+            #[test]
+            fn $test() {
+                check_against_file("bt", $name, concat!($name, ".txt"), env!($env), &["--code-cache", "64K"], &[]);
+            }
+        };
+    }
+
+    small_cache_test!(codecache_matches_reference, "codecache", "BTVMM_KERNEL_CODECACHE");
+    small_cache_test!(codecache64_matches_reference, "codecache64", "BTVMM_KERNEL_CODECACHE64");
+    small_cache_test!(smc_matches_reference, "smc", "BTVMM_KERNEL_SMC");
+    small_cache_test!(smc64_matches_reference, "smc64", "BTVMM_KERNEL_SMC64");
+
+    /// hostile rewrites its sandbox code page for every one of its 3000 runs.
+    #[test]
+    fn hostile_without_frame_flags_matches_reference() {
+        check_against_file(
+            "bt",
+            "hostile",
+            "hostile.noframeflags.txt",
+            env!("BTVMM_KERNEL_HOSTILE"),
+            &["--code-cache", "64K", "--append", "noframeflags=1"],
+            &[],
+        );
+    }
+}

@@ -45,8 +45,8 @@ fn run(kernel: &str, name: &str, extra: &[&str]) -> Option<(i32, Vec<String>)> {
     Some((out.status.code().unwrap_or(-1), lines))
 }
 
-fn expected_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/expected").join(format!("{name}.txt"))
+fn expected_path(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/expected").join(file)
 }
 
 /// QEMU's TCG does not hide host preemption from its guest's clocks, so a
@@ -56,7 +56,7 @@ static TIMED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn check_timed(name: &str, kernel: &str) {
     let _turn = TIMED.lock().unwrap_or_else(|e| e.into_inner());
-    let want = std::fs::read_to_string(expected_path(name)).expect("expected output file");
+    let want = std::fs::read_to_string(expected_path(&format!("{name}.txt"))).expect("expected output file");
     for _ in 0..2 {
         let Some((status, lines)) = run(kernel, name, &[]) else { return };
         if lines.join("\n") + "\n" == want && status == PASS_STATUS {
@@ -68,12 +68,16 @@ fn check_timed(name: &str, kernel: &str) {
 }
 
 fn check_against_file(name: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
+    check_against_named_file(name, &format!("{name}.txt"), kernel, extra, substitutions);
+}
+
+fn check_against_named_file(name: &str, file: &str, kernel: &str, extra: &[&str], substitutions: &[(&str, &str)]) {
     let Some((status, lines)) = run(kernel, name, extra) else { return };
     let mut got = lines.join("\n") + "\n";
     for (from, to) in substitutions {
         got = got.replace(from, to);
     }
-    let path = expected_path(name);
+    let path = expected_path(file);
     if std::env::var_os("BTVMM_BLESS").is_some() {
         std::fs::write(&path, &got).expect("write expected output");
     }
@@ -114,6 +118,17 @@ kernel_test!(usermode_matches_qemu, "usermode", "BTVMM_KERNEL_USERMODE");
 kernel_test!(usermode64_matches_qemu, "usermode64", "BTVMM_KERNEL_USERMODE64");
 kernel_test!(callouts_matches_qemu, "callouts", "BTVMM_KERNEL_CALLOUTS");
 kernel_test!(callouts64_matches_qemu, "callouts64", "BTVMM_KERNEL_CALLOUTS64");
+kernel_test!(smc_matches_qemu, "smc", "BTVMM_KERNEL_SMC");
+kernel_test!(smc64_matches_qemu, "smc64", "BTVMM_KERNEL_SMC64");
+kernel_test!(codecache_matches_qemu, "codecache", "BTVMM_KERNEL_CODECACHE");
+kernel_test!(codecache64_matches_qemu, "codecache64", "BTVMM_KERNEL_CODECACHE64");
+kernel_test!(hostile_matches_qemu, "hostile", "BTVMM_KERNEL_HOSTILE");
+
+#[test]
+fn hostile_without_frame_flags_matches_qemu() {
+    let kernel = env!("BTVMM_KERNEL_HOSTILE");
+    check_against_named_file("hostile", "hostile.noframeflags.txt", kernel, &["-append", "noframeflags=1"], &[]);
+}
 
 #[test]
 fn multiboot_info_matches_qemu() {
