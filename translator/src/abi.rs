@@ -61,6 +61,20 @@ pub mod seg {
     pub const DS: usize = 3;
     pub const FS: usize = 4;
     pub const GS: usize = 5;
+
+    /// The number of an iced-x86 segment register (DS for anything else).
+    #[inline(always)]
+    pub fn index(r: iced_x86::Register) -> usize {
+        use iced_x86::Register as R;
+        match r {
+            R::ES => ES,
+            R::CS => CS,
+            R::SS => SS,
+            R::FS => FS,
+            R::GS => GS,
+            _ => DS,
+        }
+    }
 }
 
 /// A segment register: its visible selector and its hidden descriptor cache.

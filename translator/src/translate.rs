@@ -32,6 +32,7 @@ use iced_x86::{
     MemoryOperand, Mnemonic, OpAccess, OpKind, Register, RflagsBits,
 };
 
+use crate::abi::seg::index as seg_index;
 use crate::abi::{seg, tlb, BtBlock, ExitReason};
 use crate::classify::{classify, Class};
 use crate::templates::{exit_stub, CHAIN_JUMP_BYTES};
@@ -445,16 +446,6 @@ fn lea_is_plain(insn: &Instruction, mode: Mode) -> bool {
     mode.bits == 64 || !matches!(insn.memory_base(), Register::EIP | Register::RIP)
 }
 
-fn seg_index(r: Register) -> usize {
-    match r {
-        Register::ES => seg::ES,
-        Register::CS => seg::CS,
-        Register::SS => seg::SS,
-        Register::FS => seg::FS,
-        Register::GS => seg::GS,
-        _ => seg::DS,
-    }
-}
 
 /// Shifts and rotates by CL (or by an immediate that masks to 0) leave the
 /// flags alone when the masked count is 0, so they do not end the life of

@@ -490,17 +490,7 @@ pub fn operand_bytes(v: &Vcpu, i: &Instruction) -> u32 {
 }
 
 /// Segment register number of an iced segment register.
-#[inline(always)]
-pub fn seg_index(r: Register) -> usize {
-    match r {
-        Register::ES => seg::ES,
-        Register::CS => seg::CS,
-        Register::SS => seg::SS,
-        Register::FS => seg::FS,
-        Register::GS => seg::GS,
-        _ => seg::DS,
-    }
-}
+pub use crate::cpu::seg::index as seg_index;
 
 #[inline(always)]
 fn addr_mask_of(r: Register) -> u64 {
