@@ -174,6 +174,9 @@ enum Plan {
     /// div/idiv by a register, run natively: its RIP is stored first, so a
     /// host #DE (SIGFPE) leaves the CCF precisely at it.
     Divide,
+    /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
+    /// then moves by the operand size, down if the virtual DF is set.
+    StringOne,
     /// Ends the TU: the runtime runs this instruction.
     Stop,
 }
@@ -273,6 +276,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if let Some(op) = plan_virtual(insn, mode) {
         return Plan::Virtual(op);
     }
+    if plan_string_one(insn, mode) {
+        return Plan::StringOne;
+    }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
     }
@@ -358,6 +364,22 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
             | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
             | F::RDRAND | F::RDSEED | F::CLFSH | F::CLFLUSHOPT | F::PREFETCHW
     )
+}
+
+/// lods and stos without rep, with the natural address size, through a
+/// usable segment.
+fn plan_string_one(insn: &Instruction, mode: Mode) -> bool {
+    let (index, segment) = match insn.mnemonic() {
+        Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => (insn.op1_kind(), insn.memory_segment()),
+        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => (insn.op0_kind(), Register::ES),
+        _ => return false,
+    };
+    let natural = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
+    let natural_di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
+    !insn.has_rep_prefix()
+        && !insn.has_repne_prefix()
+        && (index == natural || index == natural_di)
+        && mode.seg_usable_mask & (1 << seg_index(segment)) != 0
 }
 
 /// Sensitive instructions done inline over the virtual state.
@@ -1057,6 +1079,50 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
     }
 
+    /// lods/stos (no rep): the access through the soft TLB, then RSI/RDI
+    /// moved by the size, the direction from the virtual DF.
+    fn string_one(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
+        let store = matches!(insn.mnemonic(), Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq);
+        let size = insn.memory_size().size() as i32;
+        let (index, segment) = if store { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
+        let scratch = pick_scratch(insn, info, 3);
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        self.save_flags();
+        self.spill(&scratch);
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
+        }
+        self.add_segment_base(s0, segment);
+        let miss = self.probe(s0, s1, s2, size, store);
+        match (store, size) {
+            (false, 1) => dynasm!(self.a ; .arch x64 ; mov al, BYTE [Rq(s0)]),
+            (false, 2) => dynasm!(self.a ; .arch x64 ; mov ax, WORD [Rq(s0)]),
+            (false, 4) => dynasm!(self.a ; .arch x64 ; mov eax, DWORD [Rq(s0)]),
+            (false, _) => dynasm!(self.a ; .arch x64 ; mov rax, QWORD [Rq(s0)]),
+            (true, 1) => dynasm!(self.a ; .arch x64 ; mov BYTE [Rq(s0)], al),
+            (true, 2) => dynasm!(self.a ; .arch x64 ; mov WORD [Rq(s0)], ax),
+            (true, 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], eax),
+            (true, _) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], rax),
+        }
+        // delta = size - 2 * size * DF; the flags are saved.
+        dynasm!(self.a
+            ; .arch x64
+            ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VDF as i32]
+            ; imul Rd(s1), Rd(s1), -2 * size
+            ; add Rd(s1), size
+        );
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; movsxd Rq(s1), Rd(s1) ; add Rq(index), Rq(s1));
+        } else {
+            dynasm!(self.a ; .arch x64 ; add Rd(index), Rd(s1));
+        }
+        self.unspill(&scratch);
+        self.restore_flags(live);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+    }
+
     fn indirect_exit(&mut self, rip: u64) {
         let offset = self.a.offset().0;
         let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
@@ -1273,6 +1339,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.control += 1;
                 ended = true;
             }
+            Plan::StringOne => {
+                e.string_one(insn, live[k], &mut info);
+                e.counts.mem += 1;
+            }
             Plan::Divide => {
                 let at = insn.ip();
                 dynasm!(e.a
@@ -1311,7 +1381,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         .iter()
         .map(|(_, p)| match p {
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
-            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave => Treatment::Mem,
+            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
             Plan::Stop => Treatment::Callout,
