@@ -1,45 +1,70 @@
 /*
  * hostile.S - the assembly side of the hostile kernel (32-bit only).
  *
- * The sandbox is its own little machine: its page tables map only the page
- * of code below (.text.sandbox: sb_run and the exception stubs), the page
- * sb_sys (a copy of the GDT, an IDT of 32 interrupt gates to the stubs, the
- * sandbox's registers and page-table roots), two stack and two scratch
- * pages (sb_area) and the generated code (sb_code). Nothing the kernel
- * keeps between runs is visible from inside, so a run's outcome depends
- * only on its own code and registers.
+ * The sandbox is a little machine of its own at fixed addresses (physical =
+ * linear, the same in the kernel's and the sandbox's page tables), so that
+ * nothing it can see or print depends on how the kernel is linked:
  *
- * sb_run saves the kernel's registers, GDTR and IDTR, loads the sandbox's
- * GDT, IDT and page tables, its stack, flags and registers, and jumps to
- * sb_code. The generated code always ends in an exception; the stub switches
- * back to the kernel's page tables and calls sb_trap (hostile.c), which
- * records the state and resumes at sb_recover, which returns from sb_run.
+ *   SB_CODE  0x600000  the generated code (read-only in the sandbox)
+ *   SB_SYS   0x601000  a GDT copy, an IDT of 32 gates to the stubs below,
+ *                      the sandbox's registers, flags and CR3 (read-only)
+ *   SB_TEXT  0x602000  a copy of sb_blob below: sb_run and the exception
+ *                      stubs (read-only)
+ *   SB_STACK 0x603000  two stack pages (ESP starts at 0x605000)
+ *   SB_SCRATCH 0x605000 two scratch pages (EBP = 0x605800)
+ *   SB_PRIV  0x607000  the kernel's side (not mapped in the sandbox): its
+ *                      ESP, GDTR, IDTR and where sb_trap is
+ *
+ * sb_run (called at its copy in SB_TEXT) saves the kernel's registers,
+ * GDTR and IDTR, loads the sandbox's GDT, IDT, page tables, stack, flags
+ * and registers and jumps to SB_CODE. The generated code always ends in an
+ * exception; the stub switches back to the kernel's page tables and calls
+ * sb_trap (hostile.c), which records the state and resumes at sb_recover,
+ * which returns from sb_run. The blob uses absolute addresses only for
+ * these fixed pages and relative jumps only within itself.
  */
-.section .text.sandbox, "ax"
-.align 4096
-.globl sb_text, sb_run, sb_recover
-sb_text:
+#define SB_SYS 0x601000
+#define SYS_GDT (SB_SYS + 0x000)
+#define SYS_IDT (SB_SYS + 0x080)
+#define SYS_GDTR (SB_SYS + 0x180)
+#define SYS_IDTR (SB_SYS + 0x188)
+#define SYS_REGS (SB_SYS + 0x190) /* eax ecx edx ebx esi edi ebp */
+#define SYS_FLAGS (SB_SYS + 0x1ac)
+#define SYS_CR3 (SB_SYS + 0x1b0)
+#define SYS_KERNEL_CR3 (SB_SYS + 0x1b4)
+#define SYS_CODE (SB_SYS + 0x1b8)
+#define SB_STACK_TOP 0x605000
+#define SB_PRIV 0x607000
+#define PRIV_ESP (SB_PRIV + 0x00)
+#define PRIV_GDTR (SB_PRIV + 0x08)
+#define PRIV_IDTR (SB_PRIV + 0x10)
+#define PRIV_TRAP (SB_PRIV + 0x18)
+
+.section .rodata
+.align 16
+.globl sb_blob, sb_blob_end, sb_blob_isr, sb_blob_run, sb_blob_recover
+sb_blob:
 sb_run:
     pushfl
     pushal
-    movl %esp, sb_saved_esp
-    sgdt sb_kernel_gdtr
-    sidt sb_kernel_idtr
-    lgdt sb_gdtr
-    lidt sb_idtr
-    movl sb_cr3, %eax
+    movl %esp, PRIV_ESP
+    sgdt PRIV_GDTR
+    sidt PRIV_IDTR
+    lgdt SYS_GDTR
+    lidt SYS_IDTR
+    movl SYS_CR3, %eax
     movl %eax, %cr3
-    movl $sb_area + 8192, %esp  /* top of the two stack pages */
-    pushl sb_flags
+    movl $SB_STACK_TOP, %esp
+    pushl SYS_FLAGS
     popfl
-    movl sb_regs + 0, %eax
-    movl sb_regs + 4, %ecx
-    movl sb_regs + 8, %edx
-    movl sb_regs + 12, %ebx
-    movl sb_regs + 16, %esi
-    movl sb_regs + 20, %edi
-    movl sb_regs + 24, %ebp
-    jmp sb_code
+    movl SYS_REGS + 0, %eax
+    movl SYS_REGS + 4, %ecx
+    movl SYS_REGS + 8, %edx
+    movl SYS_REGS + 12, %ebx
+    movl SYS_REGS + 16, %esi
+    movl SYS_REGS + 20, %edi
+    movl SYS_REGS + 24, %ebp
+    jmp *SYS_CODE
 
 /* Exception stubs: the same frame as lib/isr32.S builds (struct frame). */
 .macro sbstub n
@@ -61,11 +86,11 @@ sb_isr_\n:
 
 sb_isr_common:
     pushal
-    movl sb_kernel_cr3, %eax
+    movl SYS_KERNEL_CR3, %eax
     movl %eax, %cr3
     cld
     pushl %esp
-    call sb_trap
+    call *PRIV_TRAP
     addl $4, %esp
     popal
     addl $8, %esp
@@ -73,21 +98,22 @@ sb_isr_common:
 
 /* In the kernel's address space again (sb_trap switched). */
 sb_recover:
-    lgdt sb_kernel_gdtr
-    lidt sb_kernel_idtr
-    movl sb_saved_esp, %esp
+    lgdt PRIV_GDTR
+    lidt PRIV_IDTR
+    movl PRIV_ESP, %esp
     popal
     popfl
     ret
-.align 4096
+sb_blob_end:
 
+/* Offsets into the blob: sb_run, sb_recover and the 32 stubs. */
 .macro sbentry n
-    .long sb_isr_\n
+    .long sb_isr_\n - sb_blob
 .endm
-.section .rodata
 .align 4
-.globl sb_isr_table
-sb_isr_table:
+sb_blob_run: .long sb_run - sb_blob
+sb_blob_recover: .long sb_recover - sb_blob
+sb_blob_isr:
 .altmacro
 .set i, 0
 .rept 32
@@ -95,27 +121,6 @@ sb_isr_table:
     .set i, i + 1
 .endr
 .noaltmacro
-
-/* The sandbox's system page (read-only inside the sandbox). */
-.section .bss.sandbox, "aw", @nobits
-.align 4096
-.globl sb_sys, sb_gdt, sb_idt, sb_gdtr, sb_idtr, sb_kernel_cr3, sb_cr3, sb_flags, sb_regs
-sb_sys:
-sb_gdt: .space 16 * 8
-sb_idt: .space 32 * 8
-sb_gdtr: .space 8
-sb_idtr: .space 8
-sb_kernel_cr3: .space 4
-sb_cr3: .space 4
-sb_flags: .space 4
-sb_regs: .space 7 * 4
-.align 4096
-
-.bss
-.align 4
-sb_saved_esp: .long 0
-sb_kernel_gdtr: .space 8
-sb_kernel_idtr: .space 8
 
 /* The rest is ordinary kernel code. */
 .text

@@ -1,7 +1,7 @@
 /*
  * hostile - a ring-0 kernel that misbehaves on purpose, with a handler for
  * every exception that records what happened and resumes at a recovery
- * point (the library's recover_ip, or sb_recover for the sandbox).
+ * point (the library's recover_ip, or the sandbox's sb_recover).
  *
  *  1. Paging off: #DE (div, idiv overflow, aam 0), #UD (ud2, lea with a
  *     register source, lock add to a register), #BP, #OF, #BR, #GP
@@ -23,9 +23,10 @@
  *     movzx/movsx, bswap, cmpxchg, xadd, shift/rotate-by-1, flag, string
  *     (rep with a small count) and forward-branch forms, with random
  *     ModRM/SIB/displacements and lock, segment, rep and operand-size
- *     prefixes), each run in ring 0 in an address space of its own (see
- *     hostile.S): nothing of the kernel is visible but the sandbox's code,
- *     descriptor tables, stack and scratch pages. Generated code never
+ *     prefixes), each run in ring 0 in an address space of its own at fixed
+ *     addresses (see hostile.S): nothing of the kernel is visible, only the
+ *     sandbox's code, descriptor tables, stubs, stack and scratch pages, so
+ *     no result depends on how the kernel is linked. Generated code never
  *     writes ESP or EBP (the scratch base), jumps backwards, halts, does I/O
  *     or touches system state; wild memory operands fault, and every block
  *     ends in int3 filler, so each run ends in an exception. Each run's
@@ -38,8 +39,9 @@
  * its code and registers, dump=N (with verbose=3) run N's code and the
  * scratch words it changed, first=N skips running the blocks before run N;
  * noframeflags=1 leaves out the EFLAGS saved by exceptions (checks and
- * hash); strict=1 adds the corners below, for comparing btvmm's engines
- * with each other.
+ * hash); strict=1 adds the corners below (in the sandbox too: CS overrides,
+ * lock anywhere, cmps, setcc/rcl/rcr to memory, fault reports as they are),
+ * for comparing btvmm's engines with each other.
  *
  * Left out (without strict=1) because QEMU, the reference, differs from a
  * PC there: the values read from unassigned physical addresses (QEMU: 0, a
@@ -61,12 +63,28 @@ enum { BR = 5 };
 #define VA_TEST 0x40000000u   /* 4 KiB test mappings */
 #define VA_RO 0x80000000u     /* a read-only 4 MiB mapping of physical 0 */
 
-void sb_run(void), sb_recover(void);
-extern uint8_t sb_text[], sb_sys[];
-extern uint64_t sb_gdt[16], sb_idt[32];
-extern uint8_t sb_gdtr[8], sb_idtr[8];
-extern const uint32_t sb_isr_table[32];
-extern uint32_t sb_kernel_cr3, sb_cr3, sb_flags, sb_regs[7];
+/* The sandbox's fixed pages (see hostile.S). */
+#define SB_CODE 0x600000u
+#define SB_SYS 0x601000u
+#define SB_TEXT 0x602000u
+#define SB_STACK 0x603000u   /* two pages */
+#define SB_SCRATCH 0x605000u /* two pages */
+#define SB_EBP (SB_SCRATCH + 0x800)
+#define SB_PRIV 0x607000u
+#define SYS(off) ((volatile uint32_t *)(uintptr_t)(SB_SYS + (off)))
+#define SYS_GDT ((uint64_t *)(uintptr_t)SB_SYS)
+#define SYS_IDT ((uint64_t *)(uintptr_t)(SB_SYS + 0x80))
+#define SYS_GDTR 0x180
+#define SYS_IDTR 0x188
+#define SYS_REGS 0x190
+#define SYS_FLAGS 0x1ac
+#define SYS_CR3 0x1b0
+#define SYS_KERNEL_CR3 0x1b4
+#define SYS_CODE 0x1b8
+#define PRIV_TRAP ((volatile uint32_t *)(uintptr_t)(SB_PRIV + 0x18))
+extern const uint8_t sb_blob[], sb_blob_end[];
+extern const uint32_t sb_blob_run, sb_blob_recover, sb_blob_isr[32];
+static uint8_t *const sb_code = (uint8_t *)(uintptr_t)SB_CODE;
 uint32_t hostile_victim(void), hostile_self_destruct(void);
 extern uint8_t hostile_self_destruct_ud[];
 
@@ -82,11 +100,7 @@ static uint32_t noframeflags;
 /* The registers of the last recovered fault. */
 static struct frame last_frame;
 
-/* The sandbox. */
-uint8_t sb_code[4096] __attribute__((aligned(4096)));
-uint8_t sb_area[4][4096] __attribute__((aligned(4096))); /* 2 stack pages, 2 scratch */
-#define SB_SCRATCH ((uint32_t)(uintptr_t)sb_area[2])
-#define SB_EBP (SB_SCRATCH + 0x800)
+/* The sandbox's last run. */
 static volatile int sb_active;
 static struct {
     uint32_t vec, err, cr2, at, regs[8], flags, cs;
@@ -103,7 +117,7 @@ void sb_trap(struct frame *f) {
     sb_result.vec = f->vec;
     sb_result.err = f->err;
     sb_result.cr2 = f->vec == PF ? read_cr2() : 0;
-    sb_result.at = f->ip - (uint32_t)(uintptr_t)sb_code;
+    sb_result.at = f->ip - SB_CODE;
     sb_result.regs[0] = f->eax;
     sb_result.regs[1] = f->ecx;
     sb_result.regs[2] = f->edx;
@@ -115,7 +129,7 @@ void sb_trap(struct frame *f) {
     sb_result.flags = f->flags;
     sb_result.cs = f->cs;
     f->flags &= ~FLAGS_TF;
-    f->ip = (uint32_t)(uintptr_t)sb_recover;
+    f->ip = SB_TEXT + sb_blob_recover;
 }
 
 static void trap_record(struct frame *f) {
@@ -423,8 +437,8 @@ static uint32_t dreg(void) {
 static uint32_t wild_addr(void) {
     switch (rnd(6)) {
     case 0: case 1: case 4: return SB_SCRATCH + rnd(8192);
-    case 2: return (uint32_t)(uintptr_t)(rnd(2) ? sb_text : sb_sys) + rnd(4096); /* read-only */
-    case 3: return (uint32_t)(uintptr_t)sb_code + rnd(4096); /* the code, read-only */
+    case 2: return (rnd(2) ? SB_TEXT : SB_SYS) + rnd(4096); /* read-only */
+    case 3: return SB_CODE + rnd(4096);                    /* the code, read-only */
     default: return rnd32();                               /* mostly unmapped */
     }
 }
@@ -466,10 +480,11 @@ static void modrm(uint32_t reg, int rm_dest, int mem) {
  * with a register operand). No CS override: QEMU does not check segment
  * rights on data accesses (a store through CS is #GP on a PC). */
 static void prefixes(int lock_ok, int op16_ok) {
-    static const uint8_t seg[5] = { 0x26, 0x36, 0x3e, 0x64, 0x65 };
+    static const uint8_t seg[6] = { 0x26, 0x36, 0x3e, 0x64, 0x65, 0x2e };
     locked = lock_ok && rnd(100) < 4;
     if (locked) emit8(0xf0);
-    if (rnd(100) < 6) emit8(seg[rnd(5)]);
+    else if (strict && rnd(100) < 2) emit8(0xf0); /* lock anywhere: #UD (strict only) */
+    if (rnd(100) < 6) emit8(seg[rnd(strict ? 6 : 5)]);
     if (lock_ok && rnd(100) < 3) emit8(rnd(2) ? 0xf2 : 0xf3); /* ignored (or xacquire/xrelease) */
     op16 = op16_ok && rnd(100) < 10;
     if (op16) emit8(0x66);
@@ -560,7 +575,11 @@ static void gen_insn(int i, int n, int *nfix) {
     } else if (t < 68) {                       /* setcc (to a register: see the top), cmovcc */
         prefixes(0, 1);
         emit8(0x0f);
-        if (rnd(2)) { emit8(0x90 + rnd(16)); emit8(0xc0 | rnd(8)); }
+        if (rnd(2)) {
+            emit8(0x90 + rnd(16));
+            if (strict) modrm(0, 0, 0);
+            else emit8(0xc0 | rnd(8));
+        }
         else { emit8(0x40 + rnd(16)); modrm(dreg(), 0, 0); }
     } else if (t < 71) {                       /* movzx/movsx, bswap */
         prefixes(0, rnd(4) != 0);
@@ -579,7 +598,7 @@ static void gen_insn(int i, int n, int *nfix) {
         prefixes(0, 1);
         op = ops[rnd(7)];
         emit8(rnd(2) ? 0xd0 : 0xd1);
-        if (op == 2 || op == 3) emit8(0xc0 | (op << 3) | dreg());
+        if ((op == 2 || op == 3) && !strict) emit8(0xc0 | (op << 3) | dreg());
         else modrm(op, 1, 0);
     } else if (t < 82) {                       /* one-byte forms */
         static const uint8_t ops[13] = { 0xf5, 0xf8, 0xf9, 0xfc, 0xfd, 0xfa, 0x98, 0x99, 0x9e, 0x90, 0xd7, 0xce, 0x90 };
@@ -590,9 +609,9 @@ static void gen_insn(int i, int n, int *nfix) {
                                                 * differs (QEMU reads ES:EDI first, a PC DS:ESI) */
         if (rnd(2)) { emit8(0xb9); emit32(rnd(8)); } /* mov $n, %ecx */
         prefixes(0, 1);
-        static const uint8_t ops[8] = { 0xa4, 0xa5, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf };
+        static const uint8_t ops[10] = { 0xa4, 0xa5, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf, 0xa6, 0xa7 };
         if (rnd(2)) emit8(rnd(2) ? 0xf3 : 0xf2);
-        emit8(ops[rnd(8)]);
+        emit8(ops[rnd(strict ? 10 : 8)]);
     } else if (t < 97) {                       /* forward branches */
         int target = i + 1 + (int)rnd(6);
         if (target > n) target = n;
@@ -629,7 +648,7 @@ static void gen_insn(int i, int n, int *nfix) {
 }
 
 static void gen_block(void) {
-    memset(sb_code, 0xcc, sizeof(sb_code));
+    memset(sb_code, 0xcc, 4096);
     cp = sb_code;
     int n = 4 + (int)rnd(MAX_INSNS - 3), nfix = 0;
     for (int i = 0; i < n; i++) {
@@ -648,7 +667,7 @@ static uint32_t rnd_reg_value(void) {
     switch (rnd(5)) {
     case 0: return rnd(256);
     case 1: case 2: return SB_SCRATCH + rnd(8192);
-    case 3: return (uint32_t)(uintptr_t)(rnd(2) ? sb_text : sb_sys) + rnd(4096);
+    case 3: return (rnd(2) ? SB_TEXT : SB_SYS) + rnd(4096);
     default: return rnd32();
     }
 }
@@ -656,32 +675,35 @@ static uint32_t rnd_reg_value(void) {
 static uint32_t hash, flags_hash;
 static void mix(uint32_t v) { hash = (hash ^ v) * 0x01000193u; }
 
-static void put_desc_ptr(uint8_t *p, uint16_t limit, uint32_t base) {
+static void put_desc_ptr(uint32_t off, uint16_t limit, uint32_t base) {
+    volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)(SB_SYS + off);
     p[0] = (uint8_t)limit;
     p[1] = (uint8_t)(limit >> 8);
     for (int i = 0; i < 4; i++) p[2 + i] = (uint8_t)(base >> (8 * i));
 }
 
-/* The sandbox's address space and descriptor tables (see hostile.S). */
+/* The sandbox's pages, address space and descriptor tables (hostile.S). */
 static void sandbox_setup(void) {
+    memset((void *)(uintptr_t)SB_CODE, 0, SB_PRIV + 0x1000 - SB_CODE);
+    memcpy((void *)(uintptr_t)SB_TEXT, sb_blob, sb_blob_end - sb_blob);
     sandbox_pd = alloc_page();
     sandbox_pt = alloc_page();
-    sandbox_pd[0] = (uintptr_t)sandbox_pt | 3;
-    sandbox_pt[(uintptr_t)sb_text >> 12] = (uintptr_t)sb_text | 1; /* read-only */
-    sandbox_pt[(uintptr_t)sb_sys >> 12] = (uintptr_t)sb_sys | 1;
-    sandbox_pt[(uintptr_t)sb_code >> 12] = (uintptr_t)sb_code | 1;
-    for (int i = 0; i < 4; i++)
-        sandbox_pt[(uintptr_t)sb_area[i] >> 12] = (uintptr_t)sb_area[i] | 3;
+    sandbox_pd[SB_CODE >> 22] = (uintptr_t)sandbox_pt | 3;
+    for (uint32_t p = SB_CODE; p < SB_PRIV; p += 0x1000) /* code, sys and text read-only */
+        sandbox_pt[(p >> 12) & 1023] = p | (p >= SB_STACK ? 3 : 1);
     for (int i = 0; i < 16; i++) /* accessed set: the CPU need not write the read-only copy */
-        sb_gdt[i] = gdt[i] | ((gdt[i] >> 44) & 1 ? 1ull << 40 : 0);
+        SYS_GDT[i] = gdt[i] | ((gdt[i] >> 44) & 1 ? 1ull << 40 : 0);
+    SYS_GDT[SEL_TSS / 8] = SYS_GDT[SEL_TSS / 8 + 1] = 0; /* no kernel address in sight */
     for (int v = 0; v < 32; v++) {
-        uint32_t h = sb_isr_table[v];
-        sb_idt[v] = (h & 0xffff) | ((uint64_t)SEL_KCODE << 16) | (0x8eull << 40) | ((uint64_t)(h >> 16) << 48);
+        uint32_t h = SB_TEXT + sb_blob_isr[v];
+        SYS_IDT[v] = (h & 0xffff) | ((uint64_t)SEL_KCODE << 16) | (0x8eull << 40) | ((uint64_t)(h >> 16) << 48);
     }
-    put_desc_ptr(sb_gdtr, sizeof(uint64_t) * 16 - 1, (uintptr_t)sb_gdt);
-    put_desc_ptr(sb_idtr, sizeof(uint64_t) * 32 - 1, (uintptr_t)sb_idt);
-    sb_kernel_cr3 = (uintptr_t)kernel_pd;
-    sb_cr3 = (uintptr_t)sandbox_pd;
+    put_desc_ptr(SYS_GDTR, sizeof(uint64_t) * 16 - 1, SB_SYS);
+    put_desc_ptr(SYS_IDTR, sizeof(uint64_t) * 32 - 1, SB_SYS + 0x80);
+    *SYS(SYS_KERNEL_CR3) = (uintptr_t)kernel_pd;
+    *SYS(SYS_CR3) = (uintptr_t)sandbox_pd;
+    *SYS(SYS_CODE) = SB_CODE;
+    *PRIV_TRAP = (uintptr_t)sb_trap;
 }
 
 static void test_sandbox(void) {
@@ -695,17 +717,17 @@ static void test_sandbox(void) {
         gen_block();
         /* The stack pages hold earlier runs' trap frames, which may differ
          * where QEMU legitimately does (a #PF error code): clear them. */
-        memset(sb_area[0], 0, 2 * 4096);
-        uint32_t *scratch = (uint32_t *)sb_area[2];
+        memset((void *)(uintptr_t)SB_STACK, 0, 2 * 4096);
+        uint32_t *scratch = (uint32_t *)(uintptr_t)SB_SCRATCH;
         uint32_t fill = rnd32();
         for (int i = 0; i < 2048; i++) scratch[i] = fill ^ (i * 0x9e3779b9u);
-        for (int r = 0; r < 6; r++) sb_regs[r] = rnd_reg_value();
-        sb_regs[6] = SB_EBP;
-        sb_flags = 0x2 | (rnd32() & 0xcd5);
+        for (int r = 0; r < 6; r++) *SYS(SYS_REGS + 4 * r) = rnd_reg_value();
+        *SYS(SYS_REGS + 24) = SB_EBP;
+        *SYS(SYS_FLAGS) = 0x2 | (rnd32() & 0xcd5);
         if (run == dump || verbose >= 2) {
             printf("%s: run %u: regs", kernel_name, run);
-            for (int r = 0; r < 7; r++) printf(" %x", sb_regs[r]);
-            printf(" flags %x code", sb_flags);
+            for (int r = 0; r < 7; r++) printf(" %x", *SYS(SYS_REGS + 4 * r));
+            printf(" flags %x code", *SYS(SYS_FLAGS));
             for (uint8_t *p = sb_code; p < cp; p++) printf(" %02x", *p);
             printf("\n");
         }
@@ -713,7 +735,7 @@ static void test_sandbox(void) {
         if (run < first)
             continue;
         sb_active = 1;
-        sb_run();
+        ((void (*)(void))(uintptr_t)(SB_TEXT + sb_blob_run))();
         if (sb_active || sb_result.cs != SEL_KCODE) {
             printf("%s: run %u did not end in an exception in the sandbox\n", kernel_name, run);
             failures++;

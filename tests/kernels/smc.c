@@ -154,6 +154,17 @@ static void test_other_page(void) {
     CHECK_EQ("(b) split mov, second page's byte patched", fs(), 0xdd11bbaa);
     poke8(p + 0xffe, 0x22);
     CHECK_EQ("(b) split mov, first page's byte patched", fs(), 0xdd11bb22);
+
+    /* A 4-byte store straddling from a data page into the first bytes of a
+     * code page: `mov $imm, %eax; ret` at the start of code_pages[3]. */
+    uint8_t *q = code_pages[3];
+    emit_mov_ret(q, 0x01020304);
+    fn_t fq = (fn_t)(uintptr_t)q;
+    CHECK_EQ("(b) function at a page start", fq(), 0x01020304);
+    poke32(q - 2, 0x77b80000); /* q[0] = b8 again, q[1] = 77 */
+    CHECK_EQ("(b) store straddling into its page", fq(), 0x01020377);
+    poke32(q - 3, 0xb8000000); /* only q[0] (b8 again): same code */
+    CHECK_EQ("(b) store straddling into its page, bytes unchanged", fq(), 0x01020377);
 }
 
 /* (d) */
