@@ -566,29 +566,55 @@ impl Emitter {
     /// it, and the offset of its (chainable) stub in it. A target in another
     /// page than the TU's first looks in the IBTC first: jumps there are
     /// never chained, since the other page's mapping may change.
-    fn next_exit_code(&self, rip: u64, index: usize) -> (Vec<u8>, usize) {
+    fn next_exit_code(&self, rip: u64, from: u64, index: usize) -> (Vec<u8>, usize) {
         let site = (self.id << 8) | (index as u32 & 0xff);
         let stub = exit_stub(rip, ExitReason::Next, site);
         if rip & !0xfff == self.tu_rip & !0xfff {
-            return (stub, 0);
+            if rip > from {
+                return (stub, 0);
+            }
+            // A backward jump closes a loop: it counts against the chain
+            // budget (flag-free: RCX borrowed, jrcxz), and at 0 leaves for
+            // the dispatcher at the target, which has not started.
+            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+            let exhausted = a.new_dynamic_label();
+            dynasm!(a
+                ; .arch x64
+                ; gs mov QWORD [scratch_off(BUDGET_SLOT)], rcx
+                ; gs mov ecx, DWORD [BtBlock::OFF_BUDGET as i32]
+                ; jrcxz =>exhausted
+                ; lea ecx, [rcx - 1]
+                ; gs mov DWORD [BtBlock::OFF_BUDGET as i32], ecx
+                ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]
+            );
+            let at = a.offset().0;
+            a.extend(stub);
+            dynasm!(a ; .arch x64 ; =>exhausted ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]);
+            a.extend(exit_stub(rip, ExitReason::Budget, site));
+            return (a.finalize().unwrap_or_default(), at);
         }
         let entry = (BtBlock::OFF_IBTC + crate::abi::ibtc_index(rip) * 16) as i32;
         let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
         let miss = a.new_dynamic_label();
+        let lookup_miss = a.new_dynamic_label();
         dynasm!(a
             ; .arch x64
             ; pushfq
+            // A jump through the IBTC counts against the chain budget.
+            ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
+            ; jc =>miss
             ; gs mov QWORD [scratch_off(0)], rcx
             ; mov rcx, QWORD rip as i64
             ; gs cmp rcx, QWORD [entry]
-            ; jne =>miss
+            ; jne =>lookup_miss
             ; gs mov rcx, QWORD [entry + 8]
             ; gs mov QWORD [BtBlock::OFF_TARGET as i32], rcx
             ; gs mov rcx, QWORD [scratch_off(0)]
             ; popfq
             ; gs jmp QWORD [BtBlock::OFF_TARGET as i32]
-            ; =>miss
+            ; =>lookup_miss
             ; gs mov rcx, QWORD [scratch_off(0)]
+            ; =>miss
             ; popfq
         );
         let mut code = a.finalize().unwrap_or_default();
@@ -597,9 +623,9 @@ impl Emitter {
         (code, at)
     }
 
-    /// A Next exit to `rip` (see `next_exit_code`).
-    fn exit_next(&mut self, rip: u64) {
-        let (code, at) = self.next_exit_code(rip, self.exits.len());
+    /// A Next exit to `rip` from the instruction at `from` (see `next_exit_code`).
+    fn exit_next(&mut self, rip: u64, from: u64) {
+        let (code, at) = self.next_exit_code(rip, from, self.exits.len());
         let offset = self.a.offset().0 + at;
         self.bytes(&code);
         self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next });
@@ -613,6 +639,9 @@ impl Emitter {
         let table = BtBlock::OFF_IBTC as i32;
         dynasm!(self.a
             ; .arch x64
+            // An indirect transfer counts against the chain budget.
+            ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
+            ; jc =>miss
             ; mov Rq(tmp), Rq(t)
             ; shr Rq(tmp), 10
             ; xor Rq(tmp), Rq(t)
@@ -1244,21 +1273,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
-    // The budget check, flag-free (RCX borrowed, jrcxz): at zero the CCF
-    // exits before doing anything, so the dispatcher can look at the time.
-    let exhausted = e.a.new_dynamic_label();
-    dynasm!(e.a ; .arch x64 ; =>exhausted ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]);
-    e.exit(rip, ExitReason::Budget);
+    // No budget check at the entry: every cycle of chained CCFs contains a
+    // backward jump or an IBTC transfer, and those count (see
+    // `next_exit_code` and `ibtc_lookup`).
     let entry = e.a.offset().0;
-    dynasm!(e.a
-        ; .arch x64
-        ; gs mov QWORD [scratch_off(BUDGET_SLOT)], rcx
-        ; gs mov ecx, DWORD [BtBlock::OFF_BUDGET as i32]
-        ; jrcxz =>exhausted
-        ; lea ecx, [rcx - 1]
-        ; gs mov DWORD [BtBlock::OFF_BUDGET as i32], ecx
-        ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]
-    );
 
     let mut rip_map = Vec::with_capacity(tu.len());
     let mut ended = false;
@@ -1276,18 +1294,18 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Jump(target) => {
                 e.counts.control += 1;
-                e.exit_next(mask_rip(target, mode));
+                e.exit_next(mask_rip(target, mode), insn.ip());
                 ended = true;
             }
             Plan::Branch(cc, target) => {
                 e.counts.control += 1;
                 // jcc rel32 over the fall-through exit to the taken one.
-                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
+                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), insn.ip(), e.exits.len());
                 let cc = cc as u8 - ConditionCode::o as u8;
                 e.bytes(&[0x0f, 0x80 + cc]);
                 e.bytes(&(fall.len() as i32).to_le_bytes());
-                e.exit_next(mask_rip(insn.next_ip(), mode));
-                e.exit_next(mask_rip(target, mode));
+                e.exit_next(mask_rip(insn.next_ip(), mode), insn.ip());
+                e.exit_next(mask_rip(target, mode), insn.ip());
                 ended = true;
             }
             Plan::Push => {
@@ -1326,7 +1344,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 let size = (mode.bits / 8) as i32;
                 e.push(insn, Err(insn.next_ip() as i64), size, live[k], &mut info);
                 e.counts.control += 1;
-                e.exit_next(mask_rip(target, mode));
+                e.exit_next(mask_rip(target, mode), insn.ip());
                 ended = true;
             }
             Plan::Ret => {
@@ -1366,7 +1384,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     }
     let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
     if !ended {
-        e.exit_next(mask_rip(last.next_ip(), mode));
+        e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
     }
     for m in std::mem::take(&mut e.misses) {
         dynasm!(e.a ; .arch x64 ; =>m.label);
