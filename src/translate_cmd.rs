@@ -64,7 +64,7 @@ fn print_ccf(out: &mut String, f: &mut IntelFormatter, ccf: &Ccf, bytes: &[u8], 
         ccf.counts.control,
         ccf.counts.sensitive
     );
-    let _ = writeln!(out, "  budget check:");
+    // Code between the entry and the first instruction's, if any.
     let first = ccf.rip_map.first().map_or(ccf.code.len(), |m| m.0 as usize);
     for l in host_lines(f, &ccf.code, ccf.entry, first) {
         let _ = writeln!(out, "  {:48}   {l}", "");
