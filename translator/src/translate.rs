@@ -555,9 +555,14 @@ fn scratch_off(slot: usize) -> i32 {
 const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
 
 impl Emitter {
+    /// What exit stub number `index` of this TU reports (`BtBlock::exit_site`).
+    fn site(&self, index: usize) -> u32 {
+        (self.id << 8) | (index as u32 & 0xff)
+    }
+
     fn exit(&mut self, rip: u64, reason: ExitReason) {
         let offset = self.a.offset().0;
-        let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
+        let site = self.site(self.exits.len());
         self.a.extend(exit_stub(rip, reason, site));
         self.exits.push(ExitSite { offset, rip, reason });
     }
@@ -567,7 +572,7 @@ impl Emitter {
     /// page than the TU's first looks in the IBTC first: jumps there are
     /// never chained, since the other page's mapping may change.
     fn next_exit_code(&self, rip: u64, from: u64, index: usize) -> (Vec<u8>, usize) {
-        let site = (self.id << 8) | (index as u32 & 0xff);
+        let site = self.site(index);
         let stub = exit_stub(rip, ExitReason::Next, site);
         if rip & !0xfff == self.tu_rip & !0xfff {
             if rip > from {
@@ -869,9 +874,8 @@ impl Emitter {
     /// The host address of `size` stack bytes at guest RSP + `delta`, into
     /// `s0` (flags saved and its scratch registers spilled first).
     /// Returns the miss label; the caller restores s1/s2 and the flags.
-    fn stack_slot(&mut self, scratch: &[u8], delta: i32, size: i32, write: bool, live: u32) -> DynamicLabel {
+    fn stack_slot(&mut self, scratch: &[u8], delta: i32, size: i32, write: bool) -> DynamicLabel {
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        let _ = live;
         self.save_flags();
         self.spill(scratch);
         self.load_rsp(s0, delta);
@@ -912,7 +916,7 @@ impl Emitter {
     /// then moves RSP.
     fn push(&mut self, insn: &Instruction, value: Result<u8, i64>, size: i32, live: u32, info: &mut InstructionInfoFactory) {
         let scratch = pick_scratch(insn, info, 3);
-        let miss = self.stack_slot(&scratch, -size, size, true, live);
+        let miss = self.stack_slot(&scratch, -size, size, true);
         // Keep s1 for a 64-bit immediate; restore it after the store.
         dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]);
         self.restore_flags(live);
@@ -931,7 +935,7 @@ impl Emitter {
         let size = dst.size() as i32;
         let n = gpr_number(dst).ok_or(Unencodable)?;
         let scratch = pick_scratch(insn, info, 3);
-        let miss = self.stack_slot(&scratch, 0, size, false, live);
+        let miss = self.stack_slot(&scratch, 0, size, false);
         self.after_probe(&scratch, live);
         let s0 = scratch[0];
         match size {
@@ -951,7 +955,7 @@ impl Emitter {
         let size = (self.mode.bits / 8) as i32;
         let extra = if insn.op_count() > 0 { insn.immediate16() as i32 } else { 0 };
         let scratch = pick_scratch(insn, info, 3);
-        let miss = self.stack_slot(&scratch, 0, size, false, live);
+        let miss = self.stack_slot(&scratch, 0, size, false);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         if size == 8 {
             dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]);
@@ -1154,7 +1158,7 @@ impl Emitter {
 
     fn indirect_exit(&mut self, rip: u64) {
         let offset = self.a.offset().0;
-        let site = (self.id << 8) | (self.exits.len() as u32 & 0xff);
+        let site = self.site(self.exits.len());
         self.a.extend(crate::templates::indirect_exit_stub(site));
         self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect });
     }
@@ -1324,12 +1328,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Leave => {
                 // RSP = RBP (at the stack width), then pop RBP.
-                let width = (mode.stack_bits / 8) as usize;
-                let rbp = gpr_sized(5, width.max(4));
-                if width == 8 {
+                if mode.stack_bits == 64 {
                     dynasm!(e.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], rbp);
                 } else {
-                    let _ = rbp;
                     dynasm!(e.a
                         ; .arch x64
                         ; gs mov DWORD [BtBlock::off_gpr(4) as i32], ebp

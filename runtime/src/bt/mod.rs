@@ -150,14 +150,7 @@ impl Bt {
     /// An engine with a code cache of `cache_bytes`.
     pub fn new(cache_bytes: usize) -> Result<Self, BtError> {
         let mut arena = CodeArena::with_chunks(usize::MAX, CACHE_CHUNK);
-        let t = templates::trampolines();
-        let base = arena.publish(&t.code)?;
-        // SAFETY: `t.entry` is the offset of the entry trampoline within the
-        // code just published, which follows the SysV ABI for a function of
-        // no arguments (it saves and restores every callee-saved register).
-        let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
-        let exit = base as u64 + t.exit as u64;
-        let fault_exit = base as u64 + t.fault as u64;
+        let (entry, exit, fault_exit) = publish_trampolines(&mut arena)?;
         let mut bt = Self {
             block: Box::default(),
             arena,
@@ -332,12 +325,7 @@ impl Bt {
         self.free_slots = Default::default();
         self.carved = 0;
         self.arena.clear();
-        let t = templates::trampolines();
-        let base = self.arena.publish(&t.code)?;
-        // SAFETY: as in `new`.
-        self.entry = unsafe { std::mem::transmute::<*const u8, extern "sysv64" fn()>(base.add(t.entry)) };
-        self.exit = base as u64 + t.exit as u64;
-        self.fault_exit = base as u64 + t.fault as u64;
+        (self.entry, self.exit, self.fault_exit) = publish_trampolines(&mut self.arena)?;
         for &(start, end) in &self.fault_ranges {
             fault::unregister(start, end);
         }
@@ -360,6 +348,17 @@ impl Bt {
         }
         Ok(())
     }
+}
+
+/// Publishes the entry, exit and fault-exit trampolines into `arena`.
+fn publish_trampolines(arena: &mut CodeArena) -> Result<(extern "sysv64" fn(), u64, u64), BtError> {
+    let t = templates::trampolines();
+    let base = arena.publish(&t.code)?;
+    // SAFETY: `t.entry` is the offset of the entry trampoline within the
+    // code just published, which follows the SysV ABI for a function of no
+    // arguments (it saves and restores every callee-saved register).
+    let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
+    Ok((entry, base as u64 + t.exit as u64, base as u64 + t.fault as u64))
 }
 
 /// The translator's view of the current mode, or `None` where the
