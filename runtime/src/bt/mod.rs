@@ -91,6 +91,9 @@ pub struct BtStats {
     pub code_bytes: u64,
     /// CCFs entered from the dispatcher.
     pub entries: u64,
+    /// CCF exits to the dispatcher by reason, in `ExitReason` order: next,
+    /// interpret, budget, indirect, fault.
+    pub exits: [u64; 5],
     pub lookups_hit: u64,
     pub lookups_miss: u64,
     /// TUs evicted, least recently used first, to make room.
@@ -131,6 +134,11 @@ pub struct Bt {
     /// The exit the last CCF left through, if it may be chained to the
     /// next TU: (TU id, stub index).
     pending_chain: Option<(u32, u8)>,
+    /// TUs spanning two pages that chained jumps lead into, and the TLB
+    /// generation under which their second page was last checked: any
+    /// mapping change unchains them (the dispatcher's lookup checks again).
+    page2_chained: Vec<u32>,
+    page2_generation: u64,
     /// What the IBTC's entries were looked up under: TLB generation, mode,
     /// CS base, CPL. Any change empties it.
     ibtc_context: (u64, Mode, u64, u8),
@@ -167,6 +175,8 @@ impl Bt {
             tus: Vec::new(),
             free_ids: Vec::new(),
             pending_chain: None,
+            page2_chained: Vec::new(),
+            page2_generation: 0,
             ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
             stats: BtStats::default(),
         };
@@ -222,19 +232,43 @@ impl Bt {
         if self.pending_chain.is_some_and(|(src, _)| src == id) {
             self.pending_chain = None;
         }
-        for (src, stub) in tu.incoming {
-            if let Some(Some(s)) = self.tus.get(src as usize) {
-                let at = s.base.wrapping_add(s.exits[stub as usize].offset);
-                self.arena.patch(at, &templates::UNCHAINED_JUMP);
-                self.stats.unchained += 1;
-            }
-        }
+        self.unpatch(&tu.incoming);
         for dst in tu.outgoing {
             if let Some(Some(d)) = self.tus.get_mut(dst as usize) {
                 d.incoming.retain(|&(src, _)| src != id);
             }
         }
         self.free_ids.push(id);
+    }
+
+    /// Turns the exit stubs `incoming` (TU id, stub index) back into exits.
+    fn unpatch(&mut self, incoming: &[(u32, u8)]) {
+        for &(src, stub) in incoming {
+            if let Some(Some(s)) = self.tus.get(src as usize) {
+                let at = s.base.wrapping_add(s.exits[stub as usize].offset);
+                self.arena.patch(at, &templates::UNCHAINED_JUMP);
+                self.stats.unchained += 1;
+            }
+        }
+    }
+
+    /// Unchains every jump into a TU that spans two pages, if any mapping
+    /// may have changed since they were chained (TLB generation `generation`).
+    fn check_page2_chains(&mut self, generation: u64) {
+        if self.page2_generation == generation {
+            return;
+        }
+        self.page2_generation = generation;
+        for id in std::mem::take(&mut self.page2_chained) {
+            let Some(Some(tu)) = self.tus.get_mut(id as usize) else { continue };
+            let incoming = std::mem::take(&mut tu.incoming);
+            self.unpatch(&incoming);
+            for (src, _) in incoming {
+                if let Some(Some(s)) = self.tus.get_mut(src as usize) {
+                    s.outgoing.retain(|&d| d != id);
+                }
+            }
+        }
     }
 
     /// An id for a new TU.
@@ -250,7 +284,7 @@ impl Bt {
     fn chain(&mut self, dst: u32) {
         let Some((src, stub)) = self.pending_chain.take() else { return };
         let (Some(Some(s)), Some(Some(d))) = (self.tus.get(src as usize), self.tus.get(dst as usize)) else { return };
-        if s.lin_page != d.lin_page || d.page2.is_some() || s.key.mode != d.key.mode || s.key.cs_base != d.key.cs_base {
+        if s.lin_page != d.lin_page || s.key.mode != d.key.mode || s.key.cs_base != d.key.cs_base {
             return;
         }
         let Some(exit) = s.exits.get(stub as usize) else { return };
@@ -264,6 +298,9 @@ impl Bt {
         }
         self.stats.chained += 1;
         if let Some(Some(d)) = self.tus.get_mut(dst as usize) {
+            if d.page2.is_some() && d.incoming.is_empty() {
+                self.page2_chained.push(dst);
+            }
             d.incoming.push((src, stub));
         }
         if let Some(Some(s)) = self.tus.get_mut(src as usize) {
@@ -320,6 +357,7 @@ impl Bt {
         self.tus.clear();
         self.free_ids.clear();
         self.pending_chain = None;
+        self.page2_chained.clear();
         self.lru.clear();
         self.clear_ibtc();
         self.free_slots = Default::default();
@@ -420,6 +458,7 @@ impl Vcpu {
         };
         let context = (self.tlb.generation, mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
         let bt = self.bt.as_mut().expect("translator on");
+        bt.check_page2_chains(self.tlb.generation);
         if bt.ibtc_context != context {
             bt.clear_ibtc();
             bt.ibtc_context = context;
@@ -622,7 +661,9 @@ impl Vcpu {
         self.cpu.regs.rflags =
             (self.cpu.regs.rflags & !(rflags::ARITH | rflags::IF | rflags::DF)) | (b.host_flags & rflags::ARITH) | virt;
         let site = b.exit_site;
-        match ExitReason::from_raw(b.exit_reason) {
+        let reason = ExitReason::from_raw(b.exit_reason);
+        bt.stats.exits[reason.unwrap_or(ExitReason::Fault) as usize] += 1;
+        match reason {
             Some(ExitReason::Next) => bt.pending_chain = Some(((site >> 8) as u32, (site & 0xff) as u8)),
             Some(ExitReason::Budget) => {}
             Some(ExitReason::Indirect) => {

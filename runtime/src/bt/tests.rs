@@ -79,6 +79,71 @@ fn self_modifying_code_is_retranslated() {
     }
 }
 
+/// A loop whose TU spans two pages, entered through a jump chained from a
+/// TU in its first page (so that jump skips the dispatcher's check of the
+/// second page), run again after the second page is remapped to other
+/// code: the second pass must run the new code.
+#[test]
+fn remapping_the_second_page_of_a_chained_tu_is_seen() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const ENTRY: u64 = CODE + 0xf00;
+    const TOP: u64 = CODE + 0xffc;
+    const PAGE2: u64 = CODE + 0x1000;
+    const OTHER: u64 = CODE + 0x2000;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.mov(eax, PD as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    a.jmp(ENTRY).unwrap();
+    let start = a.assemble(CODE).unwrap();
+    let mut e = CodeAssembler::new(32).unwrap();
+    e.mov(ecx, 100).unwrap();
+    e.xor(edx, edx).unwrap();
+    e.jmp(TOP).unwrap();
+    let entry = e.assemble(ENTRY).unwrap();
+    let mut b = CodeAssembler::new(32).unwrap();
+    let mut done = b.create_label();
+    b.add(edx, 3).unwrap(); // 83 c2 03, first in the page
+    b.dec(ecx).unwrap();
+    b.jnz(TOP).unwrap();
+    b.test(ebx, ebx).unwrap();
+    b.jnz(done).unwrap();
+    b.mov(ebx, 1).unwrap();
+    b.mov(esi, edx).unwrap();
+    b.mov(dword_ptr(PT + (PAGE2 >> 12) * 4), (OTHER | 3) as u32).unwrap();
+    b.invlpg(byte_ptr(PAGE2)).unwrap();
+    b.jmp(ENTRY).unwrap();
+    b.set_label(&mut done).unwrap();
+    b.hlt().unwrap();
+    let page2 = b.assemble(PAGE2).unwrap();
+    assert_eq!(&page2[..3], &[0x83, 0xc2, 0x03]);
+    let mut other = page2.clone();
+    other[2] = 5;
+
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&start, bt);
+        v.mem.write(ENTRY, &entry);
+        v.mem.write(TOP, &[0x90; 4]);
+        v.mem.write(PAGE2, &page2);
+        v.mem.write(OTHER, &other);
+        v.mem.write(PD, &((PT | 3) as u32).to_le_bytes());
+        for i in 0..1024u64 {
+            v.mem.write(PT + i * 4, &((i << 12 | 3) as u32).to_le_bytes());
+        }
+        run(&mut v);
+        assert_eq!(v.cpu.regs.gpr[6] & 0xffff_ffff, 300, "first pass ({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[2] & 0xffff_ffff, 500, "second pass runs the remapped page ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            assert!(b.stats.chained >= 2, "the loop chained into itself in each pass");
+        }
+    }
+}
+
 /// Many distinct blocks called in turn through a tiny cache: evictions
 /// and unchaining happen, and the sum is still right.
 #[test]
