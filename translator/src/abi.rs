@@ -192,6 +192,10 @@ pub struct BtBlock {
     /// sends the host to leave the CCF.
     pub fault_rip: u64,
     pub fault_exit: u64,
+    /// The masks of the flag-free soft-TLB probe's `pext`s: the index bits
+    /// of a linear address, and the page bits ([`tlb::INDEX_MASK`],
+    /// [`tlb::PAGE_MASK`]).
+    pub tlb_masks: [u64; 2],
     /// The indirect-branch translation cache: (guest RIP, CCF entry) pairs,
     /// at [`ibtc_index`] of the RIP. Indirect branches and jumps to another
     /// page look here before leaving for the dispatcher, which fills it and
@@ -237,6 +241,7 @@ impl Default for BtBlock {
             tr_sel: 0,
             fault_rip: 0,
             fault_exit: 0,
+            tlb_masks: [tlb::INDEX_MASK, tlb::PAGE_MASK],
             ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
         }
     }
@@ -272,7 +277,8 @@ impl BtBlock {
     pub const OFF_TR_SEL: usize = Self::OFF_LDTR_SEL + 8;
     pub const OFF_FAULT_RIP: usize = Self::OFF_TR_SEL + 8;
     pub const OFF_FAULT_EXIT: usize = Self::OFF_FAULT_RIP + 8;
-    pub const OFF_IBTC: usize = Self::OFF_FAULT_EXIT + 8;
+    pub const OFF_TLB_MASKS: usize = Self::OFF_FAULT_EXIT + 8;
+    pub const OFF_IBTC: usize = Self::OFF_TLB_MASKS + 16;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -323,10 +329,24 @@ pub mod tlb {
     pub const ENTRIES: usize = 1024;
     /// Bytes per entry.
     pub const ENTRY_BYTES: usize = 32;
-    /// The linear page address an entry maps (never page-aligned when empty).
+    /// The linear page address an entry maps. An empty entry's tag is a
+    /// non-canonical page above 4 GiB whose index bits are two more than
+    /// the entry's own ([`empty_tag`]): no access that looks the entry up
+    /// (its first byte's page has the entry's index, its last byte's that
+    /// or the next) can match it, which lets the probe compare by
+    /// subtraction.
     pub const OFF_TAG: usize = 0;
     /// Host address minus linear address.
     pub const OFF_ADDEND: usize = 8;
+    /// The bits of a linear address that index the table (page number mod
+    /// `ENTRIES`, in place), and the page bits.
+    pub const INDEX_MASK: u64 = ((ENTRIES - 1) << 12) as u64;
+    pub const PAGE_MASK: u64 = !0xfff;
+
+    /// The tag of an empty entry at `index`.
+    pub const fn empty_tag(index: usize) -> u64 {
+        (1 << 63) | ((((index + 2) & (ENTRIES - 1)) as u64) << 12)
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +384,7 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, tr_sel), BtBlock::OFF_TR_SEL);
         assert_eq!(offset_of!(BtBlock, fault_rip), BtBlock::OFF_FAULT_RIP);
         assert_eq!(offset_of!(BtBlock, fault_exit), BtBlock::OFF_FAULT_EXIT);
+        assert_eq!(offset_of!(BtBlock, tlb_masks), BtBlock::OFF_TLB_MASKS);
         assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
     }
 }

@@ -536,8 +536,10 @@ struct Emitter {
     tu_rip: u64,
     mode: Mode,
     exits: Vec<ExitSite>,
-    /// Out-of-line TLB-miss paths, emitted after the main line.
+    /// Out-of-line TLB-miss paths, emitted after the main line; each
+    /// probe's miss first gets RCX back, then goes on to its Miss.
     misses: Vec<Miss>,
+    rcx_misses: Vec<(DynamicLabel, DynamicLabel)>,
     counts: Counts,
 }
 
@@ -545,6 +547,8 @@ struct Miss {
     label: DynamicLabel,
     rip: u64,
     scratch: Vec<u8>,
+    /// The guest flags are on the host stack (pushf's sequence): pop them.
+    flags_pushed: bool,
 }
 
 fn scratch_off(slot: usize) -> i32 {
@@ -672,9 +676,8 @@ impl Emitter {
         Ok(())
     }
 
-    /// Saves the guest's flags before a probe clobbers them. Always: even
-    /// flags that are dead in the TU are visible in the frame of a fault
-    /// the instruction takes (the probe's miss path restores them).
+    /// Saves the guest's flags before code that clobbers them (the IBTC
+    /// lookup, pushf's image). The soft-TLB probe needs none of this.
     fn save_flags(&mut self) {
         dynasm!(self.a ; .arch x64 ; pushfq);
     }
@@ -752,16 +755,16 @@ impl Emitter {
     }
 
     /// MEM: address, inline soft-TLB probe, then the instruction on the host address.
-    fn mem(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+    fn mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let access = info.info(insn).used_memory()[0].access();
         let write = !matches!(access, OpAccess::Read | OpAccess::CondRead);
         let size = insn.memory_size().size() as i32;
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
             || gpr_number(insn.memory_index()) == Some(RSP)
             || (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
-        let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
-        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        let s_rsp = uses_rsp.then(|| scratch[3]);
+        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 });
+        let (s0, s1) = (scratch[0], scratch[1]);
+        let s_rsp = uses_rsp.then(|| scratch[2]);
         // The rewritten instruction first: if it cannot be encoded, nothing
         // has been emitted yet.
         let mut body = *insn;
@@ -793,35 +796,30 @@ impl Emitter {
         enc.encode(&body, 0).map_err(|_| Unencodable)?;
         let body_bytes = enc.take_buffer();
 
-        self.save_flags();
         self.spill(&scratch);
         if let Some(r) = s_rsp {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
         }
         self.address(insn, s0, s_rsp)?;
-        self.add_segment_base(s0, seg_index(insn.memory_segment()));
-        let miss = self.probe(s0, s1, s2, size, write);
-        // s1 and s2 are done with; give them back before the instruction.
-        dynasm!(self.a
-            ; .arch x64
-            ; gs mov Rq(s1), QWORD [scratch_off(1)]
-            ; gs mov Rq(s2), QWORD [scratch_off(2)]
-        );
-        self.restore_flags(live);
+        self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
+        let miss = self.probe(s0, s1, size, write);
+        // s1 is done with; give it back before the instruction.
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s1), QWORD [scratch_off(1)]);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
             if writes_rsp(insn, info) {
                 dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(r));
             }
-            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(3)]);
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(2)]);
         }
         dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
         Ok(())
     }
 
-    /// Adds the base of `segment` to the address in `s0`, where it may not be zero.
-    fn add_segment_base(&mut self, s0: u8, segment: usize) {
+    /// Adds the base of `segment` to the address in `s0`, where it may not
+    /// be zero (through `tmp`, keeping the flags).
+    fn add_segment_base(&mut self, s0: u8, tmp: u8, segment: usize) {
         let add_base = if self.mode.bits == 64 {
             segment == seg::FS || segment == seg::GS
         } else {
@@ -829,7 +827,7 @@ impl Emitter {
         };
         if add_base {
             let off = (BtBlock::OFF_SEG_BASE + segment * 8) as i32;
-            dynasm!(self.a ; .arch x64 ; gs add Rq(s0), QWORD [off]);
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(tmp), QWORD [off] ; lea Rq(s0), [Rq(s0) + Rq(tmp)]);
             if self.mode.bits != 64 {
                 dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(s0));
             }
@@ -837,25 +835,43 @@ impl Emitter {
     }
 
     /// The inline soft-TLB probe: turns the linear address in `s0` into a
-    /// host address, using `s1` and `s2`; jumps to the returned label when
-    /// the access of `size` bytes has no entry (miss, or page-crossing).
-    fn probe(&mut self, s0: u8, s1: u8, s2: u8, size: i32, write: bool) -> DynamicLabel {
+    /// host address, using `s1` and RCX (saved in its home slot in the
+    /// block and back before anything else runs), leaving the flags alone;
+    /// jumps to the returned label when the access of `size` bytes has no
+    /// entry (a miss, or one crossing a page), with RCX back.
+    ///
+    /// The entry is the table's at the index bits of the address; it maps
+    /// the access if the last byte lies in the page of its tag, that is
+    /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
+    /// takes the bits, `not` and `lea` subtract, `jrcxz` tests.
+    fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool) -> DynamicLabel {
+        debug_assert!(s0 != 1 && s1 != 1, "RCX is the probe's own");
         let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
-        let index_mask = ((tlb::ENTRIES - 1) * tlb::ENTRY_BYTES) as i32;
-        let shift = (12 - tlb::ENTRY_BYTES.trailing_zeros()) as i8;
+        let masks = BtBlock::OFF_TLB_MASKS as i32;
+        let rcx_home = BtBlock::off_gpr(1) as i32;
         let miss = self.a.new_dynamic_label();
+        let hit = self.a.new_dynamic_label();
+        let missed = self.a.new_dynamic_label();
+        const _: () = assert!(tlb::ENTRY_BYTES == 32);
         dynasm!(self.a
             ; .arch x64
-            ; mov Rq(s1), Rq(s0)
-            ; shr Rq(s1), shift
-            ; and Rd(s1), index_mask
-            ; gs add Rq(s1), QWORD [table]
-            ; lea Rq(s2), [Rq(s0) + size - 1]
-            ; and Rq(s2), -4096
-            ; cmp Rq(s2), QWORD [Rq(s1) + tlb::OFF_TAG as i32]
-            ; jne =>miss
-            ; add Rq(s0), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
+            ; gs mov QWORD [rcx_home], rcx
+            ; gs pext Rq(s1), Rq(s0), QWORD [masks]
+            ; lea Rq(s1), [Rq(s1) * 4]
+            ; gs mov rcx, QWORD [table]
+            ; lea Rq(s1), [rcx + Rq(s1) * 8]
+            ; mov rcx, QWORD [Rq(s1) + tlb::OFF_TAG as i32]
+            ; not rcx
+            ; lea rcx, [rcx + Rq(s0) + size]
+            ; gs pext rcx, rcx, QWORD [masks + 8]
+            ; jrcxz =>hit
+            ; jmp =>missed
+            ; =>hit
+            ; mov rcx, QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
+            ; lea Rq(s0), [Rq(s0) + rcx]
+            ; gs mov rcx, QWORD [rcx_home]
         );
+        self.rcx_misses.push((missed, miss));
         miss
     }
 
@@ -872,15 +888,14 @@ impl Emitter {
     }
 
     /// The host address of `size` stack bytes at guest RSP + `delta`, into
-    /// `s0` (flags saved and its scratch registers spilled first).
-    /// Returns the miss label; the caller restores s1/s2 and the flags.
+    /// `s0` (its scratch registers spilled first). Returns the miss label;
+    /// the caller restores the scratch registers.
     fn stack_slot(&mut self, scratch: &[u8], delta: i32, size: i32, write: bool) -> DynamicLabel {
-        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        self.save_flags();
+        let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(scratch);
         self.load_rsp(s0, delta);
-        self.add_segment_base(s0, seg::SS);
-        self.probe(s0, s1, s2, size, write)
+        self.add_segment_base(s0, s1, seg::SS);
+        self.probe(s0, s1, size, write)
     }
 
     /// Guest RSP += `delta` (at the stack width), through `tmp`.
@@ -902,24 +917,13 @@ impl Emitter {
         }
     }
 
-    /// Finishes a stack access: s1/s2 back, flags back.
-    fn after_probe(&mut self, scratch: &[u8], live: u32) {
-        dynasm!(self.a
-            ; .arch x64
-            ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
-            ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]
-        );
-        self.restore_flags(live);
-    }
 
     /// push reg/imm, or the return address of a call: writes below RSP,
     /// then moves RSP.
-    fn push(&mut self, insn: &Instruction, value: Result<u8, i64>, size: i32, live: u32, info: &mut InstructionInfoFactory) {
-        let scratch = pick_scratch(insn, info, 3);
+    fn push(&mut self, insn: &Instruction, value: Result<u8, i64>, size: i32, info: &mut InstructionInfoFactory) {
+        let scratch = pick_scratch(insn, info, 2);
+        // s1 stays borrowed for a 64-bit immediate; restored after the store.
         let miss = self.stack_slot(&scratch, -size, size, true);
-        // Keep s1 for a 64-bit immediate; restore it after the store.
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[2]), QWORD [scratch_off(2)]);
-        self.restore_flags(live);
         self.store(scratch[0], scratch[1], size, value);
         self.move_rsp(scratch[0], -size);
         dynasm!(self.a
@@ -927,16 +931,16 @@ impl Emitter {
             ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
             ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
         );
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
     /// pop reg: reads at RSP, then moves RSP.
-    fn pop(&mut self, insn: &Instruction, dst: Register, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+    fn pop(&mut self, insn: &Instruction, dst: Register, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let size = dst.size() as i32;
         let n = gpr_number(dst).ok_or(Unencodable)?;
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 2);
         let miss = self.stack_slot(&scratch, 0, size, false);
-        self.after_probe(&scratch, live);
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]);
         let s0 = scratch[0];
         match size {
             8 => dynasm!(self.a ; .arch x64 ; mov Rq(n), QWORD [Rq(s0)]),
@@ -945,7 +949,7 @@ impl Emitter {
         }
         self.move_rsp(s0, size);
         dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
         Ok(())
     }
 
@@ -969,6 +973,7 @@ impl Emitter {
             ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s2)
         );
         self.move_rsp(s0, size + extra);
+        self.save_flags();
         let ibtc_miss = self.ibtc_lookup(s1, s2);
         self.unspill(&scratch);
         self.restore_flags(live);
@@ -976,7 +981,7 @@ impl Emitter {
         self.unspill(&scratch);
         self.restore_flags(live);
         self.indirect_exit(insn.ip());
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
     /// jmp/call through a register, then the IBTC, or an indirect exit.
@@ -993,7 +998,7 @@ impl Emitter {
         );
         if insn.mnemonic() == Mnemonic::Call {
             let size = (self.mode.bits / 8) as i32;
-            self.push(insn, Err(insn.next_ip() as i64), size, live, info);
+            self.push(insn, Err(insn.next_ip() as i64), size, info);
         }
         self.save_flags();
         self.spill(&scratch[..2]);
@@ -1014,7 +1019,7 @@ impl Emitter {
     }
 
     /// Inline code over the virtual state (see [`VirtualOp`]).
-    fn virtual_op(&mut self, insn: &Instruction, op: VirtualOp, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+    fn virtual_op(&mut self, insn: &Instruction, op: VirtualOp, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         match op {
             VirtualOp::Cli => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VIF as i32], 0),
             VirtualOp::SetDf(v) => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VDF as i32], v as i8),
@@ -1039,28 +1044,27 @@ impl Emitter {
                     }
                     return Ok(());
                 }
-                self.store_virtual(insn, r, off, live, info)?;
+                self.store_virtual(insn, r, off, info)?;
             }
         }
         Ok(())
     }
 
     /// smsw/sldt/str/sgdt/sidt to memory: address, probe, store from the block.
-    fn store_virtual(&mut self, insn: &Instruction, r: SysReg, off: i32, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+    fn store_virtual(&mut self, insn: &Instruction, r: SysReg, off: i32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let table = matches!(r, SysReg::Gdtr | SysReg::Idtr);
         let size = if table { 10 } else { 2 };
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP);
-        let scratch = pick_scratch(insn, info, if uses_rsp { 4 } else { 3 });
-        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        self.save_flags();
+        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 });
+        let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
-        let s_rsp = uses_rsp.then(|| scratch[3]);
+        let s_rsp = uses_rsp.then(|| scratch[2]);
         if let Some(r) = s_rsp {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
         }
         self.address(insn, s0, s_rsp)?;
-        self.add_segment_base(s0, seg_index(insn.memory_segment()));
-        let miss = self.probe(s0, s1, s2, size, true);
+        self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
+        let miss = self.probe(s0, s1, size, true);
         dynasm!(self.a
             ; .arch x64
             ; gs mov Rw(s1), WORD [off]
@@ -1075,8 +1079,7 @@ impl Emitter {
             );
         }
         self.unspill(&scratch);
-        self.restore_flags(live);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
         Ok(())
     }
 
@@ -1084,8 +1087,8 @@ impl Emitter {
     /// DF bytes, and the other virtual bits (RF and VM read as 0).
     fn pushf(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
         let size = -insn.stack_pointer_increment();
-        let scratch = pick_scratch(insn, info, 4);
-        let (s0, s1, s2, v) = (scratch[0], scratch[1], scratch[2], scratch[3]);
+        let scratch = pick_scratch(insn, info, 3);
+        let (s0, s1, v) = (scratch[0], scratch[1], scratch[2]);
         // pushfq saves the guest's flags for the whole sequence and gives
         // their arithmetic part.
         dynasm!(self.a ; .arch x64 ; pushfq);
@@ -1103,32 +1106,31 @@ impl Emitter {
             ; or Rq(v), Rq(s1)
         );
         self.load_rsp(s0, -size);
-        self.add_segment_base(s0, seg::SS);
-        let miss = self.probe(s0, s1, s2, size, true);
+        self.add_segment_base(s0, s1, seg::SS);
+        let miss = self.probe(s0, s1, size, true);
         self.store(s0, s1, size, Ok(v));
         self.move_rsp(s0, -size);
         self.unspill(&scratch);
         dynasm!(self.a ; .arch x64 ; popfq);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: true });
     }
 
     /// lods/stos (no rep): the access through the soft TLB, then RSI/RDI
     /// moved by the size, the direction from the virtual DF.
-    fn string_one(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
+    fn string_one(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
         let store = matches!(insn.mnemonic(), Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq);
         let size = insn.memory_size().size() as i32;
         let (index, segment) = if store { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
-        let scratch = pick_scratch(insn, info, 3);
-        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        self.save_flags();
+        let scratch = pick_scratch(insn, info, 2);
+        let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
         if self.mode.bits == 64 {
             dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
         } else {
             dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
         }
-        self.add_segment_base(s0, segment);
-        let miss = self.probe(s0, s1, s2, size, store);
+        self.add_segment_base(s0, s1, segment);
+        let miss = self.probe(s0, s1, size, store);
         match (store, size) {
             (false, 1) => dynasm!(self.a ; .arch x64 ; mov al, BYTE [Rq(s0)]),
             (false, 2) => dynasm!(self.a ; .arch x64 ; mov ax, WORD [Rq(s0)]),
@@ -1139,21 +1141,23 @@ impl Emitter {
             (true, 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], eax),
             (true, _) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], rax),
         }
-        // delta = size - 2 * size * DF; the flags are saved.
-        dynasm!(self.a
-            ; .arch x64
-            ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VDF as i32]
-            ; imul Rd(s1), Rd(s1), -2 * size
-            ; add Rd(s1), size
-        );
+        // index += size - 2 * size * DF, flag-free: s1 = 2 * size * DF,
+        // then index + !s1 + size + 1.
+        dynasm!(self.a ; .arch x64 ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VDF as i32]);
+        match size {
+            1 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 2]),
+            2 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 4]),
+            4 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 8]),
+            _ => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 8] ; lea Rd(s1), [Rq(s1) + Rq(s1)]),
+        }
+        dynasm!(self.a ; .arch x64 ; not Rq(s1));
         if self.mode.bits == 64 {
-            dynasm!(self.a ; .arch x64 ; movsxd Rq(s1), Rd(s1) ; add Rq(index), Rq(s1));
+            dynasm!(self.a ; .arch x64 ; lea Rq(index), [Rq(index) + Rq(s1) + size + 1]);
         } else {
-            dynasm!(self.a ; .arch x64 ; add Rd(index), Rd(s1));
+            dynasm!(self.a ; .arch x64 ; lea Rd(index), [Rq(index) + Rq(s1) + size + 1]);
         }
         self.unspill(&scratch);
-        self.restore_flags(live);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
     fn indirect_exit(&mut self, rip: u64) {
@@ -1211,7 +1215,8 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
         }
     }
     let high_byte = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i)));
-    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 1, 2, 11, 10, 9, 8, 12, 13, 14, 15] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 15, 0, 1, 2] };
+    // Never RCX: the soft-TLB probe borrows it on its own (see `probe`).
+    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14, 15] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 15, 0, 2] };
     let mut out = Vec::with_capacity(count);
     for &r in order {
         if out.len() == count {
@@ -1273,7 +1278,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -1293,7 +1298,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.ident += 1;
             }
             Plan::Mem => {
-                e.mem(insn, live[k], &mut info).map_err(|_| k)?;
+                e.mem(insn, &mut info).map_err(|_| k)?;
                 e.counts.mem += 1;
             }
             Plan::Jump(target) => {
@@ -1319,11 +1324,11 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 } else {
                     Err(insn.immediate(0) as i64)
                 };
-                e.push(insn, value, size, live[k], &mut info);
+                e.push(insn, value, size, &mut info);
                 e.counts.mem += 1;
             }
             Plan::Pop => {
-                e.pop(insn, insn.op0_register(), live[k], &mut info).map_err(|_| k)?;
+                e.pop(insn, insn.op0_register(), &mut info).map_err(|_| k)?;
                 e.counts.mem += 1;
             }
             Plan::Leave => {
@@ -1338,12 +1343,12 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                     );
                 }
                 let dst = gpr_sized(5, (mode.bits / 8) as usize);
-                e.pop(insn, dst, live[k], &mut info).map_err(|_| k)?;
+                e.pop(insn, dst, &mut info).map_err(|_| k)?;
                 e.counts.mem += 1;
             }
             Plan::Call(target) => {
                 let size = (mode.bits / 8) as i32;
-                e.push(insn, Err(insn.next_ip() as i64), size, live[k], &mut info);
+                e.push(insn, Err(insn.next_ip() as i64), size, &mut info);
                 e.counts.control += 1;
                 e.exit_next(mask_rip(target, mode), insn.ip());
                 ended = true;
@@ -1359,7 +1364,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 ended = true;
             }
             Plan::StringOne => {
-                e.string_one(insn, live[k], &mut info);
+                e.string_one(insn, &mut info);
                 e.counts.mem += 1;
             }
             Plan::Divide => {
@@ -1373,7 +1378,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.ident += 1;
             }
             Plan::Virtual(op) => {
-                e.virtual_op(insn, op, live[k], &mut info).map_err(|_| k)?;
+                e.virtual_op(insn, op, &mut info).map_err(|_| k)?;
                 e.counts.sensitive += 1;
             }
             Plan::Stop => {
@@ -1387,10 +1392,15 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     if !ended {
         e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
     }
+    for (missed, miss) in std::mem::take(&mut e.rcx_misses) {
+        dynasm!(e.a ; .arch x64 ; =>missed ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32] ; jmp =>miss);
+    }
     for m in std::mem::take(&mut e.misses) {
         dynasm!(e.a ; .arch x64 ; =>m.label);
         e.unspill(&m.scratch);
-        dynasm!(e.a ; .arch x64 ; popfq);
+        if m.flags_pushed {
+            dynasm!(e.a ; .arch x64 ; popfq);
+        }
         e.exit(m.rip, ExitReason::Interpret);
     }
     let guest_bytes = (last.next_ip().wrapping_sub(rip)) as usize;

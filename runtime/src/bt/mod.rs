@@ -143,6 +143,9 @@ pub struct Bt {
     /// CS base, CPL. Any change empties it.
     ibtc_context: (u64, Mode, u64, u8),
     pub stats: BtStats,
+    /// `/tmp/perf-PID.map`, where every TU's code is named for `perf`
+    /// (when the environment sets `BTVMM_PERF_MAP`).
+    perf_map: Option<std::fs::File>,
 }
 
 /// The engine cannot start (not a guest event).
@@ -179,6 +182,8 @@ impl Bt {
             page2_generation: 0,
             ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
             stats: BtStats::default(),
+            perf_map: std::env::var_os("BTVMM_PERF_MAP")
+                .and_then(|_| std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()),
         };
         bt.sync_fault_ranges();
         Ok(bt)
@@ -607,6 +612,10 @@ impl Vcpu {
             host_bytes = ccf.code.len(),
             "TU translated"
         );
+        if let Some(f) = bt.perf_map.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{:x} {:x} tu_{:x}_{}", base as u64, ccf.code.len(), key.rip, key.mode.bits);
+        }
         bt.lru.put(id, ());
         let tu = Tu {
             key,

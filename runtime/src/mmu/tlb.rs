@@ -9,23 +9,34 @@
 
 use super::{Access, Translation};
 
+use btvmm_translator::abi::tlb::empty_tag;
+
 pub const TLB_SIZE: usize = btvmm_translator::abi::tlb::ENTRIES;
-const INVALID: u64 = 1;
 
 /// Laid out as `btvmm_translator::abi::tlb` says: CCFs probe it inline.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TlbEntry {
-    /// Linear page address, or `INVALID` (never page-aligned, so never matches).
+    /// Linear page address, or `empty_tag(index)` (which no lookup that
+    /// reaches this entry can match).
     pub tag: u64,
     /// host address minus linear address.
     pub addend: u64,
+    /// The physical page (`u64::MAX` when empty).
     pub phys_page: u64,
     pub global: bool,
 }
 
 impl TlbEntry {
-    const EMPTY: Self = Self { tag: INVALID, addend: 0, phys_page: 0, global: false };
+    /// The empty entry at `index`.
+    const fn empty(index: usize) -> Self {
+        Self { tag: empty_tag(index), addend: 0, phys_page: u64::MAX, global: false }
+    }
+}
+
+/// One empty table.
+fn empty_table() -> [TlbEntry; TLB_SIZE] {
+    std::array::from_fn(TlbEntry::empty)
 }
 
 pub struct Tlb {
@@ -48,7 +59,8 @@ impl Default for Tlb {
 
 impl Tlb {
     pub fn new() -> Self {
-        Self { entries: Box::new([[[TlbEntry::EMPTY; TLB_SIZE]; 3]; 2]), has_large: false, flushes: 0, generation: 0 }
+        let entries = Box::new(std::array::from_fn(|_| std::array::from_fn(|_| empty_table())));
+        Self { entries, has_large: false, flushes: 0, generation: 0 }
     }
 
     #[inline(always)]
@@ -100,9 +112,11 @@ impl Tlb {
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
         self.generation += 1;
-        for e in self.entries.iter_mut().flatten().flatten() {
-            if !(keep_global && e.global) {
-                *e = TlbEntry::EMPTY;
+        for table in self.entries.iter_mut().flatten() {
+            for (i, e) in table.iter_mut().enumerate() {
+                if !(keep_global && e.global) {
+                    *e = TlbEntry::empty(i);
+                }
             }
         }
         if !keep_global {
@@ -118,19 +132,21 @@ impl Tlb {
             return;
         }
         let page = lin & !0xfff;
+        let i = Self::index(lin);
         for table in self.entries.iter_mut().flatten() {
-            let e = &mut table[Self::index(lin)];
-            if e.tag == page {
-                *e = TlbEntry::EMPTY;
+            if table[i].tag == page {
+                table[i] = TlbEntry::empty(i);
             }
         }
     }
 
     /// Drops every write entry for a physical page that now holds code.
     pub fn protect_code_page(&mut self, phys_page: u64) {
-        for e in self.entries.iter_mut().flat_map(|t| t[Access::Write as usize].iter_mut()) {
-            if e.tag != INVALID && e.phys_page == phys_page {
-                *e = TlbEntry::EMPTY;
+        for table in self.entries.iter_mut().map(|t| &mut t[Access::Write as usize]) {
+            for (i, e) in table.iter_mut().enumerate() {
+                if e.phys_page == phys_page {
+                    *e = TlbEntry::empty(i);
+                }
             }
         }
     }
@@ -147,6 +163,18 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TlbEntry, tag), tlb::OFF_TAG);
         assert_eq!(std::mem::offset_of!(TlbEntry, addend), tlb::OFF_ADDEND);
         assert!(TLB_SIZE.is_power_of_two());
+    }
+
+    #[test]
+    fn an_empty_entry_matches_nothing() {
+        let t = Tlb::new();
+        let pages = (0..3 * TLB_SIZE as u64).map(|k| k << 12);
+        for page in pages.clone().chain(pages.map(|p| (1 << 63) | p)) {
+            for kind in [Access::Read, Access::Write, Access::Execute] {
+                assert_eq!(t.lookup(page | 0x123, kind, false), None, "page {page:#x}");
+                assert_eq!(t.lookup(page, kind, true), None);
+            }
+        }
     }
 
     #[test]
