@@ -11,8 +11,6 @@
 //! one instruction in the interpreter, whose functions are the one shared
 //! implementation of everything sensitive.
 
-use std::collections::HashMap;
-
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use btvmm_translator::abi::{ibtc_index, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
@@ -103,7 +101,7 @@ pub struct BtStats {
     /// TUs dropped because their guest page was written.
     pub invalidated: u64,
     /// Instructions run in the shared Rust semantics on a CCF's behalf, by mnemonic.
-    pub callouts: HashMap<iced_x86::Mnemonic, u64>,
+    pub callouts: FxHashMap<iced_x86::Mnemonic, u64>,
     /// Exit stubs patched into direct jumps, and undone again.
     pub chained: u64,
     pub unchained: u64,

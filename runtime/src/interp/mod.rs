@@ -22,6 +22,8 @@ mod string;
 pub use string::{advance_reg, run_string, string_regs, Step, StringRegs};
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::rc::Rc;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
@@ -73,10 +75,10 @@ const FAST_SLOTS: usize = 4096;
 
 /// Decoded-block cache with page-granular invalidation.
 pub(crate) struct CodeMap {
-    blocks: HashMap<BlockKey, Rc<Block>>,
+    blocks: FxHashMap<BlockKey, Rc<Block>>,
     /// Direct-mapped front of `blocks`.
     fast: Vec<Option<(BlockKey, Rc<Block>)>>,
-    by_page: HashMap<u64, Vec<BlockKey>>,
+    by_page: FxHashMap<u64, Vec<BlockKey>>,
     /// One bit per 4 KiB page of RAM: the page holds decoded code.
     code_pages: Vec<u64>,
 }
@@ -84,9 +86,9 @@ pub(crate) struct CodeMap {
 impl CodeMap {
     fn new(ram_size: u64) -> Self {
         Self {
-            blocks: HashMap::new(),
+            blocks: FxHashMap::default(),
             fast: vec![None; FAST_SLOTS],
-            by_page: HashMap::new(),
+            by_page: FxHashMap::default(),
             code_pages: vec![0; (ram_size >> 12).div_ceil(64) as usize + 1],
         }
     }

@@ -119,7 +119,7 @@ pub fn movs(v: &mut Vcpu, i: &Instruction) -> R {
 /// Bulk forward `rep movs` within single pages of RAM, through the TLB.
 /// Returns false when the rest must go through the generic loop, which then
 /// continues from the registers as this left them.
-fn fast_movs(v: &mut Vcpu, i: &Instruction, r: super::string::StringRegs, size: u32, sseg: usize) -> Result<bool, Exception> {
+fn fast_movs(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, sseg: usize) -> Result<bool, Exception> {
     let mut done = 0u64;
     loop {
         let count = v.reg(r.cx);
@@ -180,12 +180,71 @@ pub fn stos(v: &mut Vcpu, i: &Instruction) -> R {
     let r = string_regs(i);
     let size = elem_size(i);
     let x = v.cpu.regs.gpr[0] & size_mask(size);
+    if i.has_rep_prefix() && !v.df() && fast_stos(v, i, r, size, x)? {
+        return Ok(());
+    }
     run_string(v, i, |v| {
         let di = v.reg(r.di) & r.amask;
         v.write_mem(seg::ES, di, size, x)?;
         advance(v, r.di, r.amask, size);
         Ok(Step::Continue)
     })
+}
+
+/// Bulk forward `rep stos` within single pages of RAM, through the TLB (a
+/// page holding code has no write entry, so its stores take the generic
+/// path, which invalidates the code). Returns false when the rest must go
+/// through the generic loop, which continues from the registers as this
+/// left them.
+fn fast_stos(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, x: u64) -> Result<bool, Exception> {
+    let pattern = &x.to_le_bytes()[..size as usize];
+    let mut done = 0u64;
+    loop {
+        let count = v.reg(r.cx);
+        if count == 0 {
+            return Ok(true);
+        }
+        if done >= CHUNK * 8 {
+            v.cpu.regs.rip = i.ip();
+            v.block_break = true;
+            return Ok(true);
+        }
+        let di = v.reg(r.di) & r.amask;
+        let Ok(dl) = v.linear(seg::ES, di, size, true) else {
+            return Ok(false);
+        };
+        let n = ((0x1000 - (dl & 0xfff)) / size as u64).min(count);
+        if n == 0 {
+            // The next element straddles a page boundary.
+            return Ok(false);
+        }
+        let Some(dst) = v.tlb.lookup(dl, crate::mmu::Access::Write, v.user()) else {
+            // One slow element (fills the TLB or faults precisely), then retry.
+            v.write_lin(dl, size, x)?;
+            advance(v, r.di, r.amask, size);
+            v.set_reg(r.cx, count - 1);
+            done += 1;
+            continue;
+        };
+        if di + n * size as u64 > r.amask {
+            return Ok(false);
+        }
+        let bytes = (n * size as u64) as usize;
+        // SAFETY: the range lies within one RAM page (bounded by the room
+        // left in the page), which the TLB's write entry maps.
+        unsafe {
+            if pattern.iter().all(|&b| b == pattern[0]) {
+                std::ptr::write_bytes(dst as *mut u8, pattern[0], bytes);
+            } else {
+                for k in 0..n as usize {
+                    std::ptr::copy_nonoverlapping(pattern.as_ptr(), (dst as *mut u8).add(k * size as usize), size as usize);
+                }
+            }
+        }
+        v.set_reg(r.di, di + bytes as u64);
+        v.set_reg(r.cx, count - n);
+        done += n;
+    }
 }
 
 pub fn lods(v: &mut Vcpu, i: &Instruction) -> R {

@@ -257,6 +257,51 @@ fn interp_rep_movsd_across_page_boundary_completes() {
 }
 
 #[test]
+fn interp_rep_stos_fills_across_pages_in_every_size() {
+    // Odd starts, so elements straddle page boundaries; uniform and mixed
+    // patterns (the bulk path fills each differently); both directions.
+    let cases = [(1u32, 0x5au64, false), (2, 0xbeef, false), (4, 0, false), (4, 0x1122_3344, false), (8, 0x0102_0304_0506_0708, false), (4, 0x1122_3344, true)];
+    for (size, pattern, std) in cases {
+        let count = 0x2345 / size as u64;
+        let first = 0x5ffd;
+        let start = if std { first + (count - 1) * size as u64 } else { first };
+        let bits = if size == 8 { 64 } else { 32 };
+        let mut a = CodeAssembler::new(bits).unwrap();
+        if bits == 64 {
+            a.mov(rdi, start).unwrap();
+            a.mov(rcx, count).unwrap();
+            a.mov(rax, pattern).unwrap();
+        } else {
+            a.mov(edi, start as u32).unwrap();
+            a.mov(ecx, count as u32).unwrap();
+            a.mov(eax, pattern as u32).unwrap();
+        }
+        if std { a.std().unwrap() } else { a.cld().unwrap() }
+        match size {
+            1 => a.rep().stosb().unwrap(),
+            2 => a.rep().stosw().unwrap(),
+            4 => a.rep().stosd().unwrap(),
+            _ => a.rep().stosq().unwrap(),
+        }
+        a.hlt().unwrap();
+        let code = a.assemble(0x1000).unwrap();
+        let mut v = if bits == 64 { vcpu64_with(&code, 0x1000) } else { vcpu_with(&code, 0x1000) };
+        v.mem.write(0x5000, &[0xee; 0x4000]);
+        assert_eq!(run(&mut v), VmExit::HaltedForever);
+        let mut want = vec![0xeeu8; 0x4000];
+        for k in 0..(count * size as u64) as usize {
+            want[(first - 0x5000) as usize + k] = pattern.to_le_bytes()[k % size as usize];
+        }
+        let mut out = vec![0u8; 0x4000];
+        v.mem.read(0x5000, &mut out);
+        assert!(out == want, "rep stos of {size}-byte elements (std {std})");
+        assert_eq!(v.cpu.regs.gpr[1], 0, "rcx counted down");
+        let end = if std { first - size as u64 } else { first + count * size as u64 };
+        assert_eq!(v.cpu.regs.gpr[7], end, "rdi past the last element");
+    }
+}
+
+#[test]
 fn interp_bound_raises_br_only_out_of_range() {
     let code = assemble32(|a| {
         a.mov(eax, 5)?;

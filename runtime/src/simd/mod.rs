@@ -55,7 +55,7 @@ mod stub;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use iced_x86::{Code, EncodingKind, Instruction, InstructionInfoFactory};
 
@@ -116,7 +116,7 @@ struct Staging([u8; STAGING_BYTES]);
 
 /// Runs guest SIMD instructions through cached host stubs.
 pub struct SimdExecutor {
-    stubs: HashMap<Instruction, StubFn>,
+    stubs: FxHashMap<Instruction, StubFn>,
     arena: CodeArena,
     info: InstructionInfoFactory,
     host: &'static HostXsave,
@@ -135,7 +135,7 @@ impl SimdExecutor {
     pub fn with_code_budget(budget: usize) -> Result<Self, SimdError> {
         let host = HostXsave::get().ok_or(SimdError::HostLacksXsave)?;
         Ok(SimdExecutor {
-            stubs: HashMap::new(),
+            stubs: FxHashMap::default(),
             arena: CodeArena::with_budget(budget),
             info: InstructionInfoFactory::new(),
             host,
