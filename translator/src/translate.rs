@@ -540,6 +540,11 @@ struct Emitter {
     /// probe's miss first gets RCX back, then goes on to its Miss.
     misses: Vec<Miss>,
     rcx_misses: Vec<(DynamicLabel, DynamicLabel)>,
+    /// The scratch registers a memory access left borrowed for the next
+    /// one (register k's guest value in scratch slot k): consecutive
+    /// accesses through the same pair spill it once. Released before
+    /// anything else that names them, uses the slots, or leaves the CCF.
+    borrowed: Vec<u8>,
     counts: Counts,
 }
 
@@ -692,14 +697,37 @@ impl Emitter {
         }
     }
 
+    /// Whether host register `r` holds guest state: R8..R15 do not in
+    /// 32-bit code (the dispatcher takes only the low eight back from it).
+    fn holds_guest(&self, r: u8) -> bool {
+        self.mode.bits == 64 || r < 8
+    }
+
     fn spill(&mut self, scratch: &[u8]) {
         for (slot, &r) in scratch.iter().enumerate() {
-            dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(slot)], Rq(r));
+            if self.holds_guest(r) {
+                dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(slot)], Rq(r));
+            }
         }
     }
 
     fn unspill(&mut self, scratch: &[u8]) {
         for (slot, &r) in scratch.iter().enumerate() {
+            if self.holds_guest(r) {
+                dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(slot)]);
+            }
+        }
+    }
+
+    /// Gives the borrowed scratch registers back (see `borrowed`).
+    fn release(&mut self) {
+        let borrowed = std::mem::take(&mut self.borrowed);
+        self.unspill(&borrowed);
+    }
+
+    /// Restores one spilled scratch register.
+    fn unspill_one(&mut self, r: u8, slot: usize) {
+        if self.holds_guest(r) {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(slot)]);
         }
     }
@@ -796,23 +824,28 @@ impl Emitter {
         enc.encode(&body, 0).map_err(|_| Unencodable)?;
         let body_bytes = enc.take_buffer();
 
-        self.spill(&scratch);
+        // s0 and s1 stay borrowed after the instruction, for the next one.
+        if self.borrowed[..] != scratch[..2] {
+            self.release();
+            self.spill(&scratch[..2]);
+            self.borrowed = scratch[..2].to_vec();
+        }
         if let Some(r) = s_rsp {
+            if self.holds_guest(r) {
+                dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(r));
+            }
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
         }
         self.address(insn, s0, s_rsp)?;
         self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
         let miss = self.probe(s0, s1, size, write);
-        // s1 is done with; give it back before the instruction.
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(s1), QWORD [scratch_off(1)]);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
             if writes_rsp(insn, info) {
                 dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(r));
             }
-            dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(2)]);
+            self.unspill_one(r, 2);
         }
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
         Ok(())
     }
@@ -926,11 +959,7 @@ impl Emitter {
         let miss = self.stack_slot(&scratch, -size, size, true);
         self.store(scratch[0], scratch[1], size, value);
         self.move_rsp(scratch[0], -size);
-        dynasm!(self.a
-            ; .arch x64
-            ; gs mov Rq(scratch[0]), QWORD [scratch_off(0)]
-            ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]
-        );
+        self.unspill(&scratch);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
@@ -940,7 +969,7 @@ impl Emitter {
         let n = gpr_number(dst).ok_or(Unencodable)?;
         let scratch = pick_scratch(insn, info, 2);
         let miss = self.stack_slot(&scratch, 0, size, false);
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(scratch[1]), QWORD [scratch_off(1)]);
+        self.unspill_one(scratch[1], 1);
         let s0 = scratch[0];
         match size {
             8 => dynasm!(self.a ; .arch x64 ; mov Rq(n), QWORD [Rq(s0)]),
@@ -948,7 +977,7 @@ impl Emitter {
             _ => dynasm!(self.a ; .arch x64 ; mov Rw(n), WORD [Rq(s0)]),
         }
         self.move_rsp(s0, size);
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
+        self.unspill_one(s0, 0);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
         Ok(())
     }
@@ -1278,7 +1307,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), borrowed: Vec::new(), counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -1290,6 +1319,18 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let mut rip_map = Vec::with_capacity(tu.len());
     let mut ended = false;
     for (k, (insn, plan)) in tu.iter().enumerate() {
+        // Borrowed scratch registers go back before anything but another
+        // memory access or an instruction that does not name them.
+        let keep = match plan {
+            Plan::Mem | Plan::Nothing => true,
+            Plan::Ident => info.info(insn).used_registers().iter().all(|u| {
+                gpr_number(u.register()).is_none_or(|n| n != RSP && !e.borrowed.contains(&n))
+            }),
+            _ => false,
+        };
+        if !keep {
+            e.release();
+        }
         rip_map.push((e.a.offset().0 as u32, insn.ip()));
         match *plan {
             Plan::Nothing => e.counts.ident += 1,
@@ -1389,6 +1430,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         }
     }
     let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
+    e.release();
     if !ended {
         e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
     }

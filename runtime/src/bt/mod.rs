@@ -481,7 +481,7 @@ impl Vcpu {
                     let rip = tu.key.rip;
                     bt.block.ibtc[ibtc_index(rip)] = [rip, entry as u64];
                 }
-                self.enter_ccf(entry);
+                self.enter_ccf(entry, mode.bits);
             }
         }
     }
@@ -631,9 +631,11 @@ impl Vcpu {
         Some(())
     }
 
-    /// Loads the guest registers into the block, runs the CCF at `entry`,
-    /// and takes the registers back.
-    fn enter_ccf(&mut self, entry: *const u8) {
+    /// Loads the guest registers into the block, runs the CCF at `entry`
+    /// (of code size `bits`), and takes the registers back: R8..R15 only
+    /// from 64-bit code, since 32-bit CCFs borrow them as scratch without
+    /// saving them (the guest's values stay in `cpu.regs`).
+    fn enter_ccf(&mut self, entry: *const u8, bits: u32) {
         let user = self.user();
         let (tlb_read, tlb_write) = (self.tlb.table_addr(Access::Read, user), self.tlb.table_addr(Access::Write, user));
         let bt = self.bt.as_mut().expect("translator on");
@@ -662,7 +664,8 @@ impl Vcpu {
         bt.stats.entries += 1;
         (bt.entry)();
         let b = &*bt.block;
-        self.cpu.regs.gpr = b.regs.gpr;
+        let guest_regs = if bits == 64 { 16 } else { 8 };
+        self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);
         self.cpu.regs.rip = b.regs.rip;
         let virt = (rflags::IF * b.vif as u64) | (rflags::DF * b.vdf as u64);
         self.cpu.regs.rflags =

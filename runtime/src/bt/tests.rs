@@ -144,6 +144,33 @@ fn remapping_the_second_page_of_a_chained_tu_is_seen() {
     }
 }
 
+/// 32-bit CCFs borrow R8..R15 as scratch without saving them: the guest's
+/// values there (which a 64-bit kernel keeps for its compatibility-mode
+/// code) come through untouched.
+#[test]
+fn upper_registers_survive_32_bit_translated_code() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.mov(ebx, DATA as u32).unwrap();
+    a.mov(dword_ptr(ebx), 7).unwrap();
+    a.add(eax, dword_ptr(ebx)).unwrap();
+    a.push(eax).unwrap();
+    a.pop(edx).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut v = vcpu(&code, Some(64 << 20));
+    v.cpu.regs.gpr[4] = DATA + 0x1000;
+    for r in 8..16 {
+        v.cpu.regs.gpr[r] = 0x1111_0000_0000_0000 * (r as u64 - 7) + r as u64;
+    }
+    run(&mut v);
+    assert_eq!(v.cpu.regs.gpr[2], 7);
+    for r in 8..16 {
+        assert_eq!(v.cpu.regs.gpr[r], 0x1111_0000_0000_0000 * (r as u64 - 7) + r as u64, "r{r}");
+    }
+    assert!(v.bt.as_ref().unwrap().stats.mem > 0);
+}
+
 /// Many distinct blocks called in turn through a tiny cache: evictions
 /// and unchaining happen, and the sum is still right.
 #[test]
