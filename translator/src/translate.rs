@@ -286,7 +286,20 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         return Plan::Stop;
     }
     let m = insn.mnemonic();
-    if matches!(m, Mnemonic::Nop | Mnemonic::Endbr32 | Mnemonic::Endbr64 | Mnemonic::Pause) {
+    // Prefetches are hints with no architectural effect (they never fault):
+    // nothing to do, like nop.
+    if matches!(
+        m,
+        Mnemonic::Nop
+            | Mnemonic::Endbr32
+            | Mnemonic::Endbr64
+            | Mnemonic::Pause
+            | Mnemonic::Prefetchnta
+            | Mnemonic::Prefetcht0
+            | Mnemonic::Prefetcht1
+            | Mnemonic::Prefetcht2
+            | Mnemonic::Prefetchw
+    ) {
         return Plan::Nothing;
     }
     // A division by a register runs natively, its host fault caught; one
@@ -1538,6 +1551,17 @@ mod tests {
     /// `shl byte [m], cl` with CL = 0x40 leaves the flags as they were, so
     /// they are live across the probe of an earlier memory access (found by
     /// the differential test: the probe's flags leaked through the shift).
+    #[test]
+    fn prefetches_are_nothing_to_do() {
+        // prefetcht0 [rax]; prefetchw [rbx+8]; prefetchnta [rip+0x10]; nop
+        let bytes = [0x0f, 0x18, 0x08, 0x0f, 0x0d, 0x4b, 0x08, 0x0f, 0x18, 0x05, 0x10, 0, 0, 0, 0x90];
+        for bits in [32, 64] {
+            let tu = plan_tu(&bytes, 0x1000, mode(bits), MAX_TU_INSNS);
+            assert_eq!(tu.len(), 4, "{bits}-bit");
+            assert!(tu.iter().all(|(_, p)| *p == Plan::Nothing), "{bits}-bit: {:?}", tu.iter().map(|(_, p)| p).collect::<Vec<_>>());
+        }
+    }
+
     #[test]
     fn shift_by_cl_keeps_flags_live() {
         // movbe r10w, [r15]; shl r13w, cl
