@@ -558,6 +558,9 @@ struct Emitter {
     /// accesses through the same pair spill it once. Released before
     /// anything else that names them, uses the slots, or leaves the CCF.
     borrowed: Vec<u8>,
+    /// RCX's guest value is in its home slot (a probe borrowed it and the
+    /// instructions since have not named it): the next probe need not save it.
+    rcx_borrowed: bool,
     counts: Counts,
 }
 
@@ -736,7 +739,17 @@ impl Emitter {
     fn release(&mut self) {
         let borrowed = std::mem::take(&mut self.borrowed);
         self.unspill(&borrowed);
+        self.release_rcx();
     }
+
+    /// Gives RCX back if a probe left it borrowed.
+    fn release_rcx(&mut self) {
+        if std::mem::take(&mut self.rcx_borrowed) {
+            dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
+        }
+    }
+
+
 
     /// Restores one spilled scratch register.
     fn unspill_one(&mut self, r: u8, slot: usize) {
@@ -837,7 +850,12 @@ impl Emitter {
         enc.encode(&body, 0).map_err(|_| Unencodable)?;
         let body_bytes = enc.take_buffer();
 
-        // s0 and s1 stay borrowed after the instruction, for the next one.
+        // s0 and s1 stay borrowed after the instruction, for the next one,
+        // and RCX too if the instruction does not name it.
+        let uses_rcx = info.info(insn).used_registers().iter().any(|u| gpr_number(u.register()) == Some(1));
+        if uses_rcx {
+            self.release_rcx();
+        }
         if self.borrowed[..] != scratch[..2] {
             self.release();
             self.spill(&scratch[..2]);
@@ -851,7 +869,7 @@ impl Emitter {
         }
         self.address(insn, s0, s_rsp)?;
         self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
-        let miss = self.probe(s0, s1, size, write);
+        let miss = self.probe(s0, s1, size, write, !uses_rcx);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
             if writes_rsp(insn, info) {
@@ -890,7 +908,9 @@ impl Emitter {
     /// the access if the last byte lies in the page of its tag, that is
     /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
     /// takes the bits, `not` and `lea` subtract, `jrcxz` tests.
-    fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool) -> DynamicLabel {
+    ///
+    /// With `keep_rcx`, RCX stays borrowed after a hit (see `rcx_borrowed`).
+    fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, keep_rcx: bool) -> DynamicLabel {
         debug_assert!(s0 != 1 && s1 != 1, "RCX is the probe's own");
         let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
         let masks = BtBlock::OFF_TLB_MASKS as i32;
@@ -899,9 +919,11 @@ impl Emitter {
         let hit = self.a.new_dynamic_label();
         let missed = self.a.new_dynamic_label();
         const _: () = assert!(tlb::ENTRY_BYTES == 32);
+        if !self.rcx_borrowed {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [rcx_home], rcx);
+        }
         dynasm!(self.a
             ; .arch x64
-            ; gs mov QWORD [rcx_home], rcx
             ; gs pext Rq(s1), Rq(s0), QWORD [masks]
             ; lea Rq(s1), [Rq(s1) * 4]
             ; gs mov rcx, QWORD [table]
@@ -915,8 +937,11 @@ impl Emitter {
             ; =>hit
             ; mov rcx, QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
             ; lea Rq(s0), [Rq(s0) + rcx]
-            ; gs mov rcx, QWORD [rcx_home]
         );
+        self.rcx_borrowed = keep_rcx;
+        if !keep_rcx {
+            dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [rcx_home]);
+        }
         self.rcx_misses.push((missed, miss));
         miss
     }
@@ -941,7 +966,7 @@ impl Emitter {
         self.spill(scratch);
         self.load_rsp(s0, delta);
         self.add_segment_base(s0, s1, seg::SS);
-        self.probe(s0, s1, size, write)
+        self.probe(s0, s1, size, write, false)
     }
 
     /// Guest RSP += `delta` (at the stack width), through `tmp`.
@@ -1106,7 +1131,7 @@ impl Emitter {
         }
         self.address(insn, s0, s_rsp)?;
         self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
-        let miss = self.probe(s0, s1, size, true);
+        let miss = self.probe(s0, s1, size, true, false);
         dynasm!(self.a
             ; .arch x64
             ; gs mov Rw(s1), WORD [off]
@@ -1149,7 +1174,7 @@ impl Emitter {
         );
         self.load_rsp(s0, -size);
         self.add_segment_base(s0, s1, seg::SS);
-        let miss = self.probe(s0, s1, size, true);
+        let miss = self.probe(s0, s1, size, true, false);
         self.store(s0, s1, size, Ok(v));
         self.move_rsp(s0, -size);
         self.unspill(&scratch);
@@ -1172,7 +1197,7 @@ impl Emitter {
             dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
         }
         self.add_segment_base(s0, s1, segment);
-        let miss = self.probe(s0, s1, size, store);
+        let miss = self.probe(s0, s1, size, store, false);
         match (store, size) {
             (false, 1) => dynasm!(self.a ; .arch x64 ; mov al, BYTE [Rq(s0)]),
             (false, 2) => dynasm!(self.a ; .arch x64 ; mov ax, WORD [Rq(s0)]),
@@ -1320,7 +1345,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), borrowed: Vec::new(), counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -1334,15 +1359,17 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     for (k, (insn, plan)) in tu.iter().enumerate() {
         // Borrowed scratch registers go back before anything but another
         // memory access or an instruction that does not name them.
-        let keep = match plan {
-            Plan::Mem | Plan::Nothing => true,
-            Plan::Ident => info.info(insn).used_registers().iter().all(|u| {
-                gpr_number(u.register()).is_none_or(|n| n != RSP && !e.borrowed.contains(&n))
-            }),
-            _ => false,
-        };
-        if !keep {
-            e.release();
+        match plan {
+            Plan::Mem | Plan::Nothing => {}
+            Plan::Ident => {
+                let used: Vec<u8> = info.info(insn).used_registers().iter().filter_map(|u| gpr_number(u.register())).collect();
+                if used.iter().any(|&n| n == RSP || e.borrowed.contains(&n)) {
+                    e.release();
+                } else if used.contains(&1) {
+                    e.release_rcx();
+                }
+            }
+            _ => e.release(),
         }
         rip_map.push((e.a.offset().0 as u32, insn.ip()));
         match *plan {
