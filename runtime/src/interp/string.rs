@@ -116,21 +116,29 @@ pub fn movs(v: &mut Vcpu, i: &Instruction) -> R {
     })
 }
 
+/// The elements a bulk rep loop has left, or `None` when it is finished:
+/// the count is 0, or `done` elements used up its share, and RIP is left on
+/// the instruction to resume after pending events.
+fn bulk_count(v: &mut Vcpu, i: &Instruction, r: StringRegs, done: u64) -> Option<u64> {
+    let count = v.reg(r.cx);
+    if count == 0 {
+        return None;
+    }
+    if done >= CHUNK * 8 {
+        v.cpu.regs.rip = i.ip();
+        v.block_break = true;
+        return None;
+    }
+    Some(count)
+}
+
 /// Bulk forward `rep movs` within single pages of RAM, through the TLB.
 /// Returns false when the rest must go through the generic loop, which then
 /// continues from the registers as this left them.
 fn fast_movs(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, sseg: usize) -> Result<bool, Exception> {
     let mut done = 0u64;
     loop {
-        let count = v.reg(r.cx);
-        if count == 0 {
-            return Ok(true);
-        }
-        if done >= CHUNK * 8 {
-            v.cpu.regs.rip = i.ip();
-            v.block_break = true;
-            return Ok(true);
-        }
+        let Some(count) = bulk_count(v, i, r, done) else { return Ok(true) };
         let si = v.reg(r.si) & r.amask;
         let di = v.reg(r.di) & r.amask;
         let (Ok(sl), Ok(dl)) = (v.linear(sseg, si, size, false), v.linear(seg::ES, di, size, true)) else {
@@ -200,15 +208,7 @@ fn fast_stos(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, x: u64) ->
     let pattern = &x.to_le_bytes()[..size as usize];
     let mut done = 0u64;
     loop {
-        let count = v.reg(r.cx);
-        if count == 0 {
-            return Ok(true);
-        }
-        if done >= CHUNK * 8 {
-            v.cpu.regs.rip = i.ip();
-            v.block_break = true;
-            return Ok(true);
-        }
+        let Some(count) = bulk_count(v, i, r, done) else { return Ok(true) };
         let di = v.reg(r.di) & r.amask;
         let Ok(dl) = v.linear(seg::ES, di, size, true) else {
             return Ok(false);
