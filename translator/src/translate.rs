@@ -549,10 +549,8 @@ struct Emitter {
     tu_rip: u64,
     mode: Mode,
     exits: Vec<ExitSite>,
-    /// Out-of-line TLB-miss paths, emitted after the main line; each
-    /// probe's miss first gets RCX back, then goes on to its Miss.
+    /// Out-of-line TLB-miss paths, emitted after the main line.
     misses: Vec<Miss>,
-    rcx_misses: Vec<(DynamicLabel, DynamicLabel)>,
     /// The scratch registers a memory access left borrowed for the next
     /// one (register k's guest value in scratch slot k): consecutive
     /// accesses through the same pair spill it once. Released before
@@ -902,7 +900,7 @@ impl Emitter {
     /// host address, using `s1` and RCX (saved in its home slot in the
     /// block and back before anything else runs), leaving the flags alone;
     /// jumps to the returned label when the access of `size` bytes has no
-    /// entry (a miss, or one crossing a page), with RCX back.
+    /// entry (a miss, or one crossing a page), RCX still in its home slot.
     ///
     /// The entry is the table's at the index bits of the address; it maps
     /// the access if the last byte lies in the page of its tag, that is
@@ -917,7 +915,6 @@ impl Emitter {
         let rcx_home = BtBlock::off_gpr(1) as i32;
         let miss = self.a.new_dynamic_label();
         let hit = self.a.new_dynamic_label();
-        let missed = self.a.new_dynamic_label();
         const _: () = assert!(tlb::ENTRY_BYTES == 32);
         if !self.rcx_borrowed {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [rcx_home], rcx);
@@ -933,7 +930,7 @@ impl Emitter {
             ; lea rcx, [rcx + Rq(s0) + size]
             ; gs pext rcx, rcx, QWORD [masks + 8]
             ; jrcxz =>hit
-            ; jmp =>missed
+            ; jmp =>miss
             ; =>hit
             ; mov rcx, QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
             ; lea Rq(s0), [Rq(s0) + rcx]
@@ -942,7 +939,6 @@ impl Emitter {
         if !keep_rcx {
             dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [rcx_home]);
         }
-        self.rcx_misses.push((missed, miss));
         miss
     }
 
@@ -1345,7 +1341,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), rcx_misses: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -1474,11 +1470,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     if !ended {
         e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
     }
-    for (missed, miss) in std::mem::take(&mut e.rcx_misses) {
-        dynasm!(e.a ; .arch x64 ; =>missed ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32] ; jmp =>miss);
-    }
     for m in std::mem::take(&mut e.misses) {
-        dynasm!(e.a ; .arch x64 ; =>m.label);
+        // Every miss comes from a probe, which left RCX's guest value in its home slot.
+        dynasm!(e.a ; .arch x64 ; =>m.label ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
         e.unspill(&m.scratch);
         if m.flags_pushed {
             dynasm!(e.a ; .arch x64 ; popfq);
