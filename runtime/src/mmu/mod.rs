@@ -44,8 +44,30 @@ pub struct Translation {
     pub phys: u64,
     /// The mapping is global (G bit with CR4.PGE): kept across CR3 writes.
     pub global: bool,
-    /// The mapping came from a page larger than 4 KiB.
-    pub large: bool,
+    /// The size of the page the mapping came from (4 KiB, 2 or 4 MiB, 1 GiB).
+    pub page_size: u64,
+}
+
+/// The paging-structure entries a walk went through, root first:
+/// (address, value, 8 bytes wide). At most four levels.
+struct Levels {
+    at: [(u64, u64, bool); 4],
+    len: usize,
+}
+
+impl Levels {
+    fn new() -> Self {
+        Levels { at: [(0, 0, false); 4], len: 0 }
+    }
+
+    fn push(&mut self, e: (u64, u64, bool)) {
+        self.at[self.len] = e;
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[(u64, u64, bool)] {
+        &self.at[..self.len]
+    }
 }
 
 /// Physical-address width for reserved-bit checks.
@@ -72,7 +94,7 @@ pub fn translate(
 ) -> Result<Translation, Exception> {
     if cpu.cr0 & cr0::PG == 0 {
         let phys = if cpu.efer & efer::LMA != 0 { lin } else { lin & 0xffff_ffff };
-        return Ok(Translation { phys, global: false, large: false });
+        return Ok(Translation { phys, global: false, page_size: 0x1000 });
     }
     let w = Walker { cpu, mem, lin, kind, user };
     if cpu.cr4 & cr4::PAE == 0 {
@@ -124,7 +146,7 @@ impl Walker<'_> {
     }
 
     /// Checks the accumulated permissions, then sets A (and D at the leaf).
-    fn finish(&self, perm: Perm, entries: &[(u64, u64, bool)], leaf_phys: u64, global: bool, large: bool)
+    fn finish(&self, perm: Perm, entries: &[(u64, u64, bool)], leaf_phys: u64, global: bool, page_size: u64)
         -> Result<Translation, Exception> {
         let wp = self.cpu.cr0 & cr0::WP != 0;
         let denied = (self.user && !perm.user)
@@ -148,7 +170,7 @@ impl Walker<'_> {
             }
         }
         let global = global && self.cpu.cr4 & cr4::PGE != 0;
-        Ok(Translation { phys: leaf_phys, global, large })
+        Ok(Translation { phys: leaf_phys, global, page_size })
     }
 
     fn walk32(&self) -> Result<Translation, Exception> {
@@ -165,7 +187,7 @@ impl Walker<'_> {
             let high = ((pde >> 13) & 0xff) << 32;
             let phys = (pde & 0xffc0_0000) | high | (lin & 0x3f_ffff);
             let perm = Perm { user: pde & PTE_U != 0, write: pde & PTE_W != 0, nx: false };
-            return self.finish(perm, &[(pde_addr, pde, false)], phys, pde & PTE_G != 0, true);
+            return self.finish(perm, &[(pde_addr, pde, false)], phys, pde & PTE_G != 0, 0x40_0000);
         }
         let pte_addr = (pde & 0xffff_f000) + (((lin >> 12) & 0x3ff) << 2);
         let pte = self.mem.read_u32(pte_addr) as u64;
@@ -178,7 +200,7 @@ impl Walker<'_> {
             nx: false,
         };
         let phys = (pte & 0xffff_f000) | (lin & 0xfff);
-        self.finish(perm, &[(pde_addr, pde, false), (pte_addr, pte, false)], phys, pte & PTE_G != 0, false)
+        self.finish(perm, &[(pde_addr, pde, false), (pte_addr, pte, false)], phys, pte & PTE_G != 0, 0x1000)
     }
 
     /// Reserved bits of a PAE/4-level entry above MAXPHYADDR, plus NX without NXE.
@@ -199,12 +221,12 @@ impl Walker<'_> {
         if pdpte & (0x1e6 | PTE_NX) != 0 || self.rsvd_high(pdpte) {
             return Err(self.reserved());
         }
-        self.walk_lower(pdpte & phys_mask(), Perm { user: true, write: true, nx: false }, Vec::new())
+        self.walk_lower(pdpte & phys_mask(), Perm { user: true, write: true, nx: false }, Levels::new())
     }
 
     fn walk64(&self) -> Result<Translation, Exception> {
         let lin = self.lin;
-        let mut entries = Vec::with_capacity(4);
+        let mut entries = Levels::new();
         let pml4_addr = (self.cpu.cr3 & phys_mask()) + (((lin >> 39) & 0x1ff) << 3);
         let pml4e = self.mem.read_u64(pml4_addr);
         if pml4e & PTE_P == 0 {
@@ -230,7 +252,7 @@ impl Walker<'_> {
                 return Err(self.reserved());
             }
             let phys = (pdpte & phys_mask() & !0x3fff_ffff) | (lin & 0x3fff_ffff);
-            return self.finish(perm, &entries, phys, pdpte & PTE_G != 0, true);
+            return self.finish(perm, entries.as_slice(), phys, pdpte & PTE_G != 0, 0x4000_0000);
         }
         self.walk_lower(pdpte & phys_mask(), perm, entries)
     }
@@ -251,7 +273,7 @@ impl Walker<'_> {
     }
 
     /// The page-directory and page-table levels shared by PAE and 4-level paging.
-    fn walk_lower(&self, pd_base: u64, mut perm: Perm, mut entries: Vec<(u64, u64, bool)>)
+    fn walk_lower(&self, pd_base: u64, mut perm: Perm, mut entries: Levels)
         -> Result<Translation, Exception> {
         let lin = self.lin;
         let pde_addr = pd_base + (((lin >> 21) & 0x1ff) << 3);
@@ -269,7 +291,7 @@ impl Walker<'_> {
                 return Err(self.reserved());
             }
             let phys = (pde & phys_mask() & !0x1f_ffff) | (lin & 0x1f_ffff);
-            return self.finish(perm, &entries, phys, pde & PTE_G != 0, true);
+            return self.finish(perm, entries.as_slice(), phys, pde & PTE_G != 0, 0x20_0000);
         }
         let pte_addr = (pde & phys_mask()) + (((lin >> 12) & 0x1ff) << 3);
         let pte = self.mem.read_u64(pte_addr);
@@ -282,7 +304,7 @@ impl Walker<'_> {
         entries.push((pte_addr, pte, true));
         self.merge(&mut perm, pte);
         let phys = (pte & phys_mask()) | (lin & 0xfff);
-        self.finish(perm, &entries, phys, pte & PTE_G != 0, false)
+        self.finish(perm, entries.as_slice(), phys, pte & PTE_G != 0, 0x1000)
     }
 }
 

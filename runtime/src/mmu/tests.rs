@@ -40,7 +40,7 @@ fn walk32_pse_4m_page_and_write_protect_rules() {
     mem.write_u32(0x10000 + (1 << 2), 0x0080_0000 | 0x80 | 1 | 4); // 4M, read-only, user
     let t = translate(&cpu, &mem, 0x0040_1234, Access::Read, true).unwrap();
     assert_eq!(t.phys, 0x0080_1234);
-    assert!(t.large);
+    assert_eq!(t.page_size, 0x40_0000);
     // Supervisor write to a read-only page succeeds without WP, faults with it.
     assert!(translate(&cpu, &mem, 0x0040_1234, Access::Write, false).is_ok());
     cpu.cr0 |= cr0::WP;

@@ -42,9 +42,13 @@ fn empty_table() -> [TlbEntry; TLB_SIZE] {
 pub struct Tlb {
     /// Indexed `[user as usize][kind as usize][page & (TLB_SIZE-1)]`.
     entries: Box<[[[TlbEntry; TLB_SIZE]; 3]; 2]>,
-    /// Some entry came from a large page: `invlpg` must then flush everything,
-    /// since the large mapping is spread over many 4 KiB entries.
-    has_large: bool,
+    /// The linear region (base, mask) covering every large page entered
+    /// since the last full flush, as QEMU keeps it: an `invlpg` inside it
+    /// flushes everything (a large mapping is spread over many 4 KiB
+    /// entries), one outside drops a single page.
+    large: Option<(u64, u64)>,
+    /// Which tables hold entries (`[user][kind]`): flushes skip the others.
+    used: [[bool; 3]; 2],
     pub flushes: u64,
     /// Bumped whenever a mapping is dropped (flush, invlpg): what was looked
     /// up through the TLB before may be stale after.
@@ -60,7 +64,7 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         let entries = Box::new(std::array::from_fn(|_| std::array::from_fn(|_| empty_table())));
-        Self { entries, has_large: false, flushes: 0, generation: 0 }
+        Self { entries, large: None, used: [[false; 3]; 2], flushes: 0, generation: 0 }
     }
 
     #[inline(always)]
@@ -94,13 +98,32 @@ impl Tlb {
     /// Caches translation `t` of `lin`, whose page is at host address `host_page`.
     pub fn fill(&mut self, lin: u64, kind: Access, user: bool, t: &Translation, host_page: u64) {
         let page = lin & !0xfff;
-        self.has_large |= t.large;
+        if t.page_size > 0x1000 {
+            self.note_large(lin, t.page_size);
+        }
+        self.used[user as usize][kind as usize] = true;
         self.entries[user as usize][kind as usize][Self::index(lin)] = TlbEntry {
             tag: page,
             addend: host_page.wrapping_sub(page),
             phys_page: t.phys & !0xfff,
             global: t.global,
         };
+    }
+
+    /// Widens the large-page region to cover the page of `page_size` at `lin`.
+    fn note_large(&mut self, lin: u64, page_size: u64) {
+        let mut mask = !(page_size - 1);
+        let (base, mask) = match self.large {
+            None => (lin & mask, mask),
+            Some((base, old)) => {
+                mask &= old;
+                while (base ^ lin) & mask != 0 {
+                    mask <<= 1;
+                }
+                (base & mask, mask)
+            }
+        };
+        self.large = Some((base, mask));
     }
 
     /// Drops everything (CR0/CR4 paging bits, EFER, CR3 with `keep_global` false).
@@ -112,22 +135,31 @@ impl Tlb {
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
         self.generation += 1;
-        for table in self.entries.iter_mut().flatten() {
-            for (i, e) in table.iter_mut().enumerate() {
-                if !(keep_global && e.global) {
-                    *e = TlbEntry::empty(i);
+        for (tables, used) in self.entries.iter_mut().zip(self.used.iter_mut()) {
+            for (table, used) in tables.iter_mut().zip(used.iter_mut()) {
+                if !*used {
+                    continue;
                 }
+                let mut kept = false;
+                for (i, e) in table.iter_mut().enumerate() {
+                    if keep_global && e.global {
+                        kept = true;
+                    } else {
+                        *e = TlbEntry::empty(i);
+                    }
+                }
+                *used = kept;
             }
         }
         if !keep_global {
-            self.has_large = false;
+            self.large = None;
         }
     }
 
     /// `invlpg`: drops the mapping of the page holding `lin`, global or not.
     pub fn invalidate_page(&mut self, lin: u64) {
         self.generation += 1;
-        if self.has_large {
+        if self.large.is_some_and(|(base, mask)| lin & mask == base) {
             self.flush(false);
             return;
         }
@@ -180,7 +212,7 @@ mod tests {
     #[test]
     fn tlb_fill_then_lookup_adds_offset() {
         let mut t = Tlb::new();
-        t.fill(0x1234_5000, Access::Read, false, &Translation { phys: 0x8000, global: false, large: false }, 0x7f00_0000_8000);
+        t.fill(0x1234_5000, Access::Read, false, &Translation { phys: 0x8000, global: false, page_size: 0x1000 }, 0x7f00_0000_8000);
         assert_eq!(t.lookup(0x1234_5abc, Access::Read, false), Some(0x7f00_0000_8abc));
         assert_eq!(t.lookup(0x1234_5abc, Access::Write, false), None);
         assert_eq!(t.lookup(0x1234_5abc, Access::Read, true), None);
@@ -189,8 +221,8 @@ mod tests {
     #[test]
     fn tlb_flush_keeping_global_keeps_only_global() {
         let mut t = Tlb::new();
-        t.fill(0x1000, Access::Read, false, &Translation { phys: 0x1000, global: true, large: false }, 0x9000);
-        t.fill(0x2000, Access::Read, false, &Translation { phys: 0x2000, global: false, large: false }, 0xa000);
+        t.fill(0x1000, Access::Read, false, &Translation { phys: 0x1000, global: true, page_size: 0x1000 }, 0x9000);
+        t.fill(0x2000, Access::Read, false, &Translation { phys: 0x2000, global: false, page_size: 0x1000 }, 0xa000);
         t.flush(true);
         assert!(t.lookup(0x1000, Access::Read, false).is_some());
         assert!(t.lookup(0x2000, Access::Read, false).is_none());
@@ -199,10 +231,37 @@ mod tests {
     }
 
     #[test]
+    fn invlpg_drops_every_piece_of_a_large_page_and_only_one_small_page() {
+        let mut t = Tlb::new();
+        let small = |phys| Translation { phys, global: false, page_size: 0x1000 };
+        let large = Translation { phys: 0x20_0000, global: false, page_size: 0x20_0000 };
+        // Two 4 KiB pieces of the 2 MiB page at 0xffff_8000_0020_0000.
+        t.fill(0xffff_8000_0020_1000, Access::Read, false, &large, 0x9000);
+        t.fill(0xffff_8000_0023_4000, Access::Write, false, &large, 0xa000);
+        t.fill(0x40_1000, Access::Read, false, &small(0x5000), 0xb000);
+        t.fill(0x40_2000, Access::Read, false, &small(0x6000), 0xc000);
+        // Outside the large region: one page goes, the rest stays.
+        t.invalidate_page(0x40_1234);
+        assert!(t.lookup(0x40_1000, Access::Read, false).is_none());
+        assert!(t.lookup(0x40_2000, Access::Read, false).is_some());
+        assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_some());
+        // Anywhere in the large page: every piece of it goes.
+        t.invalidate_page(0xffff_8000_003f_f000);
+        assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_none());
+        assert!(t.lookup(0xffff_8000_0023_4000, Access::Write, false).is_none());
+        // The region covers every large page entered since the last full
+        // flush, however far apart.
+        t.fill(0x4000_0000, Access::Read, false, &Translation { page_size: 0x4000_0000, ..large }, 0xd000);
+        t.fill(0xffff_8000_0020_1000, Access::Read, false, &large, 0x9000);
+        t.invalidate_page(0x4000_0000 + 0x3fff_f000);
+        assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_none());
+    }
+
+    #[test]
     fn tlb_protect_code_page_drops_write_entries_only() {
         let mut t = Tlb::new();
-        t.fill(0x5000, Access::Write, false, &Translation { phys: 0x3000, global: false, large: false }, 0xb000);
-        t.fill(0x5000, Access::Read, false, &Translation { phys: 0x3000, global: false, large: false }, 0xb000);
+        t.fill(0x5000, Access::Write, false, &Translation { phys: 0x3000, global: false, page_size: 0x1000 }, 0xb000);
+        t.fill(0x5000, Access::Read, false, &Translation { phys: 0x3000, global: false, page_size: 0x1000 }, 0xb000);
         t.protect_code_page(0x3000);
         assert!(t.lookup(0x5000, Access::Write, false).is_none());
         assert!(t.lookup(0x5000, Access::Read, false).is_some());
