@@ -174,6 +174,10 @@ enum Plan {
     /// div/idiv by a register, run natively: its RIP is stored first, so a
     /// host #DE (SIGFPE) leaves the CCF precisely at it.
     Divide,
+    /// div/idiv by memory: the divisor is read through the soft TLB into a
+    /// block slot, every scratch register is given back, and the division
+    /// runs on the slot as `Divide` does (a #DE finds the guest's registers).
+    DivideMem,
     /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
     /// then moves by the operand size, down if the virtual DF is set.
     StringOne,
@@ -302,12 +306,14 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     ) {
         return Plan::Nothing;
     }
-    // A division by a register runs natively, its host fault caught; one
-    // by memory is the runtime's (a fault would find a scratch register
-    // holding a host address).
+    // A division runs natively, its host fault caught (by memory through
+    // a block slot, so that a fault finds no scratch register borrowed).
     if matches!(m, Mnemonic::Div | Mnemonic::Idiv) {
-        let by_reg = insn.op0_kind() == OpKind::Register && gpr_number(insn.op0_register()).is_some_and(|n| n != RSP);
-        return if by_reg { Plan::Divide } else { Plan::Stop };
+        return match insn.op0_kind() {
+            OpKind::Register if gpr_number(insn.op0_register()).is_some_and(|n| n != RSP) => Plan::Divide,
+            OpKind::Memory if mem_operand_ok(insn, mode) => Plan::DivideMem,
+            _ => Plan::Stop,
+        };
     }
     // Implicit or unbounded memory: the runtime's.
     if matches!(m, Mnemonic::Xlatb | Mnemonic::Cmpxchg16b | Mnemonic::Enter | Mnemonic::Leave)
@@ -366,6 +372,12 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         return Plan::Stop;
     }
     Plan::Mem
+}
+
+/// A division's memory operand can be read inline: a general-register
+/// sized operand through a segment the CCF may use.
+fn mem_operand_ok(insn: &Instruction, mode: Mode) -> bool {
+    matches!(insn.memory_size().size(), 1 | 2 | 4 | 8) && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0
 }
 
 /// CPUID features of integer instructions, which run natively in a CCF.
@@ -573,6 +585,9 @@ struct Miss {
 fn scratch_off(slot: usize) -> i32 {
     (BtBlock::OFF_SCRATCH + slot * 8) as i32
 }
+
+/// The block slot a division by memory takes its divisor from.
+const DIVISOR_SLOT: usize = 3;
 
 /// The spill slot the budget check borrows RCX through.
 const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
@@ -808,6 +823,41 @@ impl Emitter {
 
     /// MEM: address, inline soft-TLB probe, then the instruction on the host address.
     fn mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        self.mem_with(insn, info, false)
+    }
+
+    /// A division by memory (`Plan::DivideMem`): the divisor is read into
+    /// its block slot as MEM would read it, every borrowed register goes
+    /// back, and the division runs on the slot.
+    fn divide_mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let mut on_slot = *insn;
+        on_slot.set_memory_base(Register::None);
+        on_slot.set_memory_index(Register::None);
+        on_slot.set_memory_index_scale(1);
+        on_slot.set_memory_displacement64(scratch_off(DIVISOR_SLOT) as u64);
+        on_slot.set_memory_displ_size(4);
+        on_slot.set_segment_prefix(Register::GS);
+        // Encodable, or nothing is emitted.
+        Encoder::new(64).encode(&on_slot, 0).map_err(|_| Unencodable)?;
+        self.mem_with(insn, info, true)?;
+        self.release();
+        self.divide(insn, &on_slot)
+    }
+
+    /// `div` as `body` (the guest's, or on the divisor slot), its guest RIP
+    /// stored first for the host fault's exit.
+    fn divide(&mut self, insn: &Instruction, body: &Instruction) -> Result<(), Unencodable> {
+        let at = insn.ip();
+        dynasm!(self.a
+            ; .arch x64
+            ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32], at as u32 as i32
+            ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32 + 4], (at >> 32) as u32 as i32
+        );
+        self.encode(body)
+    }
+
+    /// MEM, or with `divisor` the read of a division's divisor into its slot.
+    fn mem_with(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory, divisor: bool) -> Result<(), Unencodable> {
         let access = info.info(insn).used_memory()[0].access();
         let write = !matches!(access, OpAccess::Read | OpAccess::CondRead);
         let size = insn.memory_size().size() as i32;
@@ -844,9 +894,22 @@ impl Emitter {
         body.set_memory_displacement64(0);
         body.set_memory_displ_size(0);
         body.set_segment_prefix(Register::None);
-        let mut enc = Encoder::new(64);
-        enc.encode(&body, 0).map_err(|_| Unencodable)?;
-        let body_bytes = enc.take_buffer();
+        let body_bytes = if divisor {
+            let slot = scratch_off(DIVISOR_SLOT);
+            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+            match size {
+                1 => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
+                2 => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0)]),
+                4 => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0)]),
+                _ => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]),
+            }
+            dynasm!(a ; .arch x64 ; gs mov QWORD [slot], Rq(s1));
+            a.finalize().map_err(|_| Unencodable)?
+        } else {
+            let mut enc = Encoder::new(64);
+            enc.encode(&body, 0).map_err(|_| Unencodable)?;
+            enc.take_buffer()
+        };
 
         // s0 and s1 stay borrowed after the instruction, for the next one,
         // and RCX too if the instruction does not name it.
@@ -1356,7 +1419,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         // Borrowed scratch registers go back before anything but another
         // memory access or an instruction that does not name them.
         match plan {
-            Plan::Mem | Plan::Nothing => {}
+            Plan::Mem | Plan::DivideMem | Plan::Nothing => {}
             Plan::Ident => {
                 let used: Vec<u8> = info.info(insn).used_registers().iter().filter_map(|u| gpr_number(u.register())).collect();
                 if used.iter().any(|&n| n == RSP || e.borrowed.contains(&n)) {
@@ -1445,14 +1508,12 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.mem += 1;
             }
             Plan::Divide => {
-                let at = insn.ip();
-                dynasm!(e.a
-                    ; .arch x64
-                    ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32], at as u32 as i32
-                    ; gs mov DWORD [BtBlock::OFF_FAULT_RIP as i32 + 4], (at >> 32) as u32 as i32
-                );
-                e.encode(insn).map_err(|_| k)?;
+                e.divide(insn, insn).map_err(|_| k)?;
                 e.counts.ident += 1;
+            }
+            Plan::DivideMem => {
+                e.divide_mem(insn, &mut info).map_err(|_| k)?;
+                e.counts.mem += 1;
             }
             Plan::Virtual(op) => {
                 e.virtual_op(insn, op, &mut info).map_err(|_| k)?;
@@ -1486,7 +1547,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         .iter()
         .map(|(_, p)| match p {
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
-            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne => Treatment::Mem,
+            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::DivideMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
             Plan::Stop => Treatment::Callout,
