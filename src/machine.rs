@@ -129,6 +129,8 @@ impl Machine {
         let elapsed = started.elapsed();
         self.vcpu.stats.run_ns += elapsed.as_nanos() as u64;
         self.vcpu.stats.stolen_ns = self.vcpu.clock.stolen().as_nanos() as u64;
+        self.vcpu.stats.tlb_flushes = self.vcpu.tlb.flushes;
+        self.vcpu.stats.tlb_page_invalidations = self.vcpu.tlb.page_invalidations;
         self.flush_console();
         let code = match exit {
             VmExit::Stopped => match self.stop.reason() {

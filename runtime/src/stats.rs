@@ -25,6 +25,9 @@ pub struct Stats {
     pub vmm_ns: u64,
     /// Host stalls hidden from the guest's clock (see `clock`), set at exit.
     pub stolen_ns: u64,
+    /// Soft-TLB flushes and single-page invalidations (`invlpg`), set at exit.
+    pub tlb_flushes: u64,
+    pub tlb_page_invalidations: u64,
     /// Wall time of the runs, set by the machine.
     pub run_ns: u64,
 }
@@ -59,6 +62,11 @@ impl Stats {
             }
         }
         let _ = writeln!(s, "decoded blocks: {}  code-page invalidations: {}", self.blocks_decoded, self.code_invalidations);
+        let _ = writeln!(
+            s,
+            "soft TLB: {} flushes, {} single-page invalidations",
+            self.tlb_flushes, self.tlb_page_invalidations
+        );
         // The binary translator's counters: TUs per bitness (as the VMware
         // papers report them), IDENT share, callouts by kind, code cache.
         match bt {
@@ -75,8 +83,8 @@ impl Stats {
                 );
                 let _ = writeln!(
                     s,
-                    "code cache: {} bytes compiled; lookups {} hits, {} misses; {} evictions, {} flushes, {} TUs invalidated; {} chained, {} unchained; {} CCF entries",
-                    b.code_bytes, b.lookups_hit, b.lookups_miss, b.evictions, b.flushes, b.invalidated, b.chained, b.unchained, b.entries
+                    "code cache: {} bytes compiled; lookups {} hits ({} in the IBTC), {} misses; {} evictions, {} flushes, {} TUs invalidated; {} chained, {} unchained; {} CCF entries",
+                    b.code_bytes, b.lookups_hit, b.ibtc_hits, b.lookups_miss, b.evictions, b.flushes, b.invalidated, b.chained, b.unchained, b.entries
                 );
                 let [next, interpret, budget, indirect, fault] = b.exits;
                 let _ = writeln!(

@@ -13,7 +13,7 @@
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-use btvmm_translator::abi::{ibtc_index, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
+use btvmm_translator::abi::{ibtc_index, IBTC_ENTRIES, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
 use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
@@ -22,6 +22,7 @@ use crate::code_mem::{CodeArena, CodeMemError, ARENA_BUDGET};
 mod fault;
 use crate::cpu::CpuMode;
 use crate::interp::Vcpu;
+use crate::mmu::tlb::Dropped;
 use crate::mmu::Access;
 
 /// CCFs a chain of jumps may enter before the dispatcher looks at the clock
@@ -94,6 +95,8 @@ pub struct BtStats {
     pub exits: [u64; 5],
     pub lookups_hit: u64,
     pub lookups_miss: u64,
+    /// Of the hits, those the dispatcher found in the IBTC.
+    pub ibtc_hits: u64,
     /// TUs evicted, least recently used first, to make room.
     pub evictions: u64,
     /// Whole-cache flushes (eviction could not free a slot of the size needed).
@@ -139,7 +142,15 @@ pub struct Bt {
     page2_generation: u64,
     /// What the IBTC's entries were looked up under: TLB generation, mode,
     /// CS base, CPL. Any change empties it.
-    ibtc_context: (u64, Mode, u64, u8),
+    ibtc_context: (Mode, u64, u8),
+    /// The TLB generation the IBTC is up to date with.
+    ibtc_generation: u64,
+    /// Whether each IBTC entry's code page is mapped global (it survives a
+    /// CR3 write, as the TLB entry does).
+    ibtc_global: Box<[bool; IBTC_ENTRIES]>,
+    /// The TU id of each IBTC entry the dispatcher filled, so that its own
+    /// lookups through the IBTC can chain the jump that exited.
+    ibtc_ids: Box<[u32; IBTC_ENTRIES]>,
     pub stats: BtStats,
     /// `/tmp/perf-PID.map`, where every TU's code is named for `perf`
     /// (when the environment sets `BTVMM_PERF_MAP`).
@@ -178,7 +189,10 @@ impl Bt {
             pending_chain: None,
             page2_chained: Vec::new(),
             page2_generation: 0,
-            ibtc_context: (u64::MAX, Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
+            ibtc_context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
+            ibtc_generation: 0,
+            ibtc_global: Box::new([false; IBTC_ENTRIES]),
+            ibtc_ids: Box::new([u32::MAX; IBTC_ENTRIES]),
             stats: BtStats::default(),
             perf_map: std::env::var_os("BTVMM_PERF_MAP")
                 .and_then(|_| std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()),
@@ -340,6 +354,15 @@ impl Bt {
         self.block.ibtc.fill([IBTC_EMPTY, 0]);
     }
 
+    /// Empties the IBTC entries for which `drop(guest RIP, global)` holds.
+    fn drop_ibtc_where(&mut self, drop: impl Fn(u64, bool) -> bool) {
+        for (e, &global) in self.block.ibtc.iter_mut().zip(self.ibtc_global.iter()) {
+            if e[0] != IBTC_EMPTY && drop(e[0], global) {
+                *e = [IBTC_EMPTY, 0];
+            }
+        }
+    }
+
     /// Evicts TU `id` from the cache.
     fn evict(&mut self, id: u32) {
         if let Some(Some(tu)) = self.tus.get(id as usize) {
@@ -449,6 +472,25 @@ impl Vcpu {
             self.run_block(false, u64::MAX);
             return;
         };
+        self.sync_with_tlb(mode);
+        // The IBTC first: what it holds was looked up under this very
+        // context, as CCFs use it.
+        let rip = self.cpu.regs.rip;
+        if let Some(bt) = self.bt.as_mut() {
+            let i = ibtc_index(rip);
+            if bt.block.ibtc[i][0] == rip {
+                let (entry, id) = (bt.block.ibtc[i][1] as *const u8, bt.ibtc_ids[i]);
+                bt.stats.lookups_hit += 1;
+                bt.stats.ibtc_hits += 1;
+                // Recency is sampled, as in `lookup_or_translate`.
+                if bt.stats.ibtc_hits % 8 == 0 {
+                    bt.lru.promote(&id);
+                }
+                bt.chain(id);
+                self.enter_ccf(entry, mode.bits);
+                return;
+            }
+        }
         let slot = match self.lookup_or_translate(mode) {
             Ok(s) => s,
             Err(e) => {
@@ -459,13 +501,8 @@ impl Vcpu {
                 return;
             }
         };
-        let context = (self.tlb.generation, mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
+        let global = self.code_linear(rip).ok().and_then(|lin| self.tlb.entry(lin, Access::Execute, self.user())).is_some_and(|e| e.global);
         let bt = self.bt.as_mut().expect("translator on");
-        bt.check_page2_chains(self.tlb.generation);
-        if bt.ibtc_context != context {
-            bt.clear_ibtc();
-            bt.ibtc_context = context;
-        }
         match slot {
             Slot::Interpret => {
                 bt.pending_chain = None;
@@ -480,10 +517,53 @@ impl Vcpu {
                 if tu.page2.is_none() {
                     let rip = tu.key.rip;
                     bt.block.ibtc[ibtc_index(rip)] = [rip, entry as u64];
+                    bt.ibtc_ids[ibtc_index(rip)] = id;
+                    bt.ibtc_global[ibtc_index(rip)] = global;
                 }
                 self.enter_ccf(entry, mode.bits);
             }
         }
+    }
+
+    /// Brings what depends on guest mappings up to date with the soft TLB
+    /// (and the IBTC with the mode, CS base and CPL) before a CCF runs:
+    /// jumps into two-page TUs are unchained after any mapping change, and
+    /// the IBTC drops the entries whose code mapping went (all of them after
+    /// a full flush, those of non-global pages after a CR3 write, those in
+    /// the page of an `invlpg`), or everything if the mode changed.
+    fn sync_with_tlb(&mut self, mode: Mode) {
+        let rest = (mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
+        let tlb = &self.tlb;
+        let Some(bt) = self.bt.as_mut() else { return };
+        bt.check_page2_chains(tlb.generation);
+        if bt.ibtc_context == rest && bt.ibtc_generation == tlb.generation {
+            return;
+        }
+        let mut all = bt.ibtc_context != rest;
+        if !all {
+            match tlb.dropped_since(bt.ibtc_generation) {
+                None => all = true,
+                Some(dropped) => {
+                    for d in dropped {
+                        match d {
+                            Dropped::All => all = true,
+                            Dropped::NonGlobal => bt.drop_ibtc_where(|_, global| !global),
+                            Dropped::Page(page) => {
+                                let linear = |rip: u64| {
+                                    if mode.bits == 64 { rip } else { rest.1.wrapping_add(rip) & 0xffff_ffff }
+                                };
+                                bt.drop_ibtc_where(|rip, _| linear(rip) & !0xfff == page);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if all {
+            bt.clear_ibtc();
+        }
+        bt.ibtc_context = rest;
+        bt.ibtc_generation = tlb.generation;
     }
 
     fn lookup_or_translate(&mut self, mode: Mode) -> Result<Slot, crate::exception::Exception> {

@@ -146,6 +146,67 @@ fn remapping_the_second_page_of_a_chained_tu_is_seen() {
     }
 }
 
+/// The IBTC keeps what survives a mapping change and forgets the rest: a
+/// function called through a register (found in the IBTC, by CCFs and by
+/// the dispatcher) whose page `invlpg` remaps, then a CR3 write to page
+/// tables that map it elsewhere (non-global): each call runs the code the
+/// page maps now.
+#[test]
+fn the_ibtc_forgets_code_whose_mapping_went() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const PD2: u64 = 0x30_2000;
+    const PT2: u64 = 0x30_3000;
+    const FUNC: u64 = CODE + 0x8000;
+    let body = |n: u8| [0xb8, n, 0, 0, 0, 0xc3]; // mov eax, n; ret
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.mov(eax, PD as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    a.xor(edi, edi).unwrap();
+    a.mov(ebx, FUNC as u32).unwrap();
+    for _ in 0..2 {
+        a.call(ebx).unwrap();
+        a.add(edi, eax).unwrap();
+    }
+    a.mov(dword_ptr(PT + (FUNC >> 12) * 4), (CODE + 0xa000 + 3) as u32).unwrap();
+    a.invlpg(byte_ptr(FUNC)).unwrap();
+    for _ in 0..2 {
+        a.call(ebx).unwrap();
+        a.add(edi, eax).unwrap();
+        a.imul_3(edi, edi, 10).unwrap();
+    }
+    a.mov(eax, PD2 as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    for _ in 0..2 {
+        a.call(ebx).unwrap();
+        a.add(edi, eax).unwrap();
+        a.imul_3(edi, edi, 10).unwrap();
+    }
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        for (k, n) in [(0x9000, 1), (0xa000, 2), (0xb000, 3)] {
+            v.mem.write(CODE + k, &body(n));
+        }
+        for (pd, pt, func) in [(PD, PT, CODE + 0x9000), (PD2, PT2, CODE + 0xb000)] {
+            v.mem.write(pd, &((pt | 3) as u32).to_le_bytes());
+            for i in 0..1024u64 {
+                let page = if i << 12 == FUNC { func } else { i << 12 };
+                v.mem.write(pt + i * 4, &((page | 3) as u32).to_le_bytes());
+            }
+        }
+        run(&mut v);
+        // ((((1 + 1 + 2) * 10 + 2) * 10 + 3) * 10 + 3) * 10
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, 42_330, "each call ran what its page mapped then ({bt:?})");
+    }
+}
+
 /// 32-bit CCFs borrow R8..R15 as scratch without saving them: the guest's
 /// values there (which a 64-bit kernel keeps for its compatibility-mode
 /// code) come through untouched.

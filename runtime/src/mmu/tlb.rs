@@ -50,9 +50,29 @@ pub struct Tlb {
     /// Which tables hold entries (`[user][kind]`): flushes skip the others.
     used: [[bool; 3]; 2],
     pub flushes: u64,
+    /// `invlpg`s that dropped a single page.
+    pub page_invalidations: u64,
     /// Bumped whenever a mapping is dropped (flush, invlpg): what was looked
     /// up through the TLB before may be stale after.
     pub generation: u64,
+    /// What each of the last `JOURNAL` generation changes dropped, at
+    /// `generation % JOURNAL`: users of cached translations (the IBTC) drop
+    /// just what went, or everything if they fell further behind.
+    journal: [Dropped; JOURNAL],
+}
+
+/// How many generation changes the journal remembers.
+const JOURNAL: usize = 16;
+
+/// What a generation change dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Every mapping.
+    All,
+    /// Every non-global mapping (a CR3 write).
+    NonGlobal,
+    /// The mapping of one 4 KiB linear page.
+    Page(u64),
 }
 
 impl Default for Tlb {
@@ -64,7 +84,7 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         let entries = Box::new(std::array::from_fn(|_| std::array::from_fn(|_| empty_table())));
-        Self { entries, large: None, used: [[false; 3]; 2], flushes: 0, generation: 0 }
+        Self { entries, large: None, used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
     }
 
     #[inline(always)]
@@ -110,6 +130,19 @@ impl Tlb {
         };
     }
 
+    /// A new generation, which dropped `what`.
+    fn record(&mut self, what: Dropped) {
+        self.generation += 1;
+        self.journal[self.generation as usize % JOURNAL] = what;
+    }
+
+    /// What the generation changes after `since` up to the current one
+    /// dropped, oldest first; `None` if the journal no longer reaches back.
+    pub fn dropped_since(&self, since: u64) -> Option<impl Iterator<Item = Dropped> + '_> {
+        let behind = self.generation.checked_sub(since)?;
+        (behind as usize <= JOURNAL).then(|| (since + 1..=self.generation).map(|g| self.journal[g as usize % JOURNAL]))
+    }
+
     /// Widens the large-page region to cover the page of `page_size` at `lin`.
     fn note_large(&mut self, lin: u64, page_size: u64) {
         let mut mask = !(page_size - 1);
@@ -134,7 +167,7 @@ impl Tlb {
     /// Drops every non-global entry, or every entry if `keep_global` is false.
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
-        self.generation += 1;
+        self.record(if keep_global { Dropped::NonGlobal } else { Dropped::All });
         for (tables, used) in self.entries.iter_mut().zip(self.used.iter_mut()) {
             for (table, used) in tables.iter_mut().zip(used.iter_mut()) {
                 if !*used {
@@ -158,12 +191,13 @@ impl Tlb {
 
     /// `invlpg`: drops the mapping of the page holding `lin`, global or not.
     pub fn invalidate_page(&mut self, lin: u64) {
-        self.generation += 1;
         if self.large.is_some_and(|(base, mask)| lin & mask == base) {
             self.flush(false);
             return;
         }
+        self.page_invalidations += 1;
         let page = lin & !0xfff;
+        self.record(Dropped::Page(page));
         let i = Self::index(lin);
         for table in self.entries.iter_mut().flatten() {
             if table[i].tag == page {
