@@ -201,6 +201,20 @@ pub struct BtBlock {
     /// page look here before leaving for the dispatcher, which fills it and
     /// empties it whenever the mappings, the mode or the privilege change.
     pub ibtc: [[u64; 2]; IBTC_ENTRIES],
+    /// Guest SSE state in CCFs: the guest's XSAVE area (its legacy region
+    /// is an FXSAVE image), loaded into the host's XMM registers and MXCSR
+    /// by the routine `fpu_enter` points at, which CCFs call before their
+    /// first SSE instruction: the load routine (`fpu_load`), or once the
+    /// state is loaded a bare `ret` (`fpu_ready`). The exit trampoline saves
+    /// the state back, and gives Rust back the host MXCSR saved at entry and
+    /// a clean x87 unit.
+    pub fpu_area: u64,
+    pub fpu_enter: u64,
+    pub fpu_load: u64,
+    pub fpu_ready: u64,
+    pub host_mxcsr: u64,
+    /// 15: the `pext` mask of the low bits a 16-byte aligned address has clear.
+    pub align16_mask: u64,
 }
 
 /// Entries in [`BtBlock::ibtc`] (a power of two).
@@ -243,6 +257,12 @@ impl Default for BtBlock {
             fault_exit: 0,
             tlb_masks: [tlb::INDEX_MASK, tlb::PAGE_MASK],
             ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
+            fpu_area: 0,
+            fpu_enter: 0,
+            fpu_load: 0,
+            fpu_ready: 0,
+            host_mxcsr: 0,
+            align16_mask: 15,
         }
     }
 }
@@ -255,6 +275,9 @@ impl BtBlock {
     pub const SCRATCH_SLOTS: usize = 6;
     /// The scratch slot holding RSP from before an indirect branch.
     pub const SLOT_OLD_RSP: usize = 4;
+    /// The scratch slot the SSE load routine keeps RAX in (a division's
+    /// divisor uses it too: each only within one instruction's code).
+    pub const SLOT_FPU: usize = 3;
     pub const OFF_HOST_RSP: usize = Self::OFF_SCRATCH + Self::SCRATCH_SLOTS * 8;
     pub const OFF_TARGET: usize = Self::OFF_HOST_RSP + 8;
     pub const OFF_EXIT_STUB: usize = Self::OFF_TARGET + 8;
@@ -279,6 +302,12 @@ impl BtBlock {
     pub const OFF_FAULT_EXIT: usize = Self::OFF_FAULT_RIP + 8;
     pub const OFF_TLB_MASKS: usize = Self::OFF_FAULT_EXIT + 8;
     pub const OFF_IBTC: usize = Self::OFF_TLB_MASKS + 16;
+    pub const OFF_FPU_AREA: usize = Self::OFF_IBTC + IBTC_ENTRIES * 16;
+    pub const OFF_FPU_ENTER: usize = Self::OFF_FPU_AREA + 8;
+    pub const OFF_FPU_LOAD: usize = Self::OFF_FPU_ENTER + 8;
+    pub const OFF_FPU_READY: usize = Self::OFF_FPU_LOAD + 8;
+    pub const OFF_HOST_MXCSR: usize = Self::OFF_FPU_READY + 8;
+    pub const OFF_ALIGN16_MASK: usize = Self::OFF_HOST_MXCSR + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -329,6 +358,10 @@ pub mod tlb {
     pub const ENTRIES: usize = 1024;
     /// Bytes per entry.
     pub const ENTRY_BYTES: usize = 32;
+    /// A table is two-way set associative: the second way's entry for an
+    /// index lies this many bytes after the first's (the first way holds
+    /// the newest fill, the second the entry it displaced).
+    pub const OFF_WAY2: usize = ENTRIES * ENTRY_BYTES;
     /// The linear page address an entry maps. An empty entry's tag is a
     /// non-canonical page above 4 GiB whose index bits are two more than
     /// the entry's own ([`empty_tag`]): no access that looks the entry up
@@ -386,5 +419,11 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, fault_exit), BtBlock::OFF_FAULT_EXIT);
         assert_eq!(offset_of!(BtBlock, tlb_masks), BtBlock::OFF_TLB_MASKS);
         assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
+        assert_eq!(offset_of!(BtBlock, fpu_area), BtBlock::OFF_FPU_AREA);
+        assert_eq!(offset_of!(BtBlock, fpu_enter), BtBlock::OFF_FPU_ENTER);
+        assert_eq!(offset_of!(BtBlock, fpu_load), BtBlock::OFF_FPU_LOAD);
+        assert_eq!(offset_of!(BtBlock, fpu_ready), BtBlock::OFF_FPU_READY);
+        assert_eq!(offset_of!(BtBlock, host_mxcsr), BtBlock::OFF_HOST_MXCSR);
+        assert_eq!(offset_of!(BtBlock, align16_mask), BtBlock::OFF_ALIGN16_MASK);
     }
 }

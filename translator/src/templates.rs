@@ -23,6 +23,10 @@ pub struct Trampolines {
     /// Where the host fault handler sends a CCF that faulted (see
     /// `BtBlock::fault_rip`): an exit with reason Fault at that RIP.
     pub fault: usize,
+    /// Loads the guest's SSE state (`BtBlock::fpu_load`), and the bare
+    /// `ret` that replaces it once loaded (`BtBlock::fpu_ready`).
+    pub fpu_load: usize,
+    pub fpu_ready: usize,
 }
 
 fn gpr_off(r: u8) -> i32 {
@@ -44,6 +48,7 @@ pub fn trampolines() -> Trampolines {
     dynasm!(a
         ; .arch x64
         ; gs mov QWORD [BtBlock::OFF_HOST_RSP as i32], rsp
+        ; gs stmxcsr DWORD [BtBlock::OFF_HOST_MXCSR as i32]
         ; gs push QWORD [BtBlock::OFF_HOST_FLAGS as i32]
         ; popfq
     );
@@ -62,7 +67,22 @@ pub fn trampolines() -> Trampolines {
     for r in (0u8..16).filter(|&r| r != 4) {
         dynasm!(a ; .arch x64 ; gs mov QWORD [gpr_off(r)], Rq(r));
     }
-    dynasm!(a ; .arch x64 ; gs mov rsp, QWORD [BtBlock::OFF_HOST_RSP as i32]);
+    // The guest's SSE state back to its area if a CCF loaded it; Rust gets
+    // its MXCSR and a clean x87 unit (FCW 0x37f, empty stack) back.
+    dynasm!(a
+        ; .arch x64
+        ; gs mov rax, QWORD [BtBlock::OFF_FPU_ENTER as i32]
+        ; gs cmp rax, QWORD [BtBlock::OFF_FPU_READY as i32]
+        ; jne >unloaded
+        ; gs mov rax, QWORD [BtBlock::OFF_FPU_AREA as i32]
+        ; fxsave64 [rax]
+        ; fninit
+        ; gs ldmxcsr DWORD [BtBlock::OFF_HOST_MXCSR as i32]
+        ; gs mov rax, QWORD [BtBlock::OFF_FPU_LOAD as i32]
+        ; gs mov QWORD [BtBlock::OFF_FPU_ENTER as i32], rax
+        ; unloaded:
+        ; gs mov rsp, QWORD [BtBlock::OFF_HOST_RSP as i32]
+    );
     for &r in CALLEE_SAVED.iter().rev() {
         dynasm!(a ; .arch x64 ; pop Rq(r));
     }
@@ -78,8 +98,24 @@ pub fn trampolines() -> Trampolines {
         ; gs pop QWORD [BtBlock::OFF_RIP as i32]
         ; jmp ->exit
     );
+    // Called by a CCF (host RSP below the entry's): every register and
+    // flag is kept; RAX goes through the fault-RIP slot's neighbour, the
+    // spill slot `SLOT_FPU` no CCF holds anything in across this call.
+    let fpu_load = a.offset().0;
+    let tmp = (BtBlock::OFF_SCRATCH + BtBlock::SLOT_FPU * 8) as i32;
+    dynasm!(a
+        ; .arch x64
+        ; gs mov QWORD [tmp], rax
+        ; gs mov rax, QWORD [BtBlock::OFF_FPU_AREA as i32]
+        ; fxrstor64 [rax]
+        ; gs mov rax, QWORD [BtBlock::OFF_FPU_READY as i32]
+        ; gs mov QWORD [BtBlock::OFF_FPU_ENTER as i32], rax
+        ; gs mov rax, QWORD [tmp]
+    );
+    let fpu_ready = a.offset().0;
+    dynasm!(a ; .arch x64 ; ret);
     let code = a.finalize().unwrap_or_default();
-    Trampolines { code, entry, exit, fault }
+    Trampolines { code, entry, exit, fault, fpu_load, fpu_ready }
 }
 
 /// Bytes of the patchable jump that opens every exit stub.

@@ -59,6 +59,10 @@ pub struct Mode {
     /// The code runs at CPL 0: `cli` and the reads of system registers
     /// (which may fault at other privileges) become inline code.
     pub cpl0: bool,
+    /// SSE instructions run without a fault (CR4.OSFXSR set, CR0.EM and
+    /// CR0.TS clear): integer and logical ones run in the CCF, on the
+    /// guest's XMM registers loaded into the host's.
+    pub sse: bool,
 }
 
 /// How the instructions of a TU were translated.
@@ -169,6 +173,8 @@ enum Plan {
     Ret,
     /// jmp or call through a register.
     IndirectReg,
+    /// jmp or call through memory (the natural width).
+    IndirectMem,
     /// Inline code over the virtual state in the vCPU block.
     Virtual(VirtualOp),
     /// div/idiv by a register, run natively: its RIP is stored first, so a
@@ -181,6 +187,11 @@ enum Plan {
     /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
     /// then moves by the operand size, down if the virtual DF is set.
     StringOne,
+    /// An integer or logical SSE instruction, on the guest's XMM registers
+    /// (loaded into the host's first: see `BtBlock::fpu_enter`), with its
+    /// memory operand, if any, rewritten as MEM does (16-byte operands of
+    /// the aligned forms checked for alignment first: #GP is the runtime's).
+    Sse,
     /// Ends the TU: the runtime runs this instruction.
     Stop,
 }
@@ -242,7 +253,7 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
         }
         let plan = if insn.is_invalid() { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
         out.push((insn, plan));
-        if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg) {
+        if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem) {
             break;
         }
     }
@@ -328,6 +339,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     {
         return Plan::Stop;
     }
+    if mode.sse && sse_inline(insn, mode, info) {
+        return Plan::Sse;
+    }
     // Only integer instructions on general registers run as themselves for
     // now: x87/SSE/AVX state is the runtime's (some x87 and SSE forms, like
     // fnstcw or stmxcsr, name no vector register at all).
@@ -372,6 +386,64 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         return Plan::Stop;
     }
     Plan::Mem
+}
+
+/// SSE instructions that run in a CCF: legacy-encoded integer, logical,
+/// shuffle and move instructions on XMM (and general) registers, none of
+/// which reads or writes MXCSR or can raise a SIMD floating-point
+/// exception. MMX forms (the same mnemonics on MM registers), VEX forms
+/// (which would zero the upper halves the guest keeps in memory) and
+/// floating-point arithmetic stay with the runtime.
+fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) -> bool {
+    use Mnemonic as M;
+    let ok = matches!(
+        insn.mnemonic(),
+        M::Movdqa | M::Movdqu | M::Movaps | M::Movups | M::Movapd | M::Movupd | M::Movd | M::Movq
+            | M::Pxor | M::Por | M::Pand | M::Pandn | M::Xorps | M::Xorpd | M::Andps | M::Andpd | M::Andnps
+            | M::Andnpd | M::Orps | M::Orpd
+            | M::Paddb | M::Paddw | M::Paddd | M::Paddq | M::Psubb | M::Psubw | M::Psubd | M::Psubq
+            | M::Paddsb | M::Paddsw | M::Paddusb | M::Paddusw | M::Psubsb | M::Psubsw | M::Psubusb | M::Psubusw
+            | M::Pmullw | M::Pmulhw | M::Pmulhuw | M::Pmuludq | M::Pmulld | M::Pmaddwd | M::Pmaddubsw | M::Pmulhrsw
+            | M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad
+            | M::Pslldq | M::Psrldq | M::Pshufd | M::Pshufhw | M::Pshuflw | M::Pshufb | M::Palignr
+            | M::Punpcklbw | M::Punpcklwd | M::Punpckldq | M::Punpcklqdq | M::Punpckhbw | M::Punpckhwd
+            | M::Punpckhdq | M::Punpckhqdq | M::Packsswb | M::Packssdw | M::Packuswb | M::Packusdw
+            | M::Pcmpeqb | M::Pcmpeqw | M::Pcmpeqd | M::Pcmpeqq | M::Pcmpgtb | M::Pcmpgtw | M::Pcmpgtd
+            | M::Pminub | M::Pmaxub | M::Pminsw | M::Pmaxsw | M::Pminud | M::Pmaxud | M::Pminsd | M::Pmaxsd
+            | M::Pavgb | M::Pavgw | M::Psadbw | M::Pabsb | M::Pabsw | M::Pabsd | M::Psignb | M::Psignw
+            | M::Psignd | M::Phaddw | M::Phaddd | M::Phsubw | M::Phsubd
+            | M::Pmovmskb | M::Pextrb | M::Pextrw | M::Pextrd | M::Pextrq | M::Pinsrb | M::Pinsrw | M::Pinsrd
+            | M::Pinsrq | M::Ptest | M::Pclmulqdq | M::Aesenc | M::Aesenclast | M::Aesdec | M::Aesdeclast
+            | M::Aesimc | M::Aeskeygenassist | M::Shufps | M::Shufpd | M::Unpcklps | M::Unpckhps
+            | M::Unpcklpd | M::Unpckhpd | M::Movhlps | M::Movlhps | M::Pblendw
+    );
+    if !ok || insn.encoding() != iced_x86::EncodingKind::Legacy || insn.has_lock_prefix() {
+        return false;
+    }
+    // XMM and general registers only (not RSP, which lives in the block).
+    let used = info.info(insn);
+    let regs_ok = used.used_registers().iter().all(|u| {
+        let r = u.register();
+        r.is_xmm() || (r.is_gpr() && gpr_number(r) != Some(RSP)) || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
+    });
+    if !regs_ok {
+        return false;
+    }
+    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+    !has_mem
+        || (matches!(insn.memory_size().size(), 1 | 2 | 4 | 8 | 16)
+            && used.used_memory().len() == 1
+            && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
+}
+
+fn has_memory_operand(insn: &Instruction) -> bool {
+    (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory)
+}
+
+/// A legacy SSE instruction whose 16-byte memory operand must be 16-byte
+/// aligned (#GP otherwise): all but the unaligned moves.
+fn needs_alignment(insn: &Instruction) -> bool {
+    insn.memory_size().size() == 16 && !matches!(insn.mnemonic(), Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd)
 }
 
 /// A division's memory operand can be read inline: a general-register
@@ -478,6 +550,18 @@ fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
             let r = insn.op0_register();
             return Some(Plan::IndirectReg).filter(|_| r.size() as u32 * 8 == mode.bits && !rsp_reg(r));
         }
+        // Through memory: the target is read as a MEM access would read it.
+        Mnemonic::Call | Mnemonic::Jmp
+            if (insn.is_call_near_indirect() || insn.is_jmp_near_indirect())
+                && insn.op0_kind() == OpKind::Memory
+                && insn.memory_size().size() == natural as usize
+                && mem_operand_ok(insn, mode) =>
+        {
+            if insn.mnemonic() == Mnemonic::Jmp {
+                return Some(Plan::IndirectMem);
+            }
+            Plan::IndirectMem
+        }
         Mnemonic::Ret if !matches!(insn.code(), Code::Retnw | Code::Retnw_imm16) => Plan::Ret,
         _ => return None,
     };
@@ -563,6 +647,8 @@ struct Emitter {
     exits: Vec<ExitSite>,
     /// Out-of-line TLB-miss paths, emitted after the main line.
     misses: Vec<Miss>,
+    /// The probes' looks into the second way, emitted after the TU.
+    second_ways: Vec<SecondWay>,
     /// The scratch registers a memory access left borrowed for the next
     /// one (register k's guest value in scratch slot k): consecutive
     /// accesses through the same pair spill it once. Released before
@@ -571,7 +657,22 @@ struct Emitter {
     /// RCX's guest value is in its home slot (a probe borrowed it and the
     /// instructions since have not named it): the next probe need not save it.
     rcx_borrowed: bool,
+    /// An SSE instruction earlier in the TU had the guest's SSE state loaded.
+    fpu_loaded: bool,
     counts: Counts,
+}
+
+/// A probe's out-of-line look into the second way of its table entry's
+/// set: `at` is jumped to on a first-way miss (entry pointer in `s1`,
+/// address in `s0`); it jumps back to `hit` pointing `s1` at the second
+/// way's entry, or on to `miss`.
+struct SecondWay {
+    at: DynamicLabel,
+    hit: DynamicLabel,
+    miss: DynamicLabel,
+    s0: u8,
+    s1: u8,
+    size: i32,
 }
 
 struct Miss {
@@ -586,8 +687,22 @@ fn scratch_off(slot: usize) -> i32 {
     (BtBlock::OFF_SCRATCH + slot * 8) as i32
 }
 
+/// What a memory access does with its host address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MemBody {
+    /// The guest instruction itself, on the host address.
+    Original,
+    /// Reads a division's divisor into `DIVISOR_SLOT`.
+    Divisor,
+    /// Reads an indirect branch's target into the block's RIP.
+    Target,
+    /// As `Original`, for an operand that must be 16-byte aligned: a
+    /// misaligned one leaves the instruction to the runtime (#GP).
+    Aligned,
+}
+
 /// The block slot a division by memory takes its divisor from.
-const DIVISOR_SLOT: usize = 3;
+const DIVISOR_SLOT: usize = BtBlock::SLOT_FPU;
 
 /// The spill slot the budget check borrows RCX through.
 const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
@@ -823,7 +938,21 @@ impl Emitter {
 
     /// MEM: address, inline soft-TLB probe, then the instruction on the host address.
     fn mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
-        self.mem_with(insn, info, false)
+        self.mem_with(insn, info, MemBody::Original)
+    }
+
+    /// An SSE instruction (`Plan::Sse`): the guest's SSE state into the
+    /// host's registers first (once per TU), then the instruction as IDENT
+    /// or MEM.
+    fn sse(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        if !self.fpu_loaded {
+            dynasm!(self.a ; .arch x64 ; gs call QWORD [BtBlock::OFF_FPU_ENTER as i32]);
+            self.fpu_loaded = true;
+        }
+        if !has_memory_operand(insn) {
+            return self.ident(insn, info);
+        }
+        self.mem_with(insn, info, if needs_alignment(insn) { MemBody::Aligned } else { MemBody::Original })
     }
 
     /// A division by memory (`Plan::DivideMem`): the divisor is read into
@@ -839,7 +968,7 @@ impl Emitter {
         on_slot.set_segment_prefix(Register::GS);
         // Encodable, or nothing is emitted.
         Encoder::new(64).encode(&on_slot, 0).map_err(|_| Unencodable)?;
-        self.mem_with(insn, info, true)?;
+        self.mem_with(insn, info, MemBody::Divisor)?;
         self.release();
         self.divide(insn, &on_slot)
     }
@@ -856,10 +985,11 @@ impl Emitter {
         self.encode(body)
     }
 
-    /// MEM, or with `divisor` the read of a division's divisor into its slot.
-    fn mem_with(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory, divisor: bool) -> Result<(), Unencodable> {
+    /// A memory access of `insn`'s operand, doing `then` at the host address.
+    fn mem_with(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory, then: MemBody) -> Result<(), Unencodable> {
         let access = info.info(insn).used_memory()[0].access();
-        let write = !matches!(access, OpAccess::Read | OpAccess::CondRead);
+        let original = matches!(then, MemBody::Original | MemBody::Aligned);
+        let write = original && !matches!(access, OpAccess::Read | OpAccess::CondRead);
         let size = insn.memory_size().size() as i32;
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
             || gpr_number(insn.memory_index()) == Some(RSP)
@@ -894,8 +1024,8 @@ impl Emitter {
         body.set_memory_displacement64(0);
         body.set_memory_displ_size(0);
         body.set_segment_prefix(Register::None);
-        let body_bytes = if divisor {
-            let slot = scratch_off(DIVISOR_SLOT);
+        let body_bytes = if !original {
+            let slot = if then == MemBody::Divisor { scratch_off(DIVISOR_SLOT) } else { BtBlock::OFF_RIP as i32 };
             let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
             match size {
                 1 => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
@@ -930,6 +1060,24 @@ impl Emitter {
         }
         self.address(insn, s0, s_rsp)?;
         self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
+        if then == MemBody::Aligned {
+            // The linear address's low bits are the host address's: flag-free
+            // through RCX, as the probe borrows it.
+            let misaligned = self.a.new_dynamic_label();
+            let aligned = self.a.new_dynamic_label();
+            if !self.rcx_borrowed {
+                dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(1) as i32], rcx);
+                self.rcx_borrowed = true;
+            }
+            dynasm!(self.a
+                ; .arch x64
+                ; gs pext rcx, Rq(s0), QWORD [BtBlock::OFF_ALIGN16_MASK as i32]
+                ; jrcxz =>aligned
+                ; jmp =>misaligned
+                ; =>aligned
+            );
+            self.misses.push(Miss { label: misaligned, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: false });
+        }
         let miss = self.probe(s0, s1, size, write, !uses_rcx);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
@@ -978,6 +1126,7 @@ impl Emitter {
         let rcx_home = BtBlock::off_gpr(1) as i32;
         let miss = self.a.new_dynamic_label();
         let hit = self.a.new_dynamic_label();
+        let second = self.a.new_dynamic_label();
         const _: () = assert!(tlb::ENTRY_BYTES == 32);
         if !self.rcx_borrowed {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [rcx_home], rcx);
@@ -993,16 +1142,40 @@ impl Emitter {
             ; lea rcx, [rcx + Rq(s0) + size]
             ; gs pext rcx, rcx, QWORD [masks + 8]
             ; jrcxz =>hit
-            ; jmp =>miss
+            ; jmp =>second
             ; =>hit
             ; mov rcx, QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
             ; lea Rq(s0), [Rq(s0) + rcx]
         );
+        self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size });
         self.rcx_borrowed = keep_rcx;
         if !keep_rcx {
             dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [rcx_home]);
         }
         miss
+    }
+
+    /// The probes' second-way looks (see `SecondWay`), out of line.
+    fn emit_second_ways(&mut self) {
+        let masks = BtBlock::OFF_TLB_MASKS as i32;
+        let way2 = tlb::OFF_WAY2 as i32;
+        for w in std::mem::take(&mut self.second_ways) {
+            let found = self.a.new_dynamic_label();
+            let SecondWay { at, hit, miss, s0, s1, size } = w;
+            dynasm!(self.a
+                ; .arch x64
+                ; =>at
+                ; mov rcx, QWORD [Rq(s1) + way2 + tlb::OFF_TAG as i32]
+                ; not rcx
+                ; lea rcx, [rcx + Rq(s0) + size]
+                ; gs pext rcx, rcx, QWORD [masks + 8]
+                ; jrcxz =>found
+                ; jmp =>miss
+                ; =>found
+                ; lea Rq(s1), [Rq(s1) + way2]
+                ; jmp =>hit
+            );
+        }
     }
 
     /// Guest RSP into `dst` (at the stack width), moved by `delta` bytes.
@@ -1113,6 +1286,20 @@ impl Emitter {
     /// jmp/call through a register, then the IBTC, or an indirect exit.
     fn indirect_reg(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let r = gpr_number(insn.op0_register()).ok_or(Unencodable)?;
+        self.indirect(insn, live, info, Some(r))
+    }
+
+    /// jmp/call through memory: the target is read (a miss leaves the
+    /// instruction to the runtime with nothing done), then as `indirect_reg`.
+    fn indirect_mem(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        self.mem_with(insn, info, MemBody::Target)?;
+        self.release();
+        self.indirect(insn, live, info, None)
+    }
+
+    /// An indirect jump or call to the target in register `r`, or already
+    /// in the block's RIP if `None`.
+    fn indirect(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory, r: Option<u8>) -> Result<(), Unencodable> {
         let scratch = pick_scratch(insn, info, 3);
         let (s0, s1) = (scratch[0], scratch[1]);
         dynasm!(self.a
@@ -1128,12 +1315,14 @@ impl Emitter {
         }
         self.save_flags();
         self.spill(&scratch[..2]);
-        if self.mode.bits == 64 {
-            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(r));
-        } else {
-            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(r));
+        match r {
+            Some(r) if self.mode.bits == 64 => dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(r)),
+            Some(r) => dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(r)),
+            None => dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [BtBlock::OFF_RIP as i32]),
         }
-        dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s0));
+        if r.is_some() {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s0));
+        }
         let ibtc_miss = self.ibtc_lookup(s0, s1);
         self.unspill(&scratch[..2]);
         self.restore_flags(live);
@@ -1404,7 +1593,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, fpu_loaded: false, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -1420,7 +1609,8 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         // memory access or an instruction that does not name them.
         match plan {
             Plan::Mem | Plan::DivideMem | Plan::Nothing => {}
-            Plan::Ident => {
+            Plan::Sse if has_memory_operand(insn) => {}
+            Plan::Ident | Plan::Sse => {
                 let used: Vec<u8> = info.info(insn).used_registers().iter().filter_map(|u| gpr_number(u.register())).collect();
                 if used.iter().any(|&n| n == RSP || e.borrowed.contains(&n)) {
                     e.release();
@@ -1440,6 +1630,14 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Mem => {
                 e.mem(insn, &mut info).map_err(|_| k)?;
                 e.counts.mem += 1;
+            }
+            Plan::Sse => {
+                e.sse(insn, &mut info).map_err(|_| k)?;
+                if has_memory_operand(insn) {
+                    e.counts.mem += 1;
+                } else {
+                    e.counts.ident += 1;
+                }
             }
             Plan::Jump(target) => {
                 e.counts.control += 1;
@@ -1503,6 +1701,11 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.control += 1;
                 ended = true;
             }
+            Plan::IndirectMem => {
+                e.indirect_mem(insn, live[k], &mut info).map_err(|_| k)?;
+                e.counts.control += 1;
+                ended = true;
+            }
             Plan::StringOne => {
                 e.string_one(insn, &mut info);
                 e.counts.mem += 1;
@@ -1531,6 +1734,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     if !ended {
         e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
     }
+    e.emit_second_ways();
     for m in std::mem::take(&mut e.misses) {
         // Every miss comes from a probe, which left RCX's guest value in its home slot.
         dynasm!(e.a ; .arch x64 ; =>m.label ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
@@ -1545,11 +1749,13 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let code = a.finalize().map_err(|_| 0usize)?;
     let treatment = tu
         .iter()
-        .map(|(_, p)| match p {
+        .map(|(i, p)| match p {
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
+            Plan::Sse if !has_memory_operand(i) => Treatment::Ident,
+            Plan::Sse => Treatment::Mem,
             Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::DivideMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
-            Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg => Treatment::Control,
+            Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
             Plan::Stop => Treatment::Callout,
         })
         .collect();
@@ -1577,7 +1783,7 @@ mod tests {
     use super::*;
 
     fn mode(bits: u32) -> Mode {
-        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true }
+        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true }
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.

@@ -126,6 +126,10 @@ pub struct Bt {
     /// The fault-exit trampoline (see `fault`), and the code ranges
     /// registered with the fault handler.
     fault_exit: u64,
+    /// The SSE-state load routine and the bare `ret` that stands for it
+    /// once the state is loaded (`BtBlock::fpu_enter`).
+    fpu_load: u64,
+    fpu_ready: u64,
     fault_ranges: Vec<(usize, usize)>,
     map: FxHashMap<Key, Slot>,
     by_page: FxHashMap<u64, Vec<Key>>,
@@ -170,7 +174,7 @@ impl Bt {
     /// An engine with a code cache of `cache_bytes`.
     pub fn new(cache_bytes: usize) -> Result<Self, BtError> {
         let mut arena = CodeArena::with_chunks(usize::MAX, CACHE_CHUNK);
-        let (entry, exit, fault_exit) = publish_trampolines(&mut arena)?;
+        let Published { entry, exit, fault_exit, fpu_load, fpu_ready } = publish_trampolines(&mut arena)?;
         let mut bt = Self {
             block: Box::default(),
             arena,
@@ -181,6 +185,8 @@ impl Bt {
             entry,
             exit,
             fault_exit,
+            fpu_load,
+            fpu_ready,
             fault_ranges: Vec::new(),
             map: FxHashMap::default(),
             by_page: FxHashMap::default(),
@@ -189,7 +195,7 @@ impl Bt {
             pending_chain: None,
             page2_chained: Vec::new(),
             page2_generation: 0,
-            ibtc_context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false }, 0, 0),
+            ibtc_context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false }, 0, 0),
             ibtc_generation: 0,
             ibtc_global: Box::new([false; IBTC_ENTRIES]),
             ibtc_ids: Box::new([u32::MAX; IBTC_ENTRIES]),
@@ -389,7 +395,9 @@ impl Bt {
         self.free_slots = Default::default();
         self.carved = 0;
         self.arena.clear();
-        (self.entry, self.exit, self.fault_exit) = publish_trampolines(&mut self.arena)?;
+        let p = publish_trampolines(&mut self.arena)?;
+        (self.entry, self.exit, self.fault_exit, self.fpu_load, self.fpu_ready) =
+            (p.entry, p.exit, p.fault_exit, p.fpu_load, p.fpu_ready);
         for &(start, end) in &self.fault_ranges {
             fault::unregister(start, end);
         }
@@ -415,22 +423,34 @@ impl Bt {
 }
 
 /// Publishes the entry, exit and fault-exit trampolines into `arena`.
-fn publish_trampolines(arena: &mut CodeArena) -> Result<(extern "sysv64" fn(), u64, u64), BtError> {
+fn publish_trampolines(arena: &mut CodeArena) -> Result<Published, BtError> {
     let t = templates::trampolines();
     let base = arena.publish(&t.code)?;
     // SAFETY: `t.entry` is the offset of the entry trampoline within the
     // code just published, which follows the SysV ABI for a function of no
     // arguments (it saves and restores every callee-saved register).
     let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
-    Ok((entry, base as u64 + t.exit as u64, base as u64 + t.fault as u64))
+    let at = |off: usize| base as u64 + off as u64;
+    Ok(Published { entry, exit: at(t.exit), fault_exit: at(t.fault), fpu_load: at(t.fpu_load), fpu_ready: at(t.fpu_ready) })
+}
+
+/// Where the published trampolines are (see `templates::Trampolines`).
+struct Published {
+    entry: extern "sysv64" fn(),
+    exit: u64,
+    fault_exit: u64,
+    fpu_load: u64,
+    fpu_ready: u64,
 }
 
 /// The translator's view of the current mode, or `None` where the
 /// interpreter runs the code (16-bit code, real and virtual-8086 mode).
 fn bt_mode(v: &Vcpu) -> Option<Mode> {
+    use crate::cpu::{cr0, cr4};
     let c = &v.cpu;
+    let sse = c.cr4 & cr4::OSFXSR != 0 && c.cr0 & (cr0::EM | cr0::TS) == 0;
     match c.mode {
-        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0 }),
+        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse }),
         // Branch targets are not checked against the CS limit: CS must span 4 GiB.
         CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
             let (mut seg_base_mask, mut seg_usable_mask) = (0u8, 0u8);
@@ -449,7 +469,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 }
             }
             let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
-            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0 })
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse })
         }
         _ => None,
     }
@@ -741,6 +761,12 @@ impl Vcpu {
         b.target = entry as u64;
         b.exit_stub = bt.exit;
         b.fault_exit = bt.fault_exit;
+        // The guest's SSE state is loaded by the first CCF that needs it,
+        // and saved back to its area by the exit.
+        b.fpu_area = self.fpu.area_ptr() as u64;
+        b.fpu_load = bt.fpu_load;
+        b.fpu_ready = bt.fpu_ready;
+        b.fpu_enter = bt.fpu_load;
         bt.stats.entries += 1;
         (bt.entry)();
         let b = &*bt.block;

@@ -146,6 +146,173 @@ fn remapping_the_second_page_of_a_chained_tu_is_seen() {
     }
 }
 
+/// A loop over two pages whose numbers agree in the soft TLB's index bits
+/// (as a kernel stack and the data a loop walks may) runs without leaving
+/// the CCF: the probe looks into the second way. (With one way each page
+/// evicted the other and every access went to the runtime: 500k of an
+/// amd64 boot's callouts, depending on where KASLR put things.)
+#[test]
+fn two_pages_with_one_tlb_index_stay_in_translated_code() {
+    const FAR: u64 = DATA + ((btvmm_translator::abi::tlb::ENTRIES as u64) << 12);
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(ecx, 1000).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(eax, dword_ptr(DATA as u32)).unwrap();
+    a.add(eax, dword_ptr(FAR as u32)).unwrap();
+    a.mov(dword_ptr(FAR as u32 + 4), eax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mem = Arc::new(GuestMemory::new(16 << 20).expect("memory"));
+        mem.write(CODE, &code);
+        mem.write_u32(DATA, 3);
+        mem.write_u32(FAR, 4);
+        let mut v = Vcpu::new(mem, Box::new(NullPlatform));
+        v.cpu.set_flat_protected32(CODE as u32);
+        if let Some(cache) = bt {
+            v.enable_bt(cache).expect("translator");
+        }
+        run(&mut v);
+        assert_eq!(v.mem.read_u32(FAR + 4), 7000, "{bt:?}");
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 4, "only the cold misses: {:?}", b.stats.callouts);
+        }
+    }
+}
+
+/// Integer SSE runs in the CCF on the guest's XMM registers (loaded into
+/// the host's by the first SSE instruction, saved back at the exit): a
+/// loop of SHA-256-like shuffles, adds and memory operands gives the
+/// interpreter's registers, memory and flags; a misaligned `movdqa` is
+/// the runtime's #GP, precisely; with CR0.TS set the first SSE
+/// instruction is #NM. (All of them were callouts: 2M of an amd64 boot's.)
+#[test]
+fn inline_sse_matches_the_interpreter() {
+    use crate::cpu::{cr0, cr4};
+    let data = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esi, data).unwrap();
+    a.mov(edx, 40).unwrap();
+    a.movdqu(xmm0, xmmword_ptr(esi + 3)).unwrap();
+    a.movdqa(xmm1, xmmword_ptr(esi + 16)).unwrap();
+    a.pxor(xmm3, xmm3).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.paddd(xmm0, xmm1).unwrap();
+    a.pshufb(xmm0, xmmword_ptr(esi + 32)).unwrap();
+    a.pshufd(xmm2, xmm0, 0x1b).unwrap();
+    a.pslld(xmm2, 3).unwrap();
+    a.psrld(xmm1, 1).unwrap();
+    a.por(xmm1, xmm2).unwrap();
+    a.punpckldq(xmm3, xmm0).unwrap();
+    a.paddd(xmm3, xmmword_ptr(esi + 48)).unwrap();
+    a.movd(eax, xmm3).unwrap();
+    a.add(ebx, eax).unwrap();
+    a.ptest(xmm0, xmm1).unwrap();
+    a.adc(ecx, 0).unwrap();
+    a.movdqa(xmmword_ptr(esi + 64), xmm3).unwrap();
+    a.dec(edx).unwrap();
+    a.jnz(top).unwrap();
+    a.movd(xmm4, ebx).unwrap();
+    a.movdqa(xmm5, xmmword_ptr(esi + 8)).unwrap(); // misaligned: #GP
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let gp_at = CODE + code.len() as u64 - 1 - 5;
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        let bytes: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8).collect();
+        v.mem.write(DATA, &bytes);
+        v.cpu.cr4 |= cr4::OSFXSR;
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned movdqa ({bt:?})");
+        let xmm: Vec<u128> = (0..8).map(|i| v.fpu.xmm(i)).collect();
+        let mut out = [0u8; 16];
+        v.mem.read(DATA + 64, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.iter().filter(|(m, _)| **m != iced_x86::Mnemonic::Movdqa).map(|(_, n)| n).sum();
+            assert!(handed_on <= 4, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags & 0x8d5, xmm, out));
+    }
+    assert_eq!(seen[0], seen[1], "registers, flags, XMM and memory as the interpreter leaves them");
+    assert_ne!(seen[0].2[4], 0);
+
+    // CR0.TS: the first SSE instruction is #NM, translated or not.
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.cpu.cr4 |= cr4::OSFXSR;
+        v.cpu.cr0 |= cr0::TS;
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 7), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, CODE + 10, "at the first movdqu ({bt:?})");
+    }
+}
+
+/// Calls and jumps through memory (the paravirt calls of a Linux kernel,
+/// `call [rip+x]`, and jump tables) run in the CCF: the target is read
+/// through the soft TLB, then looked up in the IBTC. Results equal the
+/// interpreter's; only the first (cold TLB) reads leave them to the runtime.
+#[test]
+fn calls_and_jumps_through_memory_run_translated() {
+    let table = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut funcs = [a.create_label(), a.create_label(), a.create_label()];
+    let mut top = a.create_label();
+    let mut next = a.create_label();
+    let mut out = a.create_label();
+    a.mov(esp, table + 0x1000).unwrap();
+    a.xor(edi, edi).unwrap();
+    a.mov(esi, 200).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(ecx, esi).unwrap();
+    a.and(ecx, 3).unwrap();
+    a.cmp(ecx, 3).unwrap();
+    a.je(next).unwrap();
+    a.call(dword_ptr(table + ecx * 4)).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.mov(ebx, table).unwrap();
+    a.jmp(dword_ptr(ebx + 12)).unwrap(); // to `out`
+    a.int3().unwrap();
+    a.set_label(&mut out).unwrap();
+    a.dec(esi).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    for (k, f) in funcs.iter_mut().enumerate() {
+        a.set_label(f).unwrap();
+        a.imul_3(edi, edi, 3).unwrap();
+        a.add(edi, k as i32 + 1).unwrap();
+        a.ret().unwrap();
+    }
+    let r = a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let code = r.inner.code_buffer.clone();
+    let addr = |l: &CodeLabel| r.label_ip(l).unwrap() as u32;
+    let mut results = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        for (k, f) in funcs.iter().enumerate() {
+            v.mem.write_u32(DATA + 4 * k as u64, addr(f));
+        }
+        v.mem.write_u32(DATA + 12, addr(&out));
+        run(&mut v);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
+            assert!(handed_on(iced_x86::Mnemonic::Call) <= 2, "{:?}", b.stats.callouts);
+            assert!(handed_on(iced_x86::Mnemonic::Jmp) <= 2, "{:?}", b.stats.callouts);
+        }
+        results.push(v.cpu.regs.gpr[7] & 0xffff_ffff);
+    }
+    assert_eq!(results[0], results[1]);
+}
+
 /// The IBTC keeps what survives a mapping change and forgets the rest: a
 /// function called through a register (found in the IBTC, by CCFs and by
 /// the dispatcher) whose page `invlpg` remaps, then a CR3 write to page

@@ -1,7 +1,9 @@
 //! The soft TLB (DESIGN.md, "Memory"), in the manner of QEMU's softmmu.
 //!
-//! One direct-mapped table per access kind (read, write, execute) and per
-//! privilege (supervisor, user). An entry maps a 4 KiB linear page to a host
+//! One two-way set-associative table per access kind (read, write,
+//! execute) and per privilege (supervisor, user): a fill moves the entry it
+//! displaces to the second way, so two pages whose numbers agree in the
+//! index bits (a stack and the data a loop walks) do not evict each other. An entry maps a 4 KiB linear page to a host
 //! address by an addend: `host = linear + addend`. Only pages in guest RAM
 //! are ever entered, and a write entry is never filled for a page that holds
 //! decoded or translated code, so such writes take the slow path, which
@@ -34,14 +36,18 @@ impl TlbEntry {
     }
 }
 
+/// Entries per table: both ways, the second after the first
+/// (`btvmm_translator::abi::tlb::OFF_WAY2`).
+const TABLE_ENTRIES: usize = 2 * TLB_SIZE;
+
 /// One empty table.
-fn empty_table() -> [TlbEntry; TLB_SIZE] {
-    std::array::from_fn(TlbEntry::empty)
+fn empty_table() -> [TlbEntry; TABLE_ENTRIES] {
+    std::array::from_fn(|i| TlbEntry::empty(i % TLB_SIZE))
 }
 
 pub struct Tlb {
-    /// Indexed `[user as usize][kind as usize][page & (TLB_SIZE-1)]`.
-    entries: Box<[[[TlbEntry; TLB_SIZE]; 3]; 2]>,
+    /// Indexed `[user as usize][kind as usize][way * TLB_SIZE + (page & (TLB_SIZE-1))]`.
+    entries: Box<[[[TlbEntry; TABLE_ENTRIES]; 3]; 2]>,
     /// The linear region (base, mask) covering every large page entered
     /// since the last full flush, as QEMU keeps it: an `invlpg` inside it
     /// flushes everything (a large mapping is spread over many 4 KiB
@@ -95,12 +101,7 @@ impl Tlb {
     /// The host address for `lin` if the page is cached for this access.
     #[inline(always)]
     pub fn lookup(&self, lin: u64, kind: Access, user: bool) -> Option<u64> {
-        let e = &self.entries[user as usize][kind as usize][Self::index(lin)];
-        if e.tag == lin & !0xfff {
-            Some(lin.wrapping_add(e.addend))
-        } else {
-            None
-        }
+        self.entry(lin, kind, user).map(|e| lin.wrapping_add(e.addend))
     }
 
     /// Host address of the table translated code probes for `kind` at this privilege.
@@ -111,8 +112,14 @@ impl Tlb {
     /// The entry for `lin`, if cached (for its physical page).
     #[inline]
     pub fn entry(&self, lin: u64, kind: Access, user: bool) -> Option<&TlbEntry> {
-        let e = &self.entries[user as usize][kind as usize][Self::index(lin)];
-        (e.tag == lin & !0xfff).then_some(e)
+        let table = &self.entries[user as usize][kind as usize];
+        let (i, page) = (Self::index(lin), lin & !0xfff);
+        if table[i].tag == page {
+            Some(&table[i])
+        } else {
+            let e = &table[TLB_SIZE + i];
+            (e.tag == page).then_some(e)
+        }
     }
 
     /// Caches translation `t` of `lin`, whose page is at host address `host_page`.
@@ -122,7 +129,14 @@ impl Tlb {
             self.note_large(lin, t.page_size);
         }
         self.used[user as usize][kind as usize] = true;
-        self.entries[user as usize][kind as usize][Self::index(lin)] = TlbEntry {
+        let table = &mut self.entries[user as usize][kind as usize];
+        let i = Self::index(lin);
+        // The displaced entry goes to the second way (over this page's
+        // entry there, if any: a page is in one way at most).
+        if table[i].tag != page {
+            table[TLB_SIZE + i] = table[i];
+        }
+        table[i] = TlbEntry {
             tag: page,
             addend: host_page.wrapping_sub(page),
             phys_page: t.phys & !0xfff,
@@ -178,7 +192,7 @@ impl Tlb {
                     if keep_global && e.global {
                         kept = true;
                     } else {
-                        *e = TlbEntry::empty(i);
+                        *e = TlbEntry::empty(i % TLB_SIZE);
                     }
                 }
                 *used = kept;
@@ -200,8 +214,10 @@ impl Tlb {
         self.record(Dropped::Page(page));
         let i = Self::index(lin);
         for table in self.entries.iter_mut().flatten() {
-            if table[i].tag == page {
-                table[i] = TlbEntry::empty(i);
+            for at in [i, TLB_SIZE + i] {
+                if table[at].tag == page {
+                    table[at] = TlbEntry::empty(i);
+                }
             }
         }
     }
@@ -211,7 +227,7 @@ impl Tlb {
         for table in self.entries.iter_mut().map(|t| &mut t[Access::Write as usize]) {
             for (i, e) in table.iter_mut().enumerate() {
                 if e.phys_page == phys_page {
-                    *e = TlbEntry::empty(i);
+                    *e = TlbEntry::empty(i % TLB_SIZE);
                 }
             }
         }
@@ -229,6 +245,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TlbEntry, tag), tlb::OFF_TAG);
         assert_eq!(std::mem::offset_of!(TlbEntry, addend), tlb::OFF_ADDEND);
         assert!(TLB_SIZE.is_power_of_two());
+        assert_eq!(tlb::OFF_WAY2, TLB_SIZE * std::mem::size_of::<TlbEntry>());
     }
 
     #[test]
@@ -289,6 +306,29 @@ mod tests {
         t.fill(0xffff_8000_0020_1000, Access::Read, false, &large, 0x9000);
         t.invalidate_page(0x4000_0000 + 0x3fff_f000);
         assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_none());
+    }
+
+    /// Pages that share an index live side by side; a third displaces the
+    /// older; invlpg finds a page in either way; a page is never in both.
+    #[test]
+    fn two_pages_with_one_index_are_both_cached() {
+        let mut t = Tlb::new();
+        let at = |phys| Translation { phys, global: false, page_size: 0x1000 };
+        let stride = (TLB_SIZE as u64) << 12;
+        let (a, b, c) = (0x40_0000u64, 0x40_0000 + stride, 0x40_0000 + 2 * stride);
+        t.fill(a, Access::Read, false, &at(0x1000), 0x9000);
+        t.fill(b, Access::Read, false, &at(0x2000), 0xa000);
+        assert_eq!(t.lookup(a + 8, Access::Read, false), Some(0x9008));
+        assert_eq!(t.lookup(b + 8, Access::Read, false), Some(0xa008));
+        t.fill(a, Access::Read, false, &at(0x1000), 0xb000);
+        assert_eq!(t.lookup(a, Access::Read, false), Some(0xb000), "the refill wins");
+        assert_eq!(t.lookup(b, Access::Read, false), Some(0xa000));
+        t.fill(c, Access::Read, false, &at(0x3000), 0xc000);
+        assert_eq!(t.lookup(b, Access::Read, false), None, "the older one goes");
+        assert_eq!(t.lookup(a, Access::Read, false), Some(0xb000));
+        t.invalidate_page(a);
+        assert_eq!(t.lookup(a, Access::Read, false), None);
+        assert_eq!(t.lookup(c, Access::Read, false), Some(0xc000));
     }
 
     #[test]

@@ -212,6 +212,14 @@ impl FpuState {
         HostXsave::get().map_or(OFF_HEADER_END, |h| h.area_size(self.xcr0))
     }
 
+    /// The area itself, for translated code that loads the legacy region
+    /// into the host with `fxrstor64` and stores it back with `fxsave64`
+    /// (64-byte aligned; the area stays normalised, since such code runs
+    /// only SSE instructions that leave the x87 pointers and MXCSR alone).
+    pub fn area_ptr(&mut self) -> *mut u8 {
+        self.area.0.as_mut_ptr()
+    }
+
     /// The standard-format XSAVE image, `xsave_size()` bytes. Every component
     /// enabled in XCR0 is present and marked in XSTATE_BV.
     pub fn area(&self) -> &[u8] {
