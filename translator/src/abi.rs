@@ -215,6 +215,9 @@ pub struct BtBlock {
     pub host_mxcsr: u64,
     /// 15: the `pext` mask of the low bits a 16-byte aligned address has clear.
     pub align16_mask: u64,
+    /// Segment selectors, in `seg` order, as of the entry (`mov r, sreg`
+    /// reads them inline; loads are callouts, which end the CCF).
+    pub seg_sel: [u64; 6],
 }
 
 /// Entries in [`BtBlock::ibtc`] (a power of two).
@@ -263,6 +266,7 @@ impl Default for BtBlock {
             fpu_ready: 0,
             host_mxcsr: 0,
             align16_mask: 15,
+            seg_sel: [0; 6],
         }
     }
 }
@@ -308,6 +312,7 @@ impl BtBlock {
     pub const OFF_FPU_READY: usize = Self::OFF_FPU_LOAD + 8;
     pub const OFF_HOST_MXCSR: usize = Self::OFF_FPU_READY + 8;
     pub const OFF_ALIGN16_MASK: usize = Self::OFF_HOST_MXCSR + 8;
+    pub const OFF_SEG_SEL: usize = Self::OFF_ALIGN16_MASK + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -425,5 +430,6 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, fpu_ready), BtBlock::OFF_FPU_READY);
         assert_eq!(offset_of!(BtBlock, host_mxcsr), BtBlock::OFF_HOST_MXCSR);
         assert_eq!(offset_of!(BtBlock, align16_mask), BtBlock::OFF_ALIGN16_MASK);
+        assert_eq!(offset_of!(BtBlock, seg_sel), BtBlock::OFF_SEG_SEL);
     }
 }

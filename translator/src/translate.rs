@@ -97,6 +97,8 @@ enum SysReg {
     Tr,
     Gdtr,
     Idtr,
+    /// A segment selector (`mov r/m, sreg`), by `seg` index.
+    Seg(u8),
 }
 
 /// What one guest instruction became.
@@ -505,6 +507,10 @@ fn plan_virtual(insn: &Instruction, mode: Mode) -> Option<VirtualOp> {
         // The 10-byte image of 64-bit mode only (compatibility mode differs).
         Mnemonic::Sgdt if mode.cpl0 && mode.bits == 64 => VirtualOp::Read(SysReg::Gdtr),
         Mnemonic::Sidt if mode.cpl0 && mode.bits == 64 => VirtualOp::Read(SysReg::Idtr),
+        // mov r/m, sreg reads a selector at any privilege.
+        Mnemonic::Mov if insn.op_count() == 2 && insn.op1_kind() == OpKind::Register && insn.op1_register().is_segment_register() => {
+            VirtualOp::Read(SysReg::Seg(seg_index(insn.op1_register()) as u8))
+        }
         _ => return None,
     };
     dest_ok.then_some(op)
@@ -520,6 +526,8 @@ fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
     let plan = match insn.mnemonic() {
         Mnemonic::Push if matches!(width, 2 | 4 | 8) => match insn.op0_kind() {
             OpKind::Register if !rsp_reg(insn.op0_register()) && insn.op0_register().is_gpr() => Plan::Push,
+            // push rsp pushes RSP from before the push.
+            OpKind::Register if rsp_reg(insn.op0_register()) && width == natural => Plan::Push,
             OpKind::Immediate8to16
             | OpKind::Immediate8to32
             | OpKind::Immediate8to64
@@ -1233,6 +1241,22 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
+    /// push rsp: the guest's RSP (from the block, through a third scratch
+    /// register) stored below itself, then RSP moved.
+    fn push_rsp(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory) {
+        let scratch = pick_scratch(insn, info, 3);
+        let s2 = scratch[2];
+        if self.holds_guest(s2) {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(s2));
+        }
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s2), QWORD [BtBlock::off_gpr(4) as i32]);
+        let miss = self.stack_slot(&scratch[..2], -size, size, true);
+        self.store(scratch[0], scratch[1], size, Ok(s2));
+        self.move_rsp(scratch[0], -size);
+        self.unspill(&scratch);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+    }
+
     /// pop reg: reads at RSP, then moves RSP.
     fn pop(&mut self, insn: &Instruction, dst: Register, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let size = dst.size() as i32;
@@ -1346,6 +1370,7 @@ impl Emitter {
                     SysReg::Tr => BtBlock::OFF_TR_SEL,
                     SysReg::Gdtr => BtBlock::OFF_GDTR_LIMIT,
                     SysReg::Idtr => BtBlock::OFF_IDTR_LIMIT,
+                    SysReg::Seg(s) => BtBlock::OFF_SEG_SEL + 8 * s as usize,
                 } as i32;
                 if insn.op0_kind() == OpKind::Register {
                     let dst = insn.op0_register();
@@ -1662,7 +1687,11 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 } else {
                     Err(insn.immediate(0) as i64)
                 };
-                e.push(insn, value, size, &mut info);
+                if value == Ok(RSP) {
+                    e.push_rsp(insn, size, &mut info);
+                } else {
+                    e.push(insn, value, size, &mut info);
+                }
                 e.counts.mem += 1;
             }
             Plan::Pop => {

@@ -754,6 +754,7 @@ impl Vcpu {
         (b.ldtr_sel, b.tr_sel) = (c.ldtr.selector as u64, c.tr.selector as u64);
         for (i, s) in self.cpu.seg.iter().enumerate() {
             b.seg_base[i] = s.base;
+            b.seg_sel[i] = s.selector as u64;
         }
         b.tlb_read = tlb_read;
         b.tlb_write = tlb_write;
