@@ -180,8 +180,19 @@ mod tests {
         assert_eq!(BtBlock::OFF_HOST_RSP, 0xc0);
         assert_eq!(text.iter().filter(|l| l.starts_with("jmp qword ptr gs:")).count(), 1, "{text:#?}");
         assert!(text.contains(&"ret".to_string()), "{text:#?}");
-        // The fault exit ends in a jump to the common exit.
-        assert!(text.last().unwrap().starts_with("jmp "), "{text:#?}");
+        // The fault exit ends in a jump to the common exit, just before
+        // the SSE load routine.
+        let mut d = Decoder::with_ip(64, &t.code, 0, DecoderOptions::NONE);
+        let before_load = d.iter().find(|i| i.next_ip() == t.fpu_load as u64).expect("an instruction ends at fpu_load");
+        assert!(before_load.is_jmp_near() || before_load.is_jmp_short(), "{before_load}");
+        // The exit saves a loaded SSE state and gives Rust its MXCSR back;
+        // the load routine restores it and ends at the shared `ret`.
+        for needed in ["fxsave64 [rax]", "fninit", "ldmxcsr gs:[41C0h]", "fxrstor64 [rax]"] {
+            assert!(text.contains(&needed.to_string()), "{needed}: {text:#?}");
+        }
+        assert_eq!(BtBlock::OFF_HOST_MXCSR, 0x41c0);
+        assert_eq!(text.last().unwrap(), "ret");
+        assert_eq!(t.fpu_ready, t.code.len() - 1);
     }
 
     #[test]
