@@ -468,6 +468,18 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
 /// lods and stos without rep, with the natural address size, through a
 /// usable segment.
 fn plan_string_one(insn: &Instruction, mode: Mode) -> bool {
+    let natural_si = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
+    let natural_di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
+    let usable = |segment: Register| mode.seg_usable_mask & (1 << seg_index(segment)) != 0;
+    if matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq) {
+        // movs: from [seg:RSI] to [ES:RDI] (movsd with register operands is SSE2's).
+        return !insn.has_rep_prefix()
+            && !insn.has_repne_prefix()
+            && insn.op0_kind() == natural_di
+            && insn.op1_kind() == natural_si
+            && usable(Register::ES)
+            && usable(insn.memory_segment());
+    }
     let (index, segment) = match insn.mnemonic() {
         Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => (insn.op1_kind(), insn.memory_segment()),
         Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => (insn.op0_kind(), Register::ES),
@@ -528,6 +540,9 @@ fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
             OpKind::Register if !rsp_reg(insn.op0_register()) && insn.op0_register().is_gpr() => Plan::Push,
             // push rsp pushes RSP from before the push.
             OpKind::Register if rsp_reg(insn.op0_register()) && width == natural => Plan::Push,
+            OpKind::Memory if width == natural && insn.memory_size().size() == natural as usize && mem_operand_ok(insn, mode) => {
+                Plan::Push
+            }
             OpKind::Immediate8to16
             | OpKind::Immediate8to32
             | OpKind::Immediate8to64
@@ -700,8 +715,9 @@ fn scratch_off(slot: usize) -> i32 {
 enum MemBody {
     /// The guest instruction itself, on the host address.
     Original,
-    /// Reads a division's divisor into `DIVISOR_SLOT`.
-    Divisor,
+    /// Reads the operand (a division's divisor, a pushed value) into
+    /// `VALUE_SLOT`.
+    Value,
     /// Reads an indirect branch's target into the block's RIP.
     Target,
     /// As `Original`, for an operand that must be 16-byte aligned: a
@@ -709,8 +725,9 @@ enum MemBody {
     Aligned,
 }
 
-/// The block slot a division by memory takes its divisor from.
-const DIVISOR_SLOT: usize = BtBlock::SLOT_FPU;
+/// The block slot a division by memory takes its divisor from, and a push
+/// of memory its value.
+const VALUE_SLOT: usize = BtBlock::SLOT_FPU;
 
 /// The spill slot the budget check borrows RCX through.
 const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
@@ -971,12 +988,12 @@ impl Emitter {
         on_slot.set_memory_base(Register::None);
         on_slot.set_memory_index(Register::None);
         on_slot.set_memory_index_scale(1);
-        on_slot.set_memory_displacement64(scratch_off(DIVISOR_SLOT) as u64);
+        on_slot.set_memory_displacement64(scratch_off(VALUE_SLOT) as u64);
         on_slot.set_memory_displ_size(4);
         on_slot.set_segment_prefix(Register::GS);
         // Encodable, or nothing is emitted.
         Encoder::new(64).encode(&on_slot, 0).map_err(|_| Unencodable)?;
-        self.mem_with(insn, info, MemBody::Divisor)?;
+        self.mem_with(insn, info, MemBody::Value)?;
         self.release();
         self.divide(insn, &on_slot)
     }
@@ -1033,7 +1050,7 @@ impl Emitter {
         body.set_memory_displ_size(0);
         body.set_segment_prefix(Register::None);
         let body_bytes = if !original {
-            let slot = if then == MemBody::Divisor { scratch_off(DIVISOR_SLOT) } else { BtBlock::OFF_RIP as i32 };
+            let slot = if then == MemBody::Value { scratch_off(VALUE_SLOT) } else { BtBlock::OFF_RIP as i32 };
             let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
             match size {
                 1 => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
@@ -1241,15 +1258,25 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
-    /// push rsp: the guest's RSP (from the block, through a third scratch
-    /// register) stored below itself, then RSP moved.
-    fn push_rsp(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory) {
+    /// push of memory: the value is read into `VALUE_SLOT` (a miss leaves
+    /// the instruction to the runtime, nothing done), then pushed from there.
+    fn push_mem(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        self.mem_with(insn, info, MemBody::Value)?;
+        self.release();
+        self.push_from_block(insn, size, info, scratch_off(VALUE_SLOT));
+        Ok(())
+    }
+
+    /// A push of the value at block offset `off` (guest RSP for `push rsp`,
+    /// which pushes RSP from before the push; a value read from memory),
+    /// through a third scratch register: stored below RSP, then RSP moved.
+    fn push_from_block(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory, off: i32) {
         let scratch = pick_scratch(insn, info, 3);
         let s2 = scratch[2];
         if self.holds_guest(s2) {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(s2));
         }
-        dynasm!(self.a ; .arch x64 ; gs mov Rq(s2), QWORD [BtBlock::off_gpr(4) as i32]);
+        dynasm!(self.a ; .arch x64 ; gs mov Rq(s2), QWORD [off]);
         let miss = self.stack_slot(&scratch[..2], -size, size, true);
         self.store(scratch[0], scratch[1], size, Ok(s2));
         self.move_rsp(scratch[0], -size);
@@ -1458,6 +1485,9 @@ impl Emitter {
     /// lods/stos (no rep): the access through the soft TLB, then RSI/RDI
     /// moved by the size, the direction from the virtual DF.
     fn string_one(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        if matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq) {
+            return self.string_move(insn, info);
+        }
         let store = matches!(insn.mnemonic(), Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq);
         let size = insn.memory_size().size() as i32;
         let (index, segment) = if store { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
@@ -1481,23 +1511,63 @@ impl Emitter {
             (true, 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], eax),
             (true, _) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], rax),
         }
-        // index += size - 2 * size * DF, flag-free: s1 = 2 * size * DF,
-        // then index + !s1 + size + 1.
-        dynasm!(self.a ; .arch x64 ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VDF as i32]);
-        match size {
-            1 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 2]),
-            2 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 4]),
-            4 => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 8]),
-            _ => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [Rq(s1) * 8] ; lea Rd(s1), [Rq(s1) + Rq(s1)]),
-        }
-        dynasm!(self.a ; .arch x64 ; not Rq(s1));
-        if self.mode.bits == 64 {
-            dynasm!(self.a ; .arch x64 ; lea Rq(index), [Rq(index) + Rq(s1) + size + 1]);
-        } else {
-            dynasm!(self.a ; .arch x64 ; lea Rd(index), [Rq(index) + Rq(s1) + size + 1]);
-        }
+        self.string_step(&[index], s1, size);
         self.unspill(&scratch);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+    }
+
+    /// Moves the index registers `indexes` by `size`, down if the virtual
+    /// DF is set, flag-free: `tmp` = !(2 * size * DF), then
+    /// index + tmp + size + 1.
+    fn string_step(&mut self, indexes: &[u8], tmp: u8, size: i32) {
+        dynasm!(self.a ; .arch x64 ; gs movzx Rd(tmp), BYTE [BtBlock::OFF_VDF as i32]);
+        match size {
+            1 => dynasm!(self.a ; .arch x64 ; lea Rd(tmp), [Rq(tmp) * 2]),
+            2 => dynasm!(self.a ; .arch x64 ; lea Rd(tmp), [Rq(tmp) * 4]),
+            4 => dynasm!(self.a ; .arch x64 ; lea Rd(tmp), [Rq(tmp) * 8]),
+            _ => dynasm!(self.a ; .arch x64 ; lea Rd(tmp), [Rq(tmp) * 8] ; lea Rd(tmp), [Rq(tmp) + Rq(tmp)]),
+        }
+        dynasm!(self.a ; .arch x64 ; not Rq(tmp));
+        for &index in indexes {
+            if self.mode.bits == 64 {
+                dynasm!(self.a ; .arch x64 ; lea Rq(index), [Rq(index) + Rq(tmp) + size + 1]);
+            } else {
+                dynasm!(self.a ; .arch x64 ; lea Rd(index), [Rq(index) + Rq(tmp) + size + 1]);
+            }
+        }
+    }
+
+    /// movs without rep: reads [seg:RSI] into a third scratch register
+    /// through one probe, writes it to [ES:RDI] through another (a miss in
+    /// either leaves the whole instruction to the runtime, nothing done),
+    /// then moves both indexes.
+    fn string_move(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        let size = insn.memory_size().size() as i32;
+        let scratch = pick_scratch(insn, info, 3);
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        self.spill(&scratch);
+        for (index, segment, write) in [(6u8, seg_index(insn.memory_segment()), false), (7u8, seg::ES, true)] {
+            if self.mode.bits == 64 {
+                dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
+            } else {
+                dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
+            }
+            self.add_segment_base(s0, s1, segment);
+            let miss = self.probe(s0, s1, size, write, false);
+            match (write, size) {
+                (false, 1) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), BYTE [Rq(s0)]),
+                (false, 2) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), WORD [Rq(s0)]),
+                (false, 4) => dynasm!(self.a ; .arch x64 ; mov Rd(s2), DWORD [Rq(s0)]),
+                (false, _) => dynasm!(self.a ; .arch x64 ; mov Rq(s2), QWORD [Rq(s0)]),
+                (true, 1) => dynasm!(self.a ; .arch x64 ; mov BYTE [Rq(s0)], Rb(s2)),
+                (true, 2) => dynasm!(self.a ; .arch x64 ; mov WORD [Rq(s0)], Rw(s2)),
+                (true, 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], Rd(s2)),
+                (true, _) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], Rq(s2)),
+            }
+            self.misses.push(Miss { label: miss, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: false });
+        }
+        self.string_step(&[6, 7], s1, size);
+        self.unspill(&scratch);
     }
 
     fn indirect_exit(&mut self, rip: u64) {
@@ -1682,15 +1752,19 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Push => {
                 let size = -insn.stack_pointer_increment();
-                let value = if insn.op0_kind() == OpKind::Register {
-                    Ok(gpr_number(insn.op0_register()).ok_or(k)?)
+                if insn.op0_kind() == OpKind::Memory {
+                    e.push_mem(insn, size, &mut info).map_err(|_| k)?;
                 } else {
-                    Err(insn.immediate(0) as i64)
-                };
-                if value == Ok(RSP) {
-                    e.push_rsp(insn, size, &mut info);
-                } else {
-                    e.push(insn, value, size, &mut info);
+                    let value = if insn.op0_kind() == OpKind::Register {
+                        Ok(gpr_number(insn.op0_register()).ok_or(k)?)
+                    } else {
+                        Err(insn.immediate(0) as i64)
+                    };
+                    if value == Ok(RSP) {
+                        e.push_from_block(insn, size, &mut info, BtBlock::off_gpr(4) as i32);
+                    } else {
+                        e.push(insn, value, size, &mut info);
+                    }
                 }
                 e.counts.mem += 1;
             }

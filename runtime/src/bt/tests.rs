@@ -306,6 +306,91 @@ fn selector_reads_and_push_rsp_match_the_interpreter() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// push of memory (i386 Linux passes stack arguments on with
+/// `push [ebp+n]`) runs in the CCF, RSP-relative operands addressed with
+/// RSP from before the push.
+#[test]
+fn push_of_memory_matches_the_interpreter() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.mov(ebp, DATA as u32).unwrap();
+    a.mov(ecx, 5).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.push(dword_ptr(ebp + 8)).unwrap();
+    a.push(dword_ptr(esp)).unwrap();
+    a.push(dword_ptr(esp + 4)).unwrap();
+    a.pop(eax).unwrap();
+    a.pop(ebx).unwrap();
+    a.pop(edx).unwrap();
+    a.add(dword_ptr(ebp + 8), 3).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write_u32(DATA + 8, 100);
+        run(&mut v);
+        let r = v.cpu.regs.gpr;
+        assert_eq!((r[0] & 0xffff_ffff, r[3] & 0xffff_ffff, r[2] & 0xffff_ffff), (112, 112, 112), "{bt:?}");
+        assert_eq!(r[4] & 0xffff_ffff, DATA + 0x1000, "{bt:?}");
+        if let Some(b) = v.bt.as_ref() {
+            assert!(b.stats.callouts.get(&iced_x86::Mnemonic::Push).copied().unwrap_or(0) <= 2, "{:?}", b.stats.callouts);
+        }
+        seen.push(r[..8].to_vec());
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
+/// movs without rep (i386 Linux's memcpy tails: `rep movsl; movsw;
+/// movsb`) runs in the CCF in every size, forwards and with DF set
+/// backwards, as the interpreter runs it. (536k callouts of an i386 boot.)
+#[test]
+fn single_movs_match_the_interpreter() {
+    let src = DATA as u32;
+    let dst = DATA as u32 + 0x200;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(edx, 20).unwrap();
+    a.mov(esi, src).unwrap();
+    a.mov(edi, dst).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.movsd().unwrap();
+    a.movsw().unwrap();
+    a.movsb().unwrap();
+    a.dec(edx).unwrap();
+    a.jnz(top).unwrap();
+    a.std().unwrap();
+    a.mov(ecx, 3).unwrap();
+    let mut back = a.create_label();
+    a.set_label(&mut back).unwrap();
+    a.movsb().unwrap();
+    a.movsd().unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(back).unwrap();
+    a.cld().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        let bytes: Vec<u8> = (0..0x200u32).map(|i| (i * 7 + 1) as u8).collect();
+        v.mem.write(DATA, &bytes);
+        run(&mut v);
+        let mut out = vec![0u8; 0x200];
+        v.mem.read(DATA + 0x200, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 4, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr[6] & 0xffff_ffff, v.cpu.regs.gpr[7] & 0xffff_ffff, out));
+    }
+    assert_eq!(seen[0].0, src as u64 + 20 * 7 - 3 * 5, "ESI");
+    assert_eq!(seen[0], seen[1], "indexes and memory as the interpreter leaves them");
+}
+
 /// Calls and jumps through memory (the paravirt calls of a Linux kernel,
 /// `call [rip+x]`, and jump tables) run in the CCF: the target is read
 /// through the soft TLB, then looked up in the IBTC. Results equal the
