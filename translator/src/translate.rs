@@ -1494,13 +1494,7 @@ impl Emitter {
         let scratch = pick_scratch(insn, info, 2);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
-        if self.mode.bits == 64 {
-            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
-        } else {
-            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
-        }
-        self.add_segment_base(s0, s1, segment);
-        let miss = self.probe(s0, s1, size, store, false);
+        let miss = self.string_address(s0, s1, index, segment, size, store);
         match (store, size) {
             (false, 1) => dynasm!(self.a ; .arch x64 ; mov al, BYTE [Rq(s0)]),
             (false, 2) => dynasm!(self.a ; .arch x64 ; mov ax, WORD [Rq(s0)]),
@@ -1514,6 +1508,19 @@ impl Emitter {
         self.string_step(&[index], s1, size);
         self.unspill(&scratch);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+    }
+
+    /// The host address of a string instruction's access of `size` bytes at
+    /// [`segment`:index register `index`], into `s0` (through `s1`); the
+    /// probe's miss label.
+    fn string_address(&mut self, s0: u8, s1: u8, index: u8, segment: usize, size: i32, write: bool) -> DynamicLabel {
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
+        }
+        self.add_segment_base(s0, s1, segment);
+        self.probe(s0, s1, size, write, false)
     }
 
     /// Moves the index registers `indexes` by `size`, down if the virtual
@@ -1547,13 +1554,7 @@ impl Emitter {
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         self.spill(&scratch);
         for (index, segment, write) in [(6u8, seg_index(insn.memory_segment()), false), (7u8, seg::ES, true)] {
-            if self.mode.bits == 64 {
-                dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
-            } else {
-                dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
-            }
-            self.add_segment_base(s0, s1, segment);
-            let miss = self.probe(s0, s1, size, write, false);
+            let miss = self.string_address(s0, s1, index, segment, size, write);
             match (write, size) {
                 (false, 1) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), BYTE [Rq(s0)]),
                 (false, 2) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), WORD [Rq(s0)]),
