@@ -221,7 +221,7 @@ pub struct BtBlock {
 }
 
 /// Entries in [`BtBlock::ibtc`] (a power of two).
-pub const IBTC_ENTRIES: usize = 1024;
+pub const IBTC_ENTRIES: usize = 4096;
 /// A guest RIP no lookup ever has (non-canonical, above 4 GiB): empty entries.
 pub const IBTC_EMPTY: u64 = 0x8000_0000_0000_0001;
 

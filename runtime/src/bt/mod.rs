@@ -152,6 +152,11 @@ pub struct Bt {
     /// Whether each IBTC entry's code page is mapped global (it survives a
     /// CR3 write, as the TLB entry does).
     ibtc_global: Box<[bool; IBTC_ENTRIES]>,
+    /// The linear code pages of the entries filled since the IBTC was last
+    /// emptied (a superset of those it holds), and whether any of them is
+    /// not global: what an `invlpg` or a CR3 write may have to drop.
+    ibtc_pages: rustc_hash::FxHashSet<u64>,
+    ibtc_nonglobal: bool,
     /// The TU id of each IBTC entry the dispatcher filled, so that its own
     /// lookups through the IBTC can chain the jump that exited.
     ibtc_ids: Box<[u32; IBTC_ENTRIES]>,
@@ -198,6 +203,8 @@ impl Bt {
             ibtc_context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false }, 0, 0),
             ibtc_generation: 0,
             ibtc_global: Box::new([false; IBTC_ENTRIES]),
+            ibtc_pages: Default::default(),
+            ibtc_nonglobal: false,
             ibtc_ids: Box::new([u32::MAX; IBTC_ENTRIES]),
             stats: BtStats::default(),
             perf_map: std::env::var_os("BTVMM_PERF_MAP")
@@ -358,6 +365,8 @@ impl Bt {
 
     fn clear_ibtc(&mut self) {
         self.block.ibtc.fill([IBTC_EMPTY, 0]);
+        self.ibtc_pages.clear();
+        self.ibtc_nonglobal = false;
     }
 
     /// Empties the IBTC entries for which `drop(guest RIP, global)` holds.
@@ -521,7 +530,8 @@ impl Vcpu {
                 return;
             }
         };
-        let global = self.code_linear(rip).ok().and_then(|lin| self.tlb.entry(lin, Access::Execute, self.user())).is_some_and(|e| e.global);
+        let code_lin = self.code_linear(rip).ok();
+        let global = code_lin.and_then(|lin| self.tlb.entry(lin, Access::Execute, self.user())).is_some_and(|e| e.global);
         let bt = self.bt.as_mut().expect("translator on");
         match slot {
             Slot::Interpret => {
@@ -539,6 +549,10 @@ impl Vcpu {
                     bt.block.ibtc[ibtc_index(rip)] = [rip, entry as u64];
                     bt.ibtc_ids[ibtc_index(rip)] = id;
                     bt.ibtc_global[ibtc_index(rip)] = global;
+                    bt.ibtc_nonglobal |= !global;
+                    if let Some(lin) = code_lin {
+                        bt.ibtc_pages.insert(lin & !0xfff);
+                    }
                 }
                 self.enter_ccf(entry, mode.bits);
             }
@@ -567,7 +581,13 @@ impl Vcpu {
                     for d in dropped {
                         match d {
                             Dropped::All => all = true,
-                            Dropped::NonGlobal => bt.drop_ibtc_where(|_, global| !global),
+                            Dropped::NonGlobal if bt.ibtc_nonglobal => {
+                                bt.drop_ibtc_where(|_, global| !global);
+                                bt.ibtc_nonglobal = false;
+                            }
+                            Dropped::NonGlobal => {}
+                            // Most invlpgs are of data pages: no scan for them.
+                            Dropped::Page(page) if !bt.ibtc_pages.contains(&page) => {}
                             Dropped::Page(page) => {
                                 let linear = |rip: u64| {
                                     if mode.bits == 64 { rip } else { rest.1.wrapping_add(rip) & 0xffff_ffff }
