@@ -468,29 +468,25 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
 /// lods and stos without rep, with the natural address size, through a
 /// usable segment.
 fn plan_string_one(insn: &Instruction, mode: Mode) -> bool {
-    let natural_si = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
-    let natural_di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
+    use Mnemonic as M;
+    let si = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
+    let di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
     let usable = |segment: Register| mode.seg_usable_mask & (1 << seg_index(segment)) != 0;
-    if matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq) {
-        // movs: from [seg:RSI] to [ES:RDI] (movsd with register operands is SSE2's).
-        return !insn.has_rep_prefix()
-            && !insn.has_repne_prefix()
-            && insn.op0_kind() == natural_di
-            && insn.op1_kind() == natural_si
-            && usable(Register::ES)
-            && usable(insn.memory_segment());
-    }
-    let (index, segment) = match insn.mnemonic() {
-        Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => (insn.op1_kind(), insn.memory_segment()),
-        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => (insn.op0_kind(), Register::ES),
+    // The operands each form has at the natural address size (movsd and
+    // cmpsd with register operands are SSE2's), and the segments it uses.
+    let (operands_ok, segments_ok) = match insn.mnemonic() {
+        M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq => (insn.op1_kind() == si, usable(insn.memory_segment())),
+        M::Stosb | M::Stosw | M::Stosd | M::Stosq => (insn.op0_kind() == di, usable(Register::ES)),
+        M::Scasb | M::Scasw | M::Scasd | M::Scasq => (insn.op1_kind() == di, usable(Register::ES)),
+        M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
+            (insn.op0_kind() == di && insn.op1_kind() == si, usable(Register::ES) && usable(insn.memory_segment()))
+        }
+        M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => {
+            (insn.op0_kind() == si && insn.op1_kind() == di, usable(Register::ES) && usable(insn.memory_segment()))
+        }
         _ => return false,
     };
-    let natural = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
-    let natural_di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
-    !insn.has_rep_prefix()
-        && !insn.has_repne_prefix()
-        && (index == natural || index == natural_di)
-        && mode.seg_usable_mask & (1 << seg_index(segment)) != 0
+    operands_ok && segments_ok && !insn.has_rep_prefix() && !insn.has_repne_prefix()
 }
 
 /// Sensitive instructions done inline over the virtual state.
@@ -1485,17 +1481,26 @@ impl Emitter {
     /// lods/stos (no rep): the access through the soft TLB, then RSI/RDI
     /// moved by the size, the direction from the virtual DF.
     fn string_one(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
-        if matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq) {
-            return self.string_move(insn, info);
+        use Mnemonic as M;
+        match insn.mnemonic() {
+            M::Movsb | M::Movsw | M::Movsd | M::Movsq => return self.string_pair(insn, info, false),
+            M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => return self.string_pair(insn, info, true),
+            _ => {}
         }
-        let store = matches!(insn.mnemonic(), Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq);
+        let store = matches!(insn.mnemonic(), M::Stosb | M::Stosw | M::Stosd | M::Stosq);
+        let scan = matches!(insn.mnemonic(), M::Scasb | M::Scasw | M::Scasd | M::Scasq);
         let size = insn.memory_size().size() as i32;
-        let (index, segment) = if store { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
+        let (index, segment) = if store || scan { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
         let scratch = pick_scratch(insn, info, 2);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
         let miss = self.string_address(s0, s1, index, segment, size, store);
         match (store, size) {
+            // scas: the flags of AL - [ES:RDI] (the step below keeps them).
+            (false, 1) if scan => dynasm!(self.a ; .arch x64 ; cmp al, BYTE [Rq(s0)]),
+            (false, 2) if scan => dynasm!(self.a ; .arch x64 ; cmp ax, WORD [Rq(s0)]),
+            (false, 4) if scan => dynasm!(self.a ; .arch x64 ; cmp eax, DWORD [Rq(s0)]),
+            (false, _) if scan => dynasm!(self.a ; .arch x64 ; cmp rax, QWORD [Rq(s0)]),
             (false, 1) => dynasm!(self.a ; .arch x64 ; mov al, BYTE [Rq(s0)]),
             (false, 2) => dynasm!(self.a ; .arch x64 ; mov ax, WORD [Rq(s0)]),
             (false, 4) => dynasm!(self.a ; .arch x64 ; mov eax, DWORD [Rq(s0)]),
@@ -1544,18 +1549,24 @@ impl Emitter {
         }
     }
 
-    /// movs without rep: reads [seg:RSI] into a third scratch register
-    /// through one probe, writes it to [ES:RDI] through another (a miss in
-    /// either leaves the whole instruction to the runtime, nothing done),
-    /// then moves both indexes.
-    fn string_move(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+    /// movs or cmps without rep: reads [seg:RSI] into a third scratch
+    /// register through one probe, then writes it to [ES:RDI] (movs) or
+    /// compares it with what is there (cmps: the flags of [RSI] - [RDI])
+    /// through another (a miss in either leaves the whole instruction to
+    /// the runtime, nothing done), then moves both indexes.
+    fn string_pair(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory, compare: bool) {
         let size = insn.memory_size().size() as i32;
         let scratch = pick_scratch(insn, info, 3);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         self.spill(&scratch);
-        for (index, segment, write) in [(6u8, seg_index(insn.memory_segment()), false), (7u8, seg::ES, true)] {
+        for (index, segment, second) in [(6u8, seg_index(insn.memory_segment()), false), (7u8, seg::ES, true)] {
+            let write = second && !compare;
             let miss = self.string_address(s0, s1, index, segment, size, write);
-            match (write, size) {
+            match (second, size) {
+                (true, 1) if compare => dynasm!(self.a ; .arch x64 ; cmp Rb(s2), BYTE [Rq(s0)]),
+                (true, 2) if compare => dynasm!(self.a ; .arch x64 ; cmp Rw(s2), WORD [Rq(s0)]),
+                (true, 4) if compare => dynasm!(self.a ; .arch x64 ; cmp Rd(s2), DWORD [Rq(s0)]),
+                (true, _) if compare => dynasm!(self.a ; .arch x64 ; cmp Rq(s2), QWORD [Rq(s0)]),
                 (false, 1) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), BYTE [Rq(s0)]),
                 (false, 2) => dynasm!(self.a ; .arch x64 ; movzx Rd(s2), WORD [Rq(s0)]),
                 (false, 4) => dynasm!(self.a ; .arch x64 ; mov Rd(s2), DWORD [Rq(s0)]),

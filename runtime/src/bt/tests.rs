@@ -306,6 +306,68 @@ fn selector_reads_and_push_rsp_match_the_interpreter() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// scas and cmps without rep run in the CCF: i386 Linux's strcmp
+/// (`lodsb; scasb; jne; test al, al; jne`, 1.7M callouts of a boot) and a
+/// cmpsd walk, forwards and with DF set backwards, leave the interpreter's
+/// flags, indexes and results.
+#[test]
+fn single_scas_and_cmps_match_the_interpreter() {
+    let a_str = DATA as u32;
+    let b_str = DATA as u32 + 0x100;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut again = a.create_label();
+    let mut differ = a.create_label();
+    let mut done = a.create_label();
+    a.mov(esi, a_str).unwrap();
+    a.mov(edi, b_str).unwrap();
+    a.set_label(&mut again).unwrap();
+    a.lodsb().unwrap();
+    a.scasb().unwrap();
+    a.jne(differ).unwrap();
+    a.test(al, al).unwrap();
+    a.jne(again).unwrap();
+    a.set_label(&mut differ).unwrap();
+    a.sbb(ebx, ebx).unwrap(); // CF of the differing scasb
+    a.mov(ebp, esi).unwrap();
+    // cmpsd and cmpsw over the two strings, flags summed through adc/sbb.
+    a.mov(esi, a_str).unwrap();
+    a.mov(edi, b_str).unwrap();
+    a.mov(ecx, 4).unwrap();
+    a.xor(edx, edx).unwrap();
+    let mut walk = a.create_label();
+    a.set_label(&mut walk).unwrap();
+    a.cmpsd().unwrap();
+    a.adc(edx, 0).unwrap();
+    a.cmpsw().unwrap();
+    a.sbb(edx, 0).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(walk).unwrap();
+    a.std().unwrap();
+    a.cmpsb().unwrap();
+    a.setb(cl).unwrap();
+    a.scasw().unwrap();
+    a.seta(ch).unwrap();
+    a.cld().unwrap();
+    a.set_label(&mut done).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, b"the translator runs strcmp\0");
+        v.mem.write(DATA + 0x100, b"the translator runs strcmP\0");
+        run(&mut v);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 4, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags & 0x8d5));
+    }
+    assert_eq!(seen[0].0[5] & 0xffff_ffff, DATA + 26, "strcmp stopped after the differing byte");
+    assert_eq!(seen[0].0[3] & 0xffff_ffff, 0, "'p' > 'P': no borrow");
+    assert_eq!(seen[0], seen[1], "registers and flags as the interpreter leaves them");
+}
+
 /// push of memory (i386 Linux passes stack arguments on with
 /// `push [ebp+n]`) runs in the CCF, RSP-relative operands addressed with
 /// RSP from before the push.
