@@ -2,7 +2,7 @@
 """Boot the same kernel and initramfs under QEMU's TCG and under btvmm and
 print both boot times and their ratio (a figure to report, not a test).
 
-    scripts/compare-qemu.py [--kernel amd64|686|686-pae|all] [--btvmm-args "..."]
+    scripts/compare-qemu.py [--kernel amd64|686|686-pae|all] [--runs N] [--btvmm-args "..."]
 
 Each run boots with `console=ttyS0` and a short command list (`uname -a`,
 `echo $((6*7))`), and is timed from start to the shell marker the initramfs
@@ -13,6 +13,7 @@ import argparse
 import base64
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +60,8 @@ def main():
     ap.add_argument("--kernel", default="amd64", choices=list(KERNELS) + ["all"])
     ap.add_argument("--btvmm-args", default="", help="extra options for btvmm run (e.g. --fast-boot)")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="boot each engine this many times, alternating, and compare medians (this host is noisy)")
     args = ap.parse_args()
     btvmm = os.path.join(ROOT, "target", "release", "btvmm")
     if not os.path.exists(btvmm):
@@ -75,17 +78,20 @@ def main():
              "-kernel", kernel, "-initrd", initrd, "-append", append_line()]
         b = [btvmm, "run", "--kernel", kernel, "--initrd", initrd, "-m", "512M",
              "--append", append_line()] + args.btvmm_args.split()
-        results = {}
-        for engine, argv in (("qemu-tcg", q), ("btvmm", b)):
-            ready, total, out = timed(argv, args.timeout)
-            ok = ready is not None and b"BTVMM-CMDS-DONE n=2 failed=0" in out
-            failed |= not ok
-            results[engine] = (ready, total)
-            shown = f"{ready:8.2f}s" if ready is not None else "   never"
-            print(f"{name:10} {engine:8} {shown} {total:8.2f}s{'' if ok else '  (FAILED)'}", flush=True)
-        (qr, qt), (br, bt) = results["qemu-tcg"], results["btvmm"]
-        if qr and br:
-            print(f"{name:10} btvmm/qemu: {br / qr:.2f}x to shell, {bt / qt:.2f}x to exit")
+        times = {"qemu-tcg": [], "btvmm": []}
+        for _ in range(max(args.runs, 1)):
+            for engine, argv in (("qemu-tcg", q), ("btvmm", b)):
+                ready, total, out = timed(argv, args.timeout)
+                ok = ready is not None and b"BTVMM-CMDS-DONE n=2 failed=0" in out
+                failed |= not ok
+                if ok:
+                    times[engine].append((ready, total))
+                shown = f"{ready:8.2f}s" if ready is not None else "   never"
+                print(f"{name:10} {engine:8} {shown} {total:8.2f}s{'' if ok else '  (FAILED)'}", flush=True)
+        if times["qemu-tcg"] and times["btvmm"]:
+            (qr, qt), (br, bt) = (tuple(statistics.median(x) for x in zip(*times[e])) for e in ("qemu-tcg", "btvmm"))
+            medians = f" (medians of {args.runs})" if args.runs > 1 else ""
+            print(f"{name:10} btvmm/qemu: {br / qr:.2f}x to shell, {bt / qt:.2f}x to exit{medians}", flush=True)
     sys.exit(1 if failed else 0)
 
 

@@ -2,7 +2,7 @@
 # Boot times of the same Debian kernel + initramfs under QEMU TCG and under
 # btvmm, and their ratio. Installs Debian's qemu-system-x86 if missing,
 # fetches the guests if needed, builds btvmm.
-#   scripts/compare-qemu.sh [--kernel amd64|686|686-pae|all] [--btvmm-args "--fast-boot"]
+#   scripts/compare-qemu.sh [--kernel amd64|686|686-pae|all] [--runs N] [--btvmm-args "--fast-boot"]
 set -eu
 cd "$(dirname "$0")/.."
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
