@@ -1158,10 +1158,10 @@ impl Emitter {
             ; lea Rq(s1), [Rq(s1) * 4]
             ; gs mov rcx, QWORD [table]
             ; lea Rq(s1), [rcx + Rq(s1) * 8]
-            ; mov rcx, QWORD [Rq(s1) + tlb::OFF_TAG as i32]
-            ; not rcx
-            ; lea rcx, [rcx + Rq(s0) + size]
-            ; gs pext rcx, rcx, QWORD [masks + 8]
+        );
+        self.tag_mismatch(s0, s1, 0, size);
+        dynasm!(self.a
+            ; .arch x64
             ; jrcxz =>hit
             ; jmp =>second
             ; =>hit
@@ -1176,20 +1176,29 @@ impl Emitter {
         miss
     }
 
+    /// RCX = the page bits of (last byte - tag) for the entry at `s1 + way`:
+    /// zero if it maps the access of `size` bytes at `s0` (flag-free).
+    fn tag_mismatch(&mut self, s0: u8, s1: u8, way: i32, size: i32) {
+        let masks = BtBlock::OFF_TLB_MASKS as i32;
+        dynasm!(self.a
+            ; .arch x64
+            ; mov rcx, QWORD [Rq(s1) + way + tlb::OFF_TAG as i32]
+            ; not rcx
+            ; lea rcx, [rcx + Rq(s0) + size]
+            ; gs pext rcx, rcx, QWORD [masks + 8]
+        );
+    }
+
     /// The probes' second-way looks (see `SecondWay`), out of line.
     fn emit_second_ways(&mut self) {
-        let masks = BtBlock::OFF_TLB_MASKS as i32;
         let way2 = tlb::OFF_WAY2 as i32;
         for w in std::mem::take(&mut self.second_ways) {
             let found = self.a.new_dynamic_label();
             let SecondWay { at, hit, miss, s0, s1, size } = w;
+            dynasm!(self.a ; .arch x64 ; =>at);
+            self.tag_mismatch(s0, s1, way2, size);
             dynasm!(self.a
                 ; .arch x64
-                ; =>at
-                ; mov rcx, QWORD [Rq(s1) + way2 + tlb::OFF_TAG as i32]
-                ; not rcx
-                ; lea rcx, [rcx + Rq(s0) + size]
-                ; gs pext rcx, rcx, QWORD [masks + 8]
                 ; jrcxz =>found
                 ; jmp =>miss
                 ; =>found
