@@ -48,7 +48,7 @@ pub fn unregister(start: usize, end: usize) {
     }
 }
 
-fn fault_exit_for(pc: usize) -> Option<usize> {
+pub(super) fn fault_exit_for(pc: usize) -> Option<usize> {
     RANGES.iter().enumerate().find_map(|(i, (s, e))| {
         let (s, e) = (s.load(Ordering::Acquire), e.load(Ordering::Acquire));
         (s <= pc && pc < e).then(|| FAULT_EXITS[i].load(Ordering::Acquire)).filter(|&x| x != 0)

@@ -431,6 +431,16 @@ impl Bt {
     }
 }
 
+impl Drop for Bt {
+    /// The fault handler forgets this engine's code before its chunks go:
+    /// another engine's code may be mapped there next.
+    fn drop(&mut self) {
+        for &(start, end) in &self.fault_ranges {
+            fault::unregister(start, end);
+        }
+    }
+}
+
 /// Publishes the entry, exit and fault-exit trampolines into `arena`.
 fn publish_trampolines(arena: &mut CodeArena) -> Result<Published, BtError> {
     let t = templates::trampolines();

@@ -864,3 +864,21 @@ fn inline_lods_stos_match_the_interpreter() {
     // Words from src+6 down to src, stored from dst+0x40 down.
     assert_eq!(&results[1].1[0x3a..0x42], b"hello, t");
 }
+
+/// A dropped engine's code ranges leave the fault handler: the next engine's
+/// code may be mapped there, and a host fault in it must find its own exit
+/// (this was a SIGSEGV in parallel tests: a stale range sent a guest #DE
+/// to a trampoline that was unmapped).
+#[test]
+fn a_dropped_engine_leaves_no_fault_range_behind() {
+    let bt = super::Bt::new(1 << 20).expect("translator");
+    let ranges = bt.arena.ranges();
+    assert!(!ranges.is_empty());
+    for &(start, _) in &ranges {
+        assert_eq!(super::fault::fault_exit_for(start), Some(bt.fault_exit as usize));
+    }
+    drop(bt);
+    for &(start, end) in &ranges {
+        assert_eq!(super::fault::fault_exit_for(start), None, "{start:#x}..{end:#x} outlived its engine");
+    }
+}
