@@ -109,6 +109,12 @@ impl CodeArena {
         self.chunks.iter().map(|c| (c.executable.as_ptr() as usize, c.executable.as_ptr() as usize + c.executable.len())).collect()
     }
 
+    /// Each chunk's executable start, its length, and its writable view of
+    /// the same bytes (for code patched from a signal handler).
+    pub fn views(&mut self) -> Vec<(usize, usize, *mut u8)> {
+        self.chunks.iter_mut().map(|c| (c.executable.as_ptr() as usize, c.executable.len(), c.writable.as_mut_ptr())).collect()
+    }
+
     /// Bytes published since the last clear.
     pub fn used(&self) -> usize {
         self.total

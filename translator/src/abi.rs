@@ -165,8 +165,9 @@ pub struct BtBlock {
     /// at the current privilege, and the one for writes.
     pub tlb_read: u64,
     pub tlb_write: u64,
-    /// CCFs entered (by chaining) before the dispatcher must look at the
-    /// clock and the interrupt lines again; at 0 the next CCF exits at once.
+    /// Transfers through the IBTC before the dispatcher must look at the
+    /// clock and the interrupt lines again; a kick zeroes it, and at 0 the
+    /// next such transfer exits instead.
     pub budget: u64,
     /// Which exit stub the CCF left through: `tu_id << 8 | stub index`, so
     /// the dispatcher can chain it.
@@ -330,17 +331,15 @@ pub enum ExitReason {
     /// instruction, a soft-TLB miss, MMIO, a page-crossing access, a write
     /// to a code page): interpret it, then continue.
     Interpret = 1,
-    /// The budget ran out before the CCF at RIP started.
-    Budget = 2,
     /// An indirect branch (ret, jmp/call through a register) left for the
     /// RIP it computed; the stub's RIP is the branch's own, and scratch
     /// slot [`BtBlock::SLOT_OLD_RSP`] holds RSP from before it, so a target
     /// that faults (non-canonical) can be replayed precisely.
-    Indirect = 3,
+    Indirect = 2,
     /// A host fault in the CCF (a division by zero or overflow): nothing of
     /// the instruction at RIP happened; the runtime runs it, raising the
     /// guest's exception.
-    Fault = 4,
+    Fault = 3,
 }
 
 impl ExitReason {
@@ -348,9 +347,8 @@ impl ExitReason {
         Some(match v {
             0 => Self::Next,
             1 => Self::Interpret,
-            2 => Self::Budget,
-            3 => Self::Indirect,
-            4 => Self::Fault,
+            2 => Self::Indirect,
+            3 => Self::Fault,
             _ => return None,
         })
     }

@@ -725,9 +725,6 @@ enum MemBody {
 /// of memory its value.
 const VALUE_SLOT: usize = BtBlock::SLOT_FPU;
 
-/// The spill slot the budget check borrows RCX through.
-const BUDGET_SLOT: usize = BtBlock::SCRATCH_SLOTS - 1;
-
 impl Emitter {
     /// What exit stub number `index` of this TU reports (`BtBlock::exit_site`).
     fn site(&self, index: usize) -> u32 {
@@ -745,32 +742,13 @@ impl Emitter {
     /// it, and the offset of its (chainable) stub in it. A target in another
     /// page than the TU's first looks in the IBTC first: jumps there are
     /// never chained, since the other page's mapping may change.
-    fn next_exit_code(&self, rip: u64, from: u64, index: usize) -> (Vec<u8>, usize) {
+    fn next_exit_code(&self, rip: u64, index: usize) -> (Vec<u8>, usize) {
         let site = self.site(index);
         let stub = exit_stub(rip, ExitReason::Next, site);
         if rip & !0xfff == self.tu_rip & !0xfff {
-            if rip > from {
-                return (stub, 0);
-            }
-            // A backward jump closes a loop: it counts against the chain
-            // budget (flag-free: RCX borrowed, jrcxz), and at 0 leaves for
-            // the dispatcher at the target, which has not started.
-            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-            let exhausted = a.new_dynamic_label();
-            dynasm!(a
-                ; .arch x64
-                ; gs mov QWORD [scratch_off(BUDGET_SLOT)], rcx
-                ; gs mov ecx, DWORD [BtBlock::OFF_BUDGET as i32]
-                ; jrcxz =>exhausted
-                ; lea ecx, [rcx - 1]
-                ; gs mov DWORD [BtBlock::OFF_BUDGET as i32], ecx
-                ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]
-            );
-            let at = a.offset().0;
-            a.extend(stub);
-            dynasm!(a ; .arch x64 ; =>exhausted ; gs mov rcx, QWORD [scratch_off(BUDGET_SLOT)]);
-            a.extend(exit_stub(rip, ExitReason::Budget, site));
-            return (a.finalize().unwrap_or_default(), at);
+            // Chained as a plain jump, loops included: a kick unchains it
+            // when the dispatcher wants control back (runtime `bt::kick`).
+            return (stub, 0);
         }
         let entry = (BtBlock::OFF_IBTC + crate::abi::ibtc_index(rip) * 16) as i32;
         let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
@@ -802,9 +780,9 @@ impl Emitter {
         (code, at)
     }
 
-    /// A Next exit to `rip` from the instruction at `from` (see `next_exit_code`).
-    fn exit_next(&mut self, rip: u64, from: u64) {
-        let (code, at) = self.next_exit_code(rip, from, self.exits.len());
+    /// A Next exit to `rip` (see `next_exit_code`).
+    fn exit_next(&mut self, rip: u64) {
+        let (code, at) = self.next_exit_code(rip, self.exits.len());
         let offset = self.a.offset().0 + at;
         self.bytes(&code);
         self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next });
@@ -1713,9 +1691,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
-    // No budget check at the entry: every cycle of chained CCFs contains a
-    // backward jump or an IBTC transfer, and those count (see
-    // `next_exit_code` and `ibtc_lookup`).
+    // No check at the entry: a chained jump leaves a TU only through one of
+    // its Next stubs, which a kick unchains, and an IBTC transfer counts
+    // against the budget a kick zeroes (see `next_exit_code`, `ibtc_lookup`).
     let entry = e.a.offset().0;
 
     let mut rip_map = Vec::with_capacity(tu.len());
@@ -1757,18 +1735,18 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Jump(target) => {
                 e.counts.control += 1;
-                e.exit_next(mask_rip(target, mode), insn.ip());
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Branch(cc, target) => {
                 e.counts.control += 1;
                 // jcc rel32 over the fall-through exit to the taken one.
-                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), insn.ip(), e.exits.len());
+                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
                 let cc = cc as u8 - ConditionCode::o as u8;
                 e.bytes(&[0x0f, 0x80 + cc]);
                 e.bytes(&(fall.len() as i32).to_le_bytes());
-                e.exit_next(mask_rip(insn.next_ip(), mode), insn.ip());
-                e.exit_next(mask_rip(target, mode), insn.ip());
+                e.exit_next(mask_rip(insn.next_ip(), mode));
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Push => {
@@ -1812,7 +1790,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 let size = (mode.bits / 8) as i32;
                 e.push(insn, Err(insn.next_ip() as i64), size, &mut info);
                 e.counts.control += 1;
-                e.exit_next(mask_rip(target, mode), insn.ip());
+                e.exit_next(mask_rip(target, mode));
                 ended = true;
             }
             Plan::Ret => {
@@ -1856,7 +1834,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
     e.release();
     if !ended {
-        e.exit_next(mask_rip(last.next_ip(), mode), last.ip());
+        e.exit_next(mask_rip(last.next_ip(), mode));
     }
     e.emit_second_ways();
     for m in std::mem::take(&mut e.misses) {

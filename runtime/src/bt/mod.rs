@@ -20,13 +20,16 @@ use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INS
 use crate::code_mem::{CodeArena, CodeMemError, ARENA_BUDGET};
 
 mod fault;
+pub mod kick;
+use kick::{KickGuard, KickMap, Kicker};
 use crate::cpu::CpuMode;
 use crate::interp::Vcpu;
 use crate::mmu::tlb::Dropped;
 use crate::mmu::Access;
 
-/// CCFs a chain of jumps may enter before the dispatcher looks at the clock
-/// and the interrupt lines again.
+/// Transfers through the IBTC a CCF may make before the dispatcher looks at
+/// the clock and the interrupt lines again (chained jumps are not counted:
+/// a kick unchains them, see `kick`).
 const CHAIN_BUDGET: u64 = 4096;
 
 /// The code cache hands out slots of these sizes; a CCF takes the smallest
@@ -91,8 +94,8 @@ pub struct BtStats {
     /// CCFs entered from the dispatcher.
     pub entries: u64,
     /// CCF exits to the dispatcher by reason, in `ExitReason` order: next,
-    /// interpret, budget, indirect, fault.
-    pub exits: [u64; 5],
+    /// interpret, indirect, fault.
+    pub exits: [u64; 4],
     pub lookups_hit: u64,
     pub lookups_miss: u64,
     /// Of the hits, those the dispatcher found in the IBTC.
@@ -108,6 +111,9 @@ pub struct BtStats {
     /// Exit stubs patched into direct jumps, and undone again.
     pub chained: u64,
     pub unchained: u64,
+    /// Kick signals sent to the vCPU thread, and those that landed in a CCF.
+    pub kicks: u64,
+    pub kicks_landed: u64,
 }
 
 /// The translator's engine state, owned by a [`Vcpu`].
@@ -131,6 +137,10 @@ pub struct Bt {
     fpu_load: u64,
     fpu_ready: u64,
     fault_ranges: Vec<(usize, usize)>,
+    /// Where each TU's chainable stubs are, for the kick handler, and the
+    /// kicker of the running vCPU (while `Vcpu::run` runs).
+    kick: Box<KickMap>,
+    kicking: Option<(Kicker, KickGuard)>,
     map: FxHashMap<Key, Slot>,
     by_page: FxHashMap<u64, Vec<Key>>,
     /// TUs by id; ids of removed TUs are reused.
@@ -173,6 +183,8 @@ pub enum BtError {
     CodeMemory(#[from] CodeMemError),
     #[error("cannot set the host GS base: {0}")]
     GsBase(std::io::Error),
+    #[error("cannot start the kicker: {0}")]
+    Kick(std::io::Error),
 }
 
 impl Bt {
@@ -193,6 +205,8 @@ impl Bt {
             fpu_load,
             fpu_ready,
             fault_ranges: Vec::new(),
+            kick: Box::new(KickMap::new(std::ptr::null_mut())),
+            kicking: None,
             map: FxHashMap::default(),
             by_page: FxHashMap::default(),
             tus: Vec::new(),
@@ -210,14 +224,50 @@ impl Bt {
             perf_map: std::env::var_os("BTVMM_PERF_MAP")
                 .and_then(|_| std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()),
         };
+        // The block is boxed: the pointer stays good as `bt` moves.
+        bt.kick = Box::new(KickMap::new(&mut bt.block.budget));
         bt.sync_fault_ranges();
         Ok(bt)
+    }
+
+    /// Starts kicking this thread (for as long as the vCPU runs on it):
+    /// installs the kick handler's map and starts the kicker thread.
+    pub(crate) fn start_kicks(&mut self) -> Result<(), BtError> {
+        let guard = self.kick.install().map_err(BtError::Kick)?;
+        let kicker = Kicker::start().map_err(BtError::Kick)?;
+        self.kicking = Some((kicker, guard));
+        Ok(())
+    }
+
+    /// Stops the kicker and counts what it did.
+    pub(crate) fn stop_kicks(&mut self) {
+        if let Some((kicker, guard)) = self.kicking.take() {
+            self.stats.kicks += kicker.sent();
+            drop(kicker);
+            drop(guard);
+        }
+        self.stats.kicks_landed = self.kick.landed.load(std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a kick came since the last look (the dispatcher then polls).
+    #[inline]
+    pub(crate) fn kicked(&self) -> bool {
+        self.kicking.as_ref().is_some_and(|(k, _)| k.take())
+    }
+
+    /// When the kicker must kick next (host time).
+    pub(crate) fn kick_at(&self, at: Option<std::time::Instant>) {
+        if let Some((k, _)) = &self.kicking {
+            k.set_deadline(at);
+        }
     }
 
     /// Tells the fault handler where compiled code lives now.
     fn sync_fault_ranges(&mut self) {
         let ranges = self.arena.ranges();
         if ranges != self.fault_ranges {
+            let views = self.arena.views();
+            self.kick.sync(&views);
             for &(start, end) in &ranges {
                 fault::register(start, end, self.fault_exit as usize);
             }
@@ -258,6 +308,7 @@ impl Bt {
         for e in self.block.ibtc.iter_mut().filter(|e| e[1] == tu.entry as u64) {
             *e = [IBTC_EMPTY, 0];
         }
+        self.kick.set(tu.base, SLOT_CLASSES[tu.class], &[]);
         self.free_slots[tu.class].push(tu.base);
         if self.pending_chain.is_some_and(|(src, _)| src == id) {
             self.pending_chain = None;
@@ -327,7 +378,12 @@ impl Bt {
             return;
         }
         self.stats.chained += 1;
+        // A kick unchains stubs behind the books' back: chaining one again
+        // finds it listed already.
         if let Some(Some(d)) = self.tus.get_mut(dst as usize) {
+            if d.incoming.contains(&(src, stub)) {
+                return;
+            }
             if d.page2.is_some() && d.incoming.is_empty() {
                 self.page2_chained.push(dst);
             }
@@ -404,6 +460,8 @@ impl Bt {
         self.free_slots = Default::default();
         self.carved = 0;
         self.arena.clear();
+        // New chunks may be mapped where old ones were: forget every stub.
+        self.kick.sync(&[]);
         let p = publish_trampolines(&mut self.arena)?;
         (self.entry, self.exit, self.fault_exit, self.fpu_load, self.fpu_ready) =
             (p.entry, p.exit, p.fault_exit, p.fpu_load, p.fpu_ready);
@@ -721,6 +779,16 @@ impl Vcpu {
             bt.free_ids = (0..id).rev().collect();
         }
         bt.arena.patch(base, &ccf.code);
+        // Every TU has at most two Next stubs (a TU ends at its first
+        // control transfer); the kick handler knows them all.
+        let stubs: Vec<*const u8> =
+            ccf.exits.iter().filter(|e| e.reason == ExitReason::Next).map(|e| base.wrapping_add(e.offset)).collect();
+        if stubs.len() > 2 {
+            tracing::error!(target: "translator", rip = format_args!("{:#x}", key.rip), "a TU with {} chainable exits cannot be kicked: interpreted", stubs.len());
+            bt.free_slots[class].push(base);
+            return None;
+        }
+        bt.kick.set(base, SLOT_CLASSES[class], &stubs);
         let s = &mut bt.stats;
         s.tus[if key.mode.bits == 64 { 2 } else { 1 }] += 1;
         s.ident += ccf.counts.ident as u64;
@@ -799,7 +867,10 @@ impl Vcpu {
         b.fpu_ready = bt.fpu_ready;
         b.fpu_enter = bt.fpu_load;
         bt.stats.entries += 1;
+        let kicker = bt.kicking.as_ref().map(|(k, _)| k);
+        kicker.inspect(|k| k.in_ccf(true));
         (bt.entry)();
+        kicker.inspect(|k| k.in_ccf(false));
         let b = &*bt.block;
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);
@@ -812,7 +883,6 @@ impl Vcpu {
         bt.stats.exits[reason.unwrap_or(ExitReason::Fault) as usize] += 1;
         match reason {
             Some(ExitReason::Next) => bt.pending_chain = Some(((site >> 8) as u32, (site & 0xff) as u8)),
-            Some(ExitReason::Budget) => {}
             Some(ExitReason::Indirect) => {
                 // A 64-bit target must be canonical, or the branch faults
                 // with nothing done: replay it in the interpreter.

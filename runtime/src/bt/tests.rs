@@ -882,3 +882,97 @@ fn a_dropped_engine_leaves_no_fault_range_behind() {
         assert_eq!(super::fault::fault_exit_for(start), None, "{start:#x}..{end:#x} outlived its engine");
     }
 }
+
+/// A machine with one timer: due `after` the start, it stops the VM when
+/// serviced.
+struct OneTimer {
+    at: std::time::Instant,
+    fired: bool,
+}
+
+impl crate::Platform for OneTimer {
+    fn io_in(&mut self, _port: u16, _size: u8) -> u32 {
+        u32::MAX
+    }
+    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
+    fn intr_pending(&mut self) -> bool {
+        false
+    }
+    fn intr_ack(&mut self) -> Option<u8> {
+        None
+    }
+    fn service(&mut self) {
+        self.fired |= std::time::Instant::now() >= self.at;
+    }
+    fn stop_requested(&self) -> bool {
+        self.fired
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        (!self.fired).then_some(self.at)
+    }
+}
+
+/// Runs `f` on a thread of its own and fails if it takes longer than a
+/// minute (a chained loop nothing takes the vCPU out of never returns).
+fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the vCPU never came back to the dispatcher")
+}
+
+/// `jmp $` is one TU chained to itself: only a kick brings the dispatcher
+/// back, which then sees the timer due.
+#[test]
+fn a_chained_loop_is_kicked_out_when_a_timer_is_due() {
+    let (exit, landed) = within_a_minute(|| {
+        let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
+        mem.write(CODE, &[0xfa, 0xeb, 0xfe]); // cli; jmp $
+        let at = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        let mut v = Vcpu::new(mem, Box::new(OneTimer { at, fired: false }));
+        v.cpu.set_flat_protected32(CODE as u32);
+        v.enable_bt(64 << 20).expect("translator");
+        let exit = v.run(&EventSignal::new(), None);
+        (exit, v.bt.as_ref().map_or(0, |b| b.stats.kicks_landed))
+    });
+    assert_eq!(exit, VmExit::Stopped);
+    assert!(landed > 0, "no kick landed in the loop");
+}
+
+/// A loop over three chained TUs, kicked out and chained again many times
+/// while it runs: the result is exact.
+#[test]
+fn kicks_in_a_loop_of_chained_tus_keep_results_exact() {
+    const ROUNDS: u32 = 20_000_000;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.cli().unwrap();
+    a.xor(eax, eax).unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.mov(ecx, ROUNDS).unwrap();
+    a.set_label(&mut top).unwrap();
+    for k in 0..8 {
+        a.add(eax, k + 1).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.rol(ebx, 5).unwrap();
+    }
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (regs, kicks) = within_a_minute(move || {
+        let mut v = vcpu(&code, Some(64 << 20));
+        run(&mut v);
+        (v.cpu.regs.gpr, v.bt.as_ref().map_or(0, |b| b.stats.kicks_landed))
+    });
+    let (mut sum, mut mix) = (0u32, 0u32);
+    for _ in 0..ROUNDS {
+        for k in 0..8 {
+            sum = sum.wrapping_add(k + 1);
+            mix = mix.wrapping_add(sum).rotate_left(5);
+        }
+    }
+    assert_eq!((regs[0] as u32, regs[3] as u32, regs[1] as u32), (sum, mix, 0));
+    assert!(kicks > 0, "no kick landed in {ROUNDS} rounds");
+}

@@ -192,28 +192,46 @@ impl Vcpu {
 
     /// Runs until the platform stops the VM, a triple fault, or `budget` instructions.
     pub fn run(&mut self, events: &EventSignal, budget: Option<u64>) -> VmExit {
-        let limit = budget.map(|b| self.stats.instructions + b);
-        let mut deadline = self.platform.next_deadline();
-        let mut blocks = 0u32;
         // Host time this thread spends off the CPU between the guest's looks
         // at its clocks is hidden from them (see `clock`).
         self.clock.watch_current_thread();
-        // Translated code finds its vCPU block through this thread's GS base.
+        // Translated code finds its vCPU block through this thread's GS
+        // base, and loops of it are kicked from this thread's kicker.
         if let Some(bt) = self.bt.as_mut() {
-            if let Err(e) = bt.claim_gs() {
+            if let Err(e) = bt.claim_gs().and_then(|()| bt.start_kicks()) {
                 tracing::error!(target: "translator", "{e}; falling back to the interpreter");
                 self.bt = None;
             }
         }
+        let exit = self.run_loop(events, budget);
+        if let Some(bt) = self.bt.as_mut() {
+            bt.stop_kicks();
+        }
+        exit
+    }
+
+    /// Tells the translator's kicker when the next deadline falls, in host
+    /// time (the guest's clock runs behind the host's by the stalls it hid).
+    fn kick_at(&self, deadline: Option<std::time::Instant>) {
+        if let Some(bt) = self.bt.as_ref() {
+            bt.kick_at(deadline.map(|d| self.clock.to_host(d)));
+        }
+    }
+
+    fn run_loop(&mut self, events: &EventSignal, budget: Option<u64>) -> VmExit {
+        let limit = budget.map(|b| self.stats.instructions + b);
+        let mut deadline = self.platform.next_deadline();
+        self.kick_at(deadline);
+        let mut blocks = 0u32;
         loop {
             blocks = blocks.wrapping_add(1);
-            // The clock is read every few blocks: a timer is late by at most
-            // that many blocks' worth of guest time (a few microseconds).
-            let poll = blocks.is_multiple_of(TIME_POLL_BLOCKS);
-            let due = poll && {
-                let now = self.clock.now();
-                deadline.is_some_and(|d| now >= d)
-            };
+            // The clock is read every few blocks (a timer is late by at most
+            // that many blocks' worth of guest time, a few microseconds),
+            // and whenever the kicker took translated code out of a loop.
+            let kicked = self.bt.as_ref().is_some_and(|bt| bt.kicked());
+            let poll = kicked || blocks.is_multiple_of(TIME_POLL_BLOCKS);
+            let now = poll.then(|| self.clock.now());
+            let due = now.is_some_and(|now| deadline.is_some_and(|d| now >= d));
             if due || events.is_raised() {
                 events.take();
                 self.service_devices();
@@ -223,6 +241,7 @@ impl Vcpu {
             }
             if poll {
                 deadline = self.platform.next_deadline();
+                self.kick_at(deadline);
             }
             if self.platform.stop_requested() {
                 return VmExit::Stopped;
@@ -254,6 +273,7 @@ impl Vcpu {
                 self.clock.rested();
                 self.service_devices();
                 deadline = self.platform.next_deadline();
+                self.kick_at(deadline);
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
                 continue;
             }

@@ -1,0 +1,268 @@
+//! Kicks: how the dispatcher gets control back from a loop of chained CCFs.
+//!
+//! Chained jumps cost nothing: a loop that stays in one page runs as host
+//! code jumping to host code, with no counter on the way. To look at the
+//! clock and the interrupt lines again, the vCPU is *kicked*: a helper
+//! thread (the [`Kicker`]) sleeps until the platform's next deadline (or at
+//! most [`KICK_PERIOD`]) and then sends the vCPU thread `SIGURG`. The
+//! handler finds the CCF the thread was interrupted in (the [`KickMap`]
+//! names, for every 64-byte piece of the code cache, the chainable exit
+//! stubs of the TU there) and unchains those stubs, and zeroes the chain
+//! budget that IBTC transfers count down. Whichever way the TU is left, the
+//! CCF then returns to the dispatcher, which polls the clock and chains the
+//! stub again on its way back. A kick that lands outside compiled code (in
+//! the dispatcher, a trampoline) is repeated every [`KICK_RETRY`] until the
+//! vCPU takes it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use btvmm_translator::templates::UNCHAINED_JUMP;
+
+/// The longest a chain of CCFs runs without the dispatcher looking at the
+/// platform's events (console input, a stop request) when no timer is due.
+pub const KICK_PERIOD: Duration = Duration::from_millis(10);
+/// How soon a kick that has not been taken is sent again.
+pub const KICK_RETRY: Duration = Duration::from_micros(200);
+/// Code-cache granule the map keeps one entry for (slots start on it).
+const GRANULE: usize = 64;
+
+/// The chainable exit stubs of the TUs in the code cache, by granule, for
+/// the kick handler. Changed only by the vCPU thread outside compiled code;
+/// read only by the handler on that thread while it runs compiled code.
+pub struct KickMap {
+    chunks: Vec<ChunkMap>,
+    /// The vCPU block's chain budget, zeroed by a kick.
+    budget: *mut u64,
+    /// Kicks that landed in a CCF.
+    pub landed: AtomicU64,
+}
+
+struct ChunkMap {
+    /// The executable view's start, and the writable view of the same bytes.
+    rx: usize,
+    rw: *mut u8,
+    len: usize,
+    /// Per granule: the chunk offsets (+1, 0 for none) of up to two stubs,
+    /// in the low and high 32 bits.
+    stubs: Box<[AtomicU64]>,
+}
+
+thread_local! {
+    /// The kick map of the vCPU running on this thread, if any.
+    static CURRENT: Cell<*const KickMap> = const { Cell::new(std::ptr::null()) };
+}
+
+impl KickMap {
+    pub fn new(budget: *mut u64) -> Self {
+        KickMap { chunks: Vec::new(), budget, landed: AtomicU64::new(0) }
+    }
+
+    /// Follows the code cache's chunks: `views` are (executable start,
+    /// length, writable start); maps of chunks no longer there are dropped.
+    pub fn sync(&mut self, views: &[(usize, usize, *mut u8)]) {
+        self.chunks.retain(|c| views.iter().any(|&(rx, len, rw)| rx == c.rx && len == c.len && rw == c.rw));
+        for &(rx, len, rw) in views {
+            if !self.chunks.iter().any(|c| c.rx == rx) {
+                let stubs = (0..len.div_ceil(GRANULE)).map(|_| AtomicU64::new(0)).collect();
+                self.chunks.push(ChunkMap { rx, rw, len, stubs });
+            }
+        }
+    }
+
+    /// Names the chainable stubs (executable addresses, at most two) of the
+    /// TU whose slot is `[base, base + len)`; an empty list clears the slot.
+    pub fn set(&self, base: *const u8, len: usize, stubs: &[*const u8]) {
+        let Some(c) = self.chunks.iter().find(|c| c.rx <= base as usize && (base as usize) < c.rx + c.len) else { return };
+        let rel = |p: *const u8| (p as usize).wrapping_sub(c.rx);
+        let mut v = 0u64;
+        for (i, &s) in stubs.iter().take(2).enumerate() {
+            v |= (rel(s) as u64 + 1) << (32 * i);
+        }
+        let first = rel(base) / GRANULE;
+        let last = (rel(base) + len).div_ceil(GRANULE).min(c.stubs.len());
+        for g in &c.stubs[first..last] {
+            g.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes this the map the kick handler uses on this thread, until the
+    /// guard drops. The map must stay where it is meanwhile.
+    pub fn install(&self) -> Result<KickGuard, std::io::Error> {
+        install_handler()?;
+        CURRENT.with(|c| c.set(self));
+        Ok(KickGuard(()))
+    }
+
+    /// The kick at host address `pc`: unchains the stubs of the CCF there.
+    fn kick(&self, pc: usize) {
+        // SAFETY: `budget` points into the vCPU block, which outlives every
+        // CCF run; this thread is the only one touching it.
+        unsafe { self.budget.write_volatile(0) };
+        let Some(c) = self.chunks.iter().find(|c| c.rx <= pc && pc < c.rx + c.len) else { return };
+        let v = c.stubs[(pc - c.rx) / GRANULE].load(Ordering::Relaxed);
+        if v == 0 {
+            return;
+        }
+        self.landed.fetch_add(1, Ordering::Relaxed);
+        for off in [v & 0xffff_ffff, v >> 32] {
+            let off = off as usize;
+            if off != 0 && off - 1 + UNCHAINED_JUMP.len() <= c.len {
+                // SAFETY: the stub lies inside this chunk's writable view
+                // (checked above), which maps the same pages as the code
+                // this thread was interrupted in; no other thread writes code.
+                unsafe { std::ptr::copy_nonoverlapping(UNCHAINED_JUMP.as_ptr(), c.rw.add(off - 1), UNCHAINED_JUMP.len()) };
+            }
+        }
+    }
+}
+
+/// Uninstalls the thread's kick map when dropped.
+pub struct KickGuard(());
+
+impl Drop for KickGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(std::ptr::null()));
+    }
+}
+
+extern "C" fn on_kick(_signo: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler;
+    // only its saved RIP is read. The thread's kick map is only ever changed
+    // by this thread outside compiled code, and is installed for as long as
+    // the vCPU runs; a kick elsewhere finds no stubs and only zeroes the budget.
+    unsafe {
+        let uc = &*(ctx as *const libc::ucontext_t);
+        let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+        let map = CURRENT.with(Cell::get);
+        if let Some(map) = map.as_ref() {
+            map.kick(pc);
+        }
+    }
+}
+
+fn install_handler() -> Result<(), std::io::Error> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::SigAction(on_kick),
+            nix::sys::signal::SaFlags::SA_SIGINFO | nix::sys::signal::SaFlags::SA_RESTART,
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler reads this thread's kick map and writes code
+        // bytes and the block's budget; it takes no locks and allocates
+        // nothing.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGURG, &action) }.map(|_| ()).map_err(|e| e as i32)
+    });
+    result.map_err(std::io::Error::from_raw_os_error)
+}
+
+/// What the vCPU and its kicker share.
+struct Shared {
+    origin: Instant,
+    /// When to kick (ns since `origin`); `u64::MAX` for no deadline.
+    deadline: AtomicU64,
+    /// A kick was sent and not yet taken.
+    pending: AtomicBool,
+    /// The vCPU is in compiled code (kicks elsewhere wait for it).
+    in_ccf: AtomicBool,
+    stop: AtomicBool,
+    sent: AtomicU64,
+}
+
+/// A thread that kicks the vCPU thread that started it (see the module).
+pub struct Kicker {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Kicker {
+    /// Starts kicking the calling thread.
+    pub fn start() -> Result<Kicker, std::io::Error> {
+        let shared = Arc::new(Shared {
+            origin: Instant::now(),
+            deadline: AtomicU64::new(u64::MAX),
+            pending: AtomicBool::new(false),
+            in_ccf: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+        });
+        // SAFETY: getpid and gettid have no preconditions.
+        let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new().name("btvmm-kicker".into()).spawn(move || kick_loop(&s, pid, tid))?;
+        Ok(Kicker { shared, thread: Some(thread) })
+    }
+
+    /// The next moment the dispatcher must look (host time), if any.
+    pub fn set_deadline(&self, at: Option<Instant>) {
+        let ns = at.map_or(u64::MAX, |t| t.saturating_duration_since(self.shared.origin).as_nanos() as u64);
+        let old = self.shared.deadline.swap(ns, Ordering::Relaxed);
+        if ns < old {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+    }
+
+    /// Whether a kick came since the last call (the dispatcher then polls).
+    #[inline]
+    pub fn take(&self) -> bool {
+        self.shared.pending.load(Ordering::Relaxed) && self.shared.pending.swap(false, Ordering::Acquire)
+    }
+
+    /// The vCPU enters (true) or leaves (false) compiled code.
+    #[inline]
+    pub fn in_ccf(&self, yes: bool) {
+        self.shared.in_ccf.store(yes, Ordering::Relaxed);
+    }
+
+    /// Kick signals sent so far.
+    pub fn sent(&self) -> u64 {
+        self.shared.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Kicker {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+fn kick_loop(s: &Shared, pid: libc::pid_t, tid: libc::pid_t) {
+    let ns = || s.origin.elapsed().as_nanos() as u64;
+    let period = KICK_PERIOD.as_nanos() as u64;
+    let mut last = ns();
+    while !s.stop.load(Ordering::Relaxed) {
+        let now = ns();
+        let deadline = s.deadline.load(Ordering::Relaxed).min(last.saturating_add(period));
+        if now < deadline {
+            std::thread::park_timeout(Duration::from_nanos(deadline - now));
+            continue;
+        }
+        if !s.in_ccf.load(Ordering::Relaxed) {
+            // The dispatcher polls on its own; look again soon, in case the
+            // vCPU enters compiled code right after this look.
+            std::thread::park_timeout(KICK_RETRY * 5);
+            if !s.pending.load(Ordering::Relaxed) {
+                last = ns();
+            }
+            continue;
+        }
+        s.pending.store(true, Ordering::Release);
+        s.sent.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: tgkill sends a signal to one thread of this process, whose
+        // handler is installed before the kicker starts.
+        unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGURG) };
+        std::thread::park_timeout(KICK_RETRY);
+        if !s.pending.load(Ordering::Relaxed) {
+            last = ns();
+        }
+    }
+}
