@@ -147,15 +147,14 @@ fn fast_movs(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, sseg: usiz
         let room = (0x1000 - (sl & 0xfff)).min(0x1000 - (dl & 0xfff)) / size as u64;
         let n = room.min(count);
         let user = v.user();
-        if n == 0 {
+        let pages = match n {
             // The next element straddles a page boundary.
-            return Ok(false);
-        }
-        let (Some(src), Some(dst)) = (
-            v.tlb.lookup(sl, crate::mmu::Access::Read, user),
-            v.tlb.lookup(dl, crate::mmu::Access::Write, user),
-        ) else {
-            // Take one slow element (fills the TLB or faults precisely), then retry.
+            0 => None,
+            _ => v.tlb.lookup(sl, crate::mmu::Access::Read, user).zip(v.tlb.lookup(dl, crate::mmu::Access::Write, user)),
+        };
+        let Some((src, dst)) = pages else {
+            // Take one slow element (it straddles two pages, or fills the
+            // TLB, or faults precisely), then go on in bulk.
             let x = v.read_lin(sl, size)?;
             v.write_lin(dl, size, x)?;
             advance(v, r.si, r.amask, size);
@@ -214,12 +213,11 @@ fn fast_stos(v: &mut Vcpu, i: &Instruction, r: StringRegs, size: u32, x: u64) ->
             return Ok(false);
         };
         let n = ((0x1000 - (dl & 0xfff)) / size as u64).min(count);
-        if n == 0 {
-            // The next element straddles a page boundary.
-            return Ok(false);
-        }
-        let Some(dst) = v.tlb.lookup(dl, crate::mmu::Access::Write, v.user()) else {
-            // One slow element (fills the TLB or faults precisely), then retry.
+        // An element straddling a page boundary has no single entry.
+        let dst = if n == 0 { None } else { v.tlb.lookup(dl, crate::mmu::Access::Write, v.user()) };
+        let Some(dst) = dst else {
+            // One slow element (it straddles two pages, or fills the TLB,
+            // or faults precisely), then go on in bulk.
             v.write_lin(dl, size, x)?;
             advance(v, r.di, r.amask, size);
             v.set_reg(r.cx, count - 1);
