@@ -329,7 +329,7 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         };
     }
     // Implicit or unbounded memory: the runtime's.
-    if matches!(m, Mnemonic::Xlatb | Mnemonic::Cmpxchg16b | Mnemonic::Enter | Mnemonic::Leave)
+    if matches!(m, Mnemonic::Xlatb | Mnemonic::Enter | Mnemonic::Leave)
         || insn.stack_pointer_increment() != 0
     {
         return Plan::Stop;
@@ -442,8 +442,8 @@ fn has_memory_operand(insn: &Instruction) -> bool {
     (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory)
 }
 
-/// A legacy SSE instruction whose 16-byte memory operand must be 16-byte
-/// aligned (#GP otherwise): all but the unaligned moves.
+/// An instruction whose 16-byte memory operand must be 16-byte aligned
+/// (#GP otherwise): legacy SSE but the unaligned moves, and `cmpxchg16b`.
 fn needs_alignment(insn: &Instruction) -> bool {
     insn.memory_size().size() == 16 && !matches!(insn.mnemonic(), Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd)
 }
@@ -460,7 +460,7 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
     matches!(
         f,
         F::INTEL8086 | F::INTEL186 | F::INTEL286 | F::INTEL386 | F::INTEL486 | F::X64 | F::CMOV | F::CX8
-            | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
+            | F::CMPXCHG16B | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
             | F::RDRAND | F::RDSEED | F::CLFSH | F::CLFLUSHOPT | F::PREFETCHW
     )
 }
@@ -937,7 +937,8 @@ impl Emitter {
 
     /// MEM: address, inline soft-TLB probe, then the instruction on the host address.
     fn mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
-        self.mem_with(insn, info, MemBody::Original)
+        // `cmpxchg16b` wants its operand 16-byte aligned (#GP otherwise).
+        self.mem_with(insn, info, if needs_alignment(insn) { MemBody::Aligned } else { MemBody::Original })
     }
 
     /// An SSE instruction (`Plan::Sse`): the guest's SSE state into the

@@ -976,3 +976,72 @@ fn kicks_in_a_loop_of_chained_tus_keep_results_exact() {
     assert_eq!((regs[0] as u32, regs[3] as u32, regs[1] as u32), (sum, mix, 0));
     assert!(kicks > 0, "no kick landed in {ROUNDS} rounds");
 }
+
+/// `lock cmpxchg16b` runs in the CCF (it was 67k callouts of an amd64 boot,
+/// from SLUB's double-word cmpxchg): an exchange that succeeds, one that
+/// fails and loads RDX:RAX, then a misaligned operand, which is the
+/// runtime's #GP; registers, flags and memory are the interpreter's.
+#[test]
+fn cmpxchg16b_matches_the_interpreter() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(r8, 100u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    // Succeeds: memory holds RDX:RAX; RCX:RBX goes in, ZF set.
+    a.mov(rax, qword_ptr(rsi)).unwrap();
+    a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+    a.lea(rbx, qword_ptr(rax + 1)).unwrap();
+    a.lea(rcx, qword_ptr(rdx + 3)).unwrap();
+    a.lock().cmpxchg16b(xmmword_ptr(rsi)).unwrap();
+    a.setz(r9b).unwrap();
+    a.add(r10, r9).unwrap();
+    // Fails: RDX:RAX is stale; it is loaded from memory, ZF clear.
+    a.xor(eax, eax).unwrap();
+    a.lock().cmpxchg16b(xmmword_ptr(rsi + 16)).unwrap();
+    a.setz(r9b).unwrap();
+    a.add(r11, r9).unwrap();
+    a.add(r12, rax).unwrap();
+    a.add(r13, rdx).unwrap();
+    a.dec(r8).unwrap();
+    a.jnz(top).unwrap();
+    a.cmpxchg16b(xmmword_ptr(rsi + 8)).unwrap(); // misaligned: #GP
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let gp_at = CODE + code.len() as u64 - 1 - 5;
+    let mut results = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
+        mem.write(CODE, &code);
+        let (pml4, pdpt, pd) = (0x38_0000u64, 0x38_1000u64, 0x38_2000u64);
+        mem.write_u64(pml4, pdpt | 3);
+        mem.write_u64(pdpt, pd | 3);
+        mem.write_u64(pd, 0x83);
+        mem.write_u64(pd + 8, 0x20_0000 | 0x83);
+        for (k, x) in [5u64, 9, 0x1234_5678_9abc_def0, 0x0fed_cba9_8765_4321].into_iter().enumerate() {
+            mem.write_u64(DATA + 8 * k as u64, x);
+        }
+        let mut v = Vcpu::new(mem, Box::new(NullPlatform));
+        v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
+        v.cpu.regs.gpr[4] = DATA + 0x1000;
+        if let Some(cache) = bt {
+            v.enable_bt(cache).expect("translator");
+        }
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned cmpxchg16b ({bt:?})");
+        let mut memory = [0u64; 4];
+        for (k, m) in memory.iter_mut().enumerate() {
+            *m = v.mem.read_u64(DATA + 8 * k as u64);
+        }
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on = b.stats.callouts.get(&iced_x86::Mnemonic::Cmpxchg16b).copied().unwrap_or(0);
+            assert!(handed_on <= 3, "only cold misses and the #GP: {:?}", b.stats.callouts);
+        }
+        results.push((v.cpu.regs.gpr, v.cpu.regs.rflags & 0x8d5, memory));
+    }
+    assert_eq!(results[0], results[1], "registers, flags and memory as the interpreter leaves them");
+    assert_eq!(results[0].0[10], 100, "every first exchange succeeded");
+    assert_eq!(results[0].0[11], 0, "every second one failed");
+}
