@@ -27,6 +27,22 @@ fn vcpu(code: &[u8], bt: Option<usize>) -> Vcpu {
     v
 }
 
+/// A 64-bit vCPU (long mode, the first 4 MiB identity-mapped in two 2 MiB
+/// pages) with `code` at `CODE`, on the interpreter: tests turn the
+/// translator on themselves.
+fn vcpu64(code: &[u8]) -> Vcpu {
+    let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
+    mem.write(CODE, code);
+    let (pml4, pdpt, pd) = (0x38_0000u64, 0x38_1000u64, 0x38_2000u64);
+    mem.write_u64(pml4, pdpt | 3);
+    mem.write_u64(pdpt, pd | 3);
+    mem.write_u64(pd, 0x83);
+    mem.write_u64(pd + 8, 0x20_0000 | 0x83);
+    let mut v = Vcpu::new(mem, Box::new(NullPlatform));
+    v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
+    v
+}
+
 /// Runs to the final `hlt` (interrupts off): the machine halts for good.
 fn run(v: &mut Vcpu) {
     let exit = v.run(&EventSignal::new(), None);
@@ -775,16 +791,7 @@ fn division_by_memory_in_translated_code_matches_the_interpreter() {
     let div_at = CODE + code.len() as u64 - 6;
     let mut results = Vec::new();
     for bt in [None, Some(64 << 20)] {
-        let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
-        mem.write(CODE, &code);
-        // Identity map of the first 4 MiB in two 2 MiB pages.
-        let (pml4, pdpt, pd) = (0x38_0000u64, 0x38_1000u64, 0x38_2000u64);
-        mem.write_u64(pml4, pdpt | 3);
-        mem.write_u64(pdpt, pd | 3);
-        mem.write_u64(pd, 0x83);
-        mem.write_u64(pd + 8, 0x20_0000 | 0x83);
-        let mut v = Vcpu::new(mem, Box::new(NullPlatform));
-        v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
+        let mut v = vcpu64(&code);
         for r in 0..16 {
             v.cpu.regs.gpr[r] = 0x0101_0101_0000_0000 * (r as u64 + 1) + r as u64;
         }
@@ -1011,18 +1018,10 @@ fn cmpxchg16b_matches_the_interpreter() {
     let gp_at = CODE + code.len() as u64 - 1 - 5;
     let mut results = Vec::new();
     for bt in [None, Some(64 << 20)] {
-        let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
-        mem.write(CODE, &code);
-        let (pml4, pdpt, pd) = (0x38_0000u64, 0x38_1000u64, 0x38_2000u64);
-        mem.write_u64(pml4, pdpt | 3);
-        mem.write_u64(pdpt, pd | 3);
-        mem.write_u64(pd, 0x83);
-        mem.write_u64(pd + 8, 0x20_0000 | 0x83);
+        let mut v = vcpu64(&code);
         for (k, x) in [5u64, 9, 0x1234_5678_9abc_def0, 0x0fed_cba9_8765_4321].into_iter().enumerate() {
-            mem.write_u64(DATA + 8 * k as u64, x);
+            v.mem.write_u64(DATA + 8 * k as u64, x);
         }
-        let mut v = Vcpu::new(mem, Box::new(NullPlatform));
-        v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
         v.cpu.regs.gpr[4] = DATA + 0x1000;
         if let Some(cache) = bt {
             v.enable_bt(cache).expect("translator");
