@@ -1706,9 +1706,17 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Mem | Plan::DivideMem | Plan::Nothing => {}
             Plan::Sse if has_memory_operand(insn) => {}
             Plan::Ident | Plan::Sse => {
-                let used: Vec<u8> = info.info(insn).used_registers().iter().filter_map(|u| gpr_number(u.register())).collect();
+                let regs = info.info(insn).used_registers();
+                let used: Vec<u8> = regs.iter().filter_map(|u| gpr_number(u.register())).collect();
+                // An instruction that only overwrites all of RCX (a 32-bit
+                // write zero-extends) ends its guest value: nothing to give back.
+                let overwrites_rcx = regs.iter().filter(|u| gpr_number(u.register()) == Some(1)).all(|u| {
+                    matches!(u.register(), Register::ECX | Register::RCX) && u.access() == OpAccess::Write
+                });
                 if used.iter().any(|&n| n == RSP || e.borrowed.contains(&n)) {
                     e.release();
+                } else if used.contains(&1) && overwrites_rcx {
+                    e.rcx_borrowed = false;
                 } else if used.contains(&1) {
                     e.release_rcx();
                 }
