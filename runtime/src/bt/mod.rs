@@ -656,11 +656,13 @@ impl Vcpu {
                             Dropped::NonGlobal => {}
                             // Most invlpgs are of data pages: no scan for them.
                             Dropped::Page(page) if !bt.ibtc_pages.contains(&page) => {}
-                            Dropped::Page(page) => {
+                            Dropped::Large(base, size) if !bt.ibtc_pages.iter().any(|p| p & !(size - 1) == base) => {}
+                            Dropped::Page(base) | Dropped::Large(base, _) => {
+                                let size = if let Dropped::Large(_, size) = d { size } else { 0x1000 };
                                 let linear = |rip: u64| {
                                     if mode.bits == 64 { rip } else { rest.1.wrapping_add(rip) & 0xffff_ffff }
                                 };
-                                bt.drop_ibtc_where(|rip, _| linear(rip) & !0xfff == page);
+                                bt.drop_ibtc_where(|rip, _| linear(rip) & !(size - 1) == base);
                             }
                         }
                     }

@@ -9,6 +9,7 @@
 //! decoded or translated code, so such writes take the slow path, which
 //! invalidates the code.
 
+use rustc_hash::FxHashSet;
 use super::{Access, Translation};
 
 use btvmm_translator::abi::tlb::empty_tag;
@@ -48,11 +49,13 @@ fn empty_table() -> [TlbEntry; TABLE_ENTRIES] {
 pub struct Tlb {
     /// Indexed `[user as usize][kind as usize][way * TLB_SIZE + (page & (TLB_SIZE-1))]`.
     entries: Box<[[[TlbEntry; TABLE_ENTRIES]; 3]; 2]>,
-    /// The linear region (base, mask) covering every large page entered
-    /// since the last full flush, as QEMU keeps it: an `invlpg` inside it
-    /// flushes everything (a large mapping is spread over many 4 KiB
-    /// entries), one outside drops a single page.
-    large: Option<(u64, u64)>,
+    /// The large pages (linear base, size) with pieces entered since the
+    /// last full flush: an `invlpg` inside one drops all of its 4 KiB
+    /// entries (a large mapping is spread over many), one elsewhere drops
+    /// a single page. (One region covering them all, as QEMU keeps, spans
+    /// the kernel's whole half in a 64-bit guest: every `invlpg` of a
+    /// vmalloc page flushed everything, 17k times in an amd64 boot.)
+    large: FxHashSet<(u64, u64)>,
     /// Which tables hold entries (`[user][kind]`): flushes skip the others.
     used: [[bool; 3]; 2],
     pub flushes: u64,
@@ -79,7 +82,12 @@ pub enum Dropped {
     NonGlobal,
     /// The mapping of one 4 KiB linear page.
     Page(u64),
+    /// The mappings of one large page: (linear base, size).
+    Large(u64, u64),
 }
+
+/// The sizes of large pages: 2 MiB (PAE, long mode), 4 MiB (32-bit paging), 1 GiB.
+const LARGE_SIZES: [u64; 3] = [0x20_0000, 0x40_0000, 0x4000_0000];
 
 impl Default for Tlb {
     fn default() -> Self {
@@ -90,7 +98,7 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         let entries = Box::new(std::array::from_fn(|_| std::array::from_fn(|_| empty_table())));
-        Self { entries, large: None, used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
+        Self { entries, large: FxHashSet::default(), used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
     }
 
     #[inline(always)]
@@ -126,7 +134,7 @@ impl Tlb {
     pub fn fill(&mut self, lin: u64, kind: Access, user: bool, t: &Translation, host_page: u64) {
         let page = lin & !0xfff;
         if t.page_size > 0x1000 {
-            self.note_large(lin, t.page_size);
+            self.large.insert((lin & !(t.page_size - 1), t.page_size));
         }
         self.used[user as usize][kind as usize] = true;
         let table = &mut self.entries[user as usize][kind as usize];
@@ -157,22 +165,6 @@ impl Tlb {
         (behind as usize <= JOURNAL).then(|| (since + 1..=self.generation).map(|g| self.journal[g as usize % JOURNAL]))
     }
 
-    /// Widens the large-page region to cover the page of `page_size` at `lin`.
-    fn note_large(&mut self, lin: u64, page_size: u64) {
-        let mut mask = !(page_size - 1);
-        let (base, mask) = match self.large {
-            None => (lin & mask, mask),
-            Some((base, old)) => {
-                mask &= old;
-                while (base ^ lin) & mask != 0 {
-                    mask <<= 1;
-                }
-                (base & mask, mask)
-            }
-        };
-        self.large = Some((base, mask));
-    }
-
     /// Drops everything (CR0/CR4 paging bits, EFER, CR3 with `keep_global` false).
     pub fn flush_all(&mut self) {
         self.flush(false);
@@ -199,17 +191,28 @@ impl Tlb {
             }
         }
         if !keep_global {
-            self.large = None;
+            self.large.clear();
         }
     }
 
     /// `invlpg`: drops the mapping of the page holding `lin`, global or not.
     pub fn invalidate_page(&mut self, lin: u64) {
-        if self.large.is_some_and(|(base, mask)| lin & mask == base) {
-            self.flush(false);
+        self.page_invalidations += 1;
+        let large = LARGE_SIZES.iter().map(|&size| (lin & !(size - 1), size)).find(|p| self.large.contains(p));
+        if let Some((base, size)) = large {
+            self.large.remove(&(base, size));
+            self.record(Dropped::Large(base, size));
+            for (tables, used) in self.entries.iter_mut().zip(self.used.iter()) {
+                for (table, _) in tables.iter_mut().zip(used.iter()).filter(|(_, used)| **used) {
+                    for (i, e) in table.iter_mut().enumerate() {
+                        if e.tag & !(size - 1) == base {
+                            *e = TlbEntry::empty(i % TLB_SIZE);
+                        }
+                    }
+                }
+            }
             return;
         }
-        self.page_invalidations += 1;
         let page = lin & !0xfff;
         self.record(Dropped::Page(page));
         let i = Self::index(lin);
@@ -300,12 +303,34 @@ mod tests {
         t.invalidate_page(0xffff_8000_003f_f000);
         assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_none());
         assert!(t.lookup(0xffff_8000_0023_4000, Access::Write, false).is_none());
-        // The region covers every large page entered since the last full
-        // flush, however far apart.
+        // A large page far away is another page: an invlpg in it (of a
+        // 1 GiB page here) drops its pieces and nothing of the 2 MiB one.
         t.fill(0x4000_0000, Access::Read, false, &Translation { page_size: 0x4000_0000, ..large }, 0xd000);
         t.fill(0xffff_8000_0020_1000, Access::Read, false, &large, 0x9000);
         t.invalidate_page(0x4000_0000 + 0x3fff_f000);
-        assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_none());
+        assert!(t.lookup(0x4000_0000, Access::Read, false).is_none());
+        assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_some());
+    }
+
+    /// An invlpg between cached large pages (a vmalloc page of a 64-bit
+    /// kernel, between its direct map and its text) drops that one page:
+    /// the large pages' pieces stay. (It flushed everything: a region
+    /// covering all large pages spans the kernel's half.)
+    #[test]
+    fn invlpg_between_large_pages_keeps_them() {
+        let mut t = Tlb::new();
+        let large = |phys| Translation { phys, global: true, page_size: 0x20_0000 };
+        let direct_map = 0xffff_8880_0020_0000u64;
+        let text = 0xffff_ffff_8100_0000u64;
+        let vmalloc = 0xffff_c900_0001_0000u64;
+        t.fill(direct_map, Access::Read, false, &large(0x20_0000), 0x9000);
+        t.fill(text, Access::Execute, false, &large(0x100_0000), 0xa000);
+        t.fill(vmalloc, Access::Write, false, &Translation { phys: 0x5000, global: true, page_size: 0x1000 }, 0xb000);
+        t.invalidate_page(vmalloc);
+        assert!(t.lookup(vmalloc, Access::Write, false).is_none());
+        assert!(t.lookup(direct_map, Access::Read, false).is_some());
+        assert!(t.lookup(text, Access::Execute, false).is_some());
+        assert_eq!(t.flushes, 0);
     }
 
     /// Pages that share an index live side by side; a third displaces the
