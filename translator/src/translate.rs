@@ -673,7 +673,7 @@ struct Emitter {
     /// accesses through the same pair spill it once. Released before
     /// anything else that names them, uses the slots, or leaves the CCF.
     borrowed: Vec<u8>,
-    /// RCX's guest value is in its home slot (a probe borrowed it and the
+    /// RCX's guest value is put aside (`save_rcx`: a probe borrowed it and the
     /// instructions since have not named it): the next probe need not save it.
     rcx_borrowed: bool,
     /// An SSE instruction earlier in the TU had the guest's SSE state loaded.
@@ -872,6 +872,26 @@ impl Emitter {
     /// Gives RCX back if a probe left it borrowed.
     fn release_rcx(&mut self) {
         if std::mem::take(&mut self.rcx_borrowed) {
+            self.load_rcx();
+        }
+    }
+
+    /// Puts RCX's guest value aside while a probe borrows RCX: in R15 in
+    /// 32-bit code (no guest register there, and never a scratch
+    /// register), in its home slot in the block otherwise.
+    fn save_rcx(&mut self) {
+        if self.mode.bits == 32 {
+            dynasm!(self.a ; .arch x64 ; mov r15, rcx);
+        } else {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(1) as i32], rcx);
+        }
+    }
+
+    /// Takes RCX's guest value back from where `save_rcx` put it.
+    fn load_rcx(&mut self) {
+        if self.mode.bits == 32 {
+            dynasm!(self.a ; .arch x64 ; mov rcx, r15);
+        } else {
             dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
         }
     }
@@ -1066,7 +1086,7 @@ impl Emitter {
             let misaligned = self.a.new_dynamic_label();
             let aligned = self.a.new_dynamic_label();
             if !self.rcx_borrowed {
-                dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(1) as i32], rcx);
+                self.save_rcx();
                 self.rcx_borrowed = true;
             }
             dynasm!(self.a
@@ -1108,10 +1128,10 @@ impl Emitter {
     }
 
     /// The inline soft-TLB probe: turns the linear address in `s0` into a
-    /// host address, using `s1` and RCX (saved in its home slot in the
+    /// host address, using `s1` and RCX (put aside by `save_rcx`, in the
     /// block and back before anything else runs), leaving the flags alone;
     /// jumps to the returned label when the access of `size` bytes has no
-    /// entry (a miss, or one crossing a page), RCX still in its home slot.
+    /// entry (a miss, or one crossing a page), RCX still put aside.
     ///
     /// The entry is the table's at the index bits of the address; it maps
     /// the access if the last byte lies in the page of its tag, that is
@@ -1123,13 +1143,12 @@ impl Emitter {
         debug_assert!(s0 != 1 && s1 != 1, "RCX is the probe's own");
         let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
         let masks = BtBlock::OFF_TLB_MASKS as i32;
-        let rcx_home = BtBlock::off_gpr(1) as i32;
         let miss = self.a.new_dynamic_label();
         let hit = self.a.new_dynamic_label();
         let second = self.a.new_dynamic_label();
         const _: () = assert!(tlb::ENTRY_BYTES == 32);
         if !self.rcx_borrowed {
-            dynasm!(self.a ; .arch x64 ; gs mov QWORD [rcx_home], rcx);
+            self.save_rcx();
         }
         dynasm!(self.a
             ; .arch x64
@@ -1150,7 +1169,7 @@ impl Emitter {
         self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size });
         self.rcx_borrowed = keep_rcx;
         if !keep_rcx {
-            dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [rcx_home]);
+            self.load_rcx();
         }
         miss
     }
@@ -1625,8 +1644,9 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
         }
     }
     let high_byte = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i)));
-    // Never RCX: the soft-TLB probe borrows it on its own (see `probe`).
-    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14, 15] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 15, 0, 2] };
+    // Never RCX: the soft-TLB probe borrows it on its own (see `probe`);
+    // never R15, where 32-bit code keeps RCX meanwhile (`save_rcx`).
+    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 0, 2] };
     let mut out = Vec::with_capacity(count);
     for &r in order {
         if out.len() == count {
@@ -1847,8 +1867,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     }
     e.emit_second_ways();
     for m in std::mem::take(&mut e.misses) {
-        // Every miss comes from a probe, which left RCX's guest value in its home slot.
-        dynasm!(e.a ; .arch x64 ; =>m.label ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
+        // Every miss comes from a probe, which put RCX's guest value aside.
+        dynasm!(e.a ; .arch x64 ; =>m.label);
+        e.load_rcx();
         e.unspill(&m.scratch);
         if m.flags_pushed {
             dynasm!(e.a ; .arch x64 ; popfq);
