@@ -177,7 +177,10 @@ pub struct BtBlock {
     /// bit as of the entry (what `pushf` pushes besides them).
     pub vif: u8,
     pub vdf: u8,
-    pub _pad: [u8; 6],
+    /// The runtime saw an interrupt pending at the entry: an inline `sti`
+    /// leaves for the runtime, which delivers it after the shadow.
+    pub irq_pending: u8,
+    pub _pad: [u8; 5],
     pub vflags: u64,
     /// Virtual system registers the inline reads return (as of the entry:
     /// only callouts change them): CR0, GDTR, IDTR, the LDTR and TR selectors.
@@ -248,7 +251,8 @@ impl Default for BtBlock {
             exit_site: 0,
             vif: 0,
             vdf: 0,
-            _pad: [0; 6],
+            irq_pending: 0,
+            _pad: [0; 5],
             vflags: 0,
             cr0: 0,
             gdtr_base: 0,
@@ -295,6 +299,7 @@ impl BtBlock {
     pub const OFF_EXIT_SITE: usize = Self::OFF_BUDGET + 8;
     pub const OFF_VIF: usize = Self::OFF_EXIT_SITE + 8;
     pub const OFF_VDF: usize = Self::OFF_VIF + 1;
+    pub const OFF_IRQ_PENDING: usize = Self::OFF_VIF + 2;
     pub const OFF_VFLAGS: usize = Self::OFF_VIF + 8;
     pub const OFF_CR0: usize = Self::OFF_VFLAGS + 8;
     pub const OFF_GDTR_BASE: usize = Self::OFF_CR0 + 8;
@@ -413,6 +418,7 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, exit_site), BtBlock::OFF_EXIT_SITE);
         assert_eq!(offset_of!(BtBlock, vif), BtBlock::OFF_VIF);
         assert_eq!(offset_of!(BtBlock, vdf), BtBlock::OFF_VDF);
+        assert_eq!(offset_of!(BtBlock, irq_pending), BtBlock::OFF_IRQ_PENDING);
         assert_eq!(offset_of!(BtBlock, vflags), BtBlock::OFF_VFLAGS);
         assert_eq!(offset_of!(BtBlock, cr0), BtBlock::OFF_CR0);
         assert_eq!(offset_of!(BtBlock, gdtr_base), BtBlock::OFF_GDTR_BASE);

@@ -82,6 +82,10 @@ pub struct Counts {
 enum VirtualOp {
     /// cli: the virtual IF byte to 0 (CPL 0 only).
     Cli,
+    /// sti: the virtual IF byte to 1 (CPL 0 only), unless an interrupt is
+    /// pending (`BtBlock::irq_pending`): then the runtime runs it, and
+    /// delivers the interrupt after the shadow.
+    Sti,
     /// cld/std: the virtual DF byte.
     SetDf(u8),
     /// pushf: arithmetic flags from the host, the rest virtual.
@@ -254,6 +258,28 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
             host_form(&mut insn);
         }
         let plan = if insn.is_invalid() { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
+        if plan == Plan::Virtual(VirtualOp::Sti) {
+            // The instruction after sti runs before any interrupt (the
+            // shadow): it ends the TU, so that the dispatcher looks only
+            // after it. One that is not translated (hlt, most often) leaves
+            // sti to the runtime, which keeps the shadow itself.
+            let next = (out.len() + 1 < limit && dec.can_decode()).then(|| {
+                let mut next = dec.decode();
+                if mode.bits != 64 {
+                    host_form(&mut next);
+                }
+                let plan = if next.is_invalid() { Plan::Stop } else { plan_insn(&next, mode, &mut info) };
+                (next, plan)
+            });
+            match next {
+                Some((next, next_plan)) if next_plan != Plan::Stop => {
+                    out.push((insn, plan));
+                    out.push((next, next_plan));
+                }
+                _ => out.push((insn, Plan::Stop)),
+            }
+            break;
+        }
         out.push((insn, plan));
         if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem) {
             break;
@@ -500,6 +526,7 @@ fn plan_virtual(insn: &Instruction, mode: Mode) -> Option<VirtualOp> {
         };
     let op = match insn.mnemonic() {
         Mnemonic::Cli if mode.cpl0 => VirtualOp::Cli,
+        Mnemonic::Sti if mode.cpl0 => VirtualOp::Sti,
         Mnemonic::Cld => VirtualOp::SetDf(0),
         Mnemonic::Std => VirtualOp::SetDf(1),
         Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => {
@@ -1391,6 +1418,23 @@ impl Emitter {
     fn virtual_op(&mut self, insn: &Instruction, op: VirtualOp, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         match op {
             VirtualOp::Cli => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VIF as i32], 0),
+            VirtualOp::Sti => {
+                // Flag-free: the pending byte through RCX and jrcxz.
+                let pending = self.a.new_dynamic_label();
+                let quiet = self.a.new_dynamic_label();
+                self.save_rcx();
+                dynasm!(self.a
+                    ; .arch x64
+                    ; gs movzx ecx, BYTE [BtBlock::OFF_IRQ_PENDING as i32]
+                    ; jrcxz =>quiet
+                    ; jmp =>pending
+                    ; =>quiet
+                );
+                self.load_rcx();
+                dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VIF as i32], 1);
+                // The exit restores RCX as after a probe's miss.
+                self.misses.push(Miss { label: pending, rip: insn.ip(), scratch: Vec::new(), flags_pushed: false });
+            }
             VirtualOp::SetDf(v) => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VDF as i32], v as i8),
             VirtualOp::Pushf => self.pushf(insn, info),
             VirtualOp::Read(r) => {

@@ -846,6 +846,7 @@ impl Vcpu {
         b.host_flags = (f & rflags::ARITH) | rflags::FIXED1;
         b.vif = (f & rflags::IF != 0) as u8;
         b.vdf = (f & rflags::DF != 0) as u8;
+        b.irq_pending = self.platform.intr_pending() as u8;
         b.vflags = (f & !(rflags::ARITH | rflags::IF | rflags::DF | rflags::RF | rflags::VM)) | rflags::FIXED1;
         let c = &self.cpu;
         b.cr0 = c.cr0;

@@ -1044,3 +1044,69 @@ fn cmpxchg16b_matches_the_interpreter() {
     assert_eq!(results[0].0[10], 100, "every first exchange succeeded");
     assert_eq!(results[0].0[11], 0, "every second one failed");
 }
+
+/// A machine whose interrupt line is always up but never names a vector
+/// (an interrupt that goes away before the CPU takes it).
+struct SpuriousLine;
+
+impl crate::Platform for SpuriousLine {
+    fn io_in(&mut self, _port: u16, _size: u8) -> u32 {
+        u32::MAX
+    }
+    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
+    fn intr_pending(&mut self) -> bool {
+        true
+    }
+    fn intr_ack(&mut self) -> Option<u8> {
+        None
+    }
+    fn service(&mut self) {}
+    fn stop_requested(&self) -> bool {
+        false
+    }
+}
+
+/// `sti` followed by an instruction the CCF runs is inline, the TU ending
+/// after that instruction (the shadow); with an interrupt pending at the
+/// entry it leaves for the runtime, which keeps the shadow; before a `hlt`
+/// (which the runtime runs) it is the runtime's too. Results are the
+/// interpreter's either way. (sti was 115k callouts of an amd64 boot.)
+#[test]
+fn sti_is_inline_unless_an_interrupt_is_pending() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esp, DATA as u32).unwrap();
+    a.mov(ecx, 10).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.cli().unwrap();
+    a.add(ebx, ecx).unwrap();
+    a.sti().unwrap();
+    a.pushfd().unwrap(); // in the shadow: IF already set in the image
+    a.pop(eax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.cli().unwrap();
+    a.sti().unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for line_up in [false, true] {
+        let mut results = Vec::new();
+        for bt in [None, Some(64 << 20)] {
+            let mut v = vcpu(&code, bt);
+            if line_up {
+                v.platform = Box::new(SpuriousLine);
+            }
+            run(&mut v);
+            if let Some(b) = v.bt.as_ref() {
+                let stis = b.stats.callouts.get(&iced_x86::Mnemonic::Sti).copied().unwrap_or(0);
+                let want = if line_up { 11 } else { 0 };
+                assert_eq!(stis, want, "sti callouts with the line {}: {:?}", if line_up { "up" } else { "down" }, b.stats.callouts);
+            }
+            results.push((v.cpu.regs.gpr, v.cpu.regs.rflags));
+        }
+        assert_eq!(results[0], results[1], "line up: {line_up}");
+        assert_eq!(results[1].0[0] & 0x200, 0x200, "the image pushed in the shadow has IF");
+        assert_eq!(results[1].0[3], 55);
+    }
+}
