@@ -4,7 +4,10 @@
 //! code jumping to host code, with no counter on the way. To look at the
 //! clock and the interrupt lines again, the vCPU is *kicked*: a helper
 //! thread (the [`Kicker`]) sleeps until the platform's next deadline (or at
-//! most [`KICK_PERIOD`]) and then sends the vCPU thread `SIGURG`. The
+//! most [`KICK_PERIOD`]; it looks at the deadline the vCPU publishes every
+//! [`KICK_LOOK`]), gives the vCPU [`KICK_GRACE`] to show that it
+//! passes through the dispatcher (which then polls by itself), and only if
+//! it stayed in one run of compiled code sends the vCPU thread `SIGURG`. The
 //! handler finds the CCF the thread was interrupted in (the [`KickMap`]
 //! names, for every 64-byte piece of the code cache, the chainable exit
 //! stubs of the TU there) and unchains those stubs, and zeroes the chain
@@ -24,8 +27,14 @@ use btvmm_translator::templates::UNCHAINED_JUMP;
 /// The longest a chain of CCFs runs without the dispatcher looking at the
 /// platform's events (console input, a stop request) when no timer is due.
 pub const KICK_PERIOD: Duration = Duration::from_millis(10);
+/// How often the kicker looks at the deadline the vCPU published (so a
+/// timer is at most this late in a loop of compiled code).
+pub const KICK_LOOK: Duration = Duration::from_millis(1);
 /// How soon a kick that has not been taken is sent again.
 pub const KICK_RETRY: Duration = Duration::from_micros(200);
+/// How long a vCPU that is due may take to show it passes through the
+/// dispatcher before it is kicked.
+pub const KICK_GRACE: Duration = Duration::from_micros(50);
 /// Code-cache granule the map keeps one entry for (slots start on it).
 const GRANULE: usize = 64;
 
@@ -166,8 +175,11 @@ struct Shared {
     deadline: AtomicU64,
     /// A kick was sent and not yet taken.
     pending: AtomicBool,
-    /// The vCPU is in compiled code (kicks elsewhere wait for it).
-    in_ccf: AtomicBool,
+    /// Bumped by the vCPU as it enters compiled code and as it leaves: odd
+    /// while it is in. The same odd value a while later means it stayed in
+    /// one run of chained CCFs (only then is a kick needed: a vCPU passing
+    /// through the dispatcher polls the clock and its events itself).
+    runs: AtomicU64,
     stop: AtomicBool,
     sent: AtomicU64,
 }
@@ -185,7 +197,7 @@ impl Kicker {
             origin: Instant::now(),
             deadline: AtomicU64::new(u64::MAX),
             pending: AtomicBool::new(false),
-            in_ccf: AtomicBool::new(false),
+            runs: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             sent: AtomicU64::new(0),
         });
@@ -196,15 +208,13 @@ impl Kicker {
         Ok(Kicker { shared, thread: Some(thread) })
     }
 
-    /// The next moment the dispatcher must look (host time), if any.
+    /// The next moment the dispatcher must look (host time), if any. A
+    /// plain store: the kicker looks at it at least every [`KICK_LOOK`]
+    /// (waking the kicker here, at every earlier deadline, cost the vCPU a
+    /// system call on its hot path).
     pub fn set_deadline(&self, at: Option<Instant>) {
         let ns = at.map_or(u64::MAX, |t| t.saturating_duration_since(self.shared.origin).as_nanos() as u64);
-        let old = self.shared.deadline.swap(ns, Ordering::Relaxed);
-        if ns < old {
-            if let Some(t) = &self.thread {
-                t.thread().unpark();
-            }
-        }
+        self.shared.deadline.store(ns, Ordering::Relaxed);
     }
 
     /// Whether a kick came since the last call (the dispatcher then polls).
@@ -213,10 +223,11 @@ impl Kicker {
         self.shared.pending.load(Ordering::Relaxed) && self.shared.pending.swap(false, Ordering::Acquire)
     }
 
-    /// The vCPU enters (true) or leaves (false) compiled code.
+    /// The vCPU enters or leaves compiled code (it is the only writer).
     #[inline]
-    pub fn in_ccf(&self, yes: bool) {
-        self.shared.in_ccf.store(yes, Ordering::Relaxed);
+    pub fn enter_or_leave_ccf(&self) {
+        let runs = &self.shared.runs;
+        runs.store(runs.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     /// Kick signals sent so far.
@@ -236,6 +247,14 @@ impl Drop for Kicker {
 }
 
 fn kick_loop(s: &Shared, pid: libc::pid_t, tid: libc::pid_t) {
+    // The kicker only ever runs on a CPU nothing else wants: woken on the
+    // vCPU's core, it would preempt the vCPU for a few microseconds, which
+    // a guest timing a loop sees (Linux's PIT calibration of the TSC gives
+    // up on one iteration 10 times slower than the fastest).
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only this thread's scheduling policy; a failure
+    // leaves it as it was.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
     let ns = || s.origin.elapsed().as_nanos() as u64;
     let period = KICK_PERIOD.as_nanos() as u64;
     let mut last = ns();
@@ -243,16 +262,17 @@ fn kick_loop(s: &Shared, pid: libc::pid_t, tid: libc::pid_t) {
         let now = ns();
         let deadline = s.deadline.load(Ordering::Relaxed).min(last.saturating_add(period));
         if now < deadline {
-            std::thread::park_timeout(Duration::from_nanos(deadline - now));
+            std::thread::park_timeout(Duration::from_nanos(deadline - now).min(KICK_LOOK));
             continue;
         }
-        if !s.in_ccf.load(Ordering::Relaxed) {
-            // The dispatcher polls on its own; look again soon, in case the
-            // vCPU enters compiled code right after this look.
-            std::thread::park_timeout(KICK_RETRY * 5);
-            if !s.pending.load(Ordering::Relaxed) {
-                last = ns();
-            }
+        // Due. A vCPU that passes through the dispatcher meanwhile polls
+        // by itself (and publishes its next deadline): no signal for it,
+        // which would only stretch what the guest measures between two
+        // port reads (Linux's PIT calibration of the TSC).
+        let runs = s.runs.load(Ordering::Relaxed);
+        std::thread::park_timeout(KICK_GRACE);
+        if runs % 2 == 0 || s.runs.load(Ordering::Relaxed) != runs {
+            last = ns();
             continue;
         }
         s.pending.store(true, Ordering::Release);

@@ -871,9 +871,9 @@ impl Vcpu {
         b.fpu_enter = bt.fpu_load;
         bt.stats.entries += 1;
         let kicker = bt.kicking.as_ref().map(|(k, _)| k);
-        kicker.inspect(|k| k.in_ccf(true));
+        kicker.inspect(|k| k.enter_or_leave_ccf());
         (bt.entry)();
-        kicker.inspect(|k| k.in_ccf(false));
+        kicker.inspect(|k| k.enter_or_leave_ccf());
         let b = &*bt.block;
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);
