@@ -890,32 +890,35 @@ fn a_dropped_engine_leaves_no_fault_range_behind() {
     }
 }
 
-/// A machine with one timer: due `after` the start, it stops the VM when
-/// serviced.
-struct OneTimer {
-    at: std::time::Instant,
+/// A machine for the tests below: one timer, due at `stop_at`, stops the
+/// VM when serviced; with `line_up` the interrupt line is always up but
+/// never names a vector (an interrupt gone before the CPU takes it).
+#[derive(Default)]
+struct TestMachine {
+    stop_at: Option<std::time::Instant>,
     fired: bool,
+    line_up: bool,
 }
 
-impl crate::Platform for OneTimer {
+impl crate::Platform for TestMachine {
     fn io_in(&mut self, _port: u16, _size: u8) -> u32 {
         u32::MAX
     }
     fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
     fn intr_pending(&mut self) -> bool {
-        false
+        self.line_up
     }
     fn intr_ack(&mut self) -> Option<u8> {
         None
     }
     fn service(&mut self) {
-        self.fired |= std::time::Instant::now() >= self.at;
+        self.fired |= self.stop_at.is_some_and(|at| std::time::Instant::now() >= at);
     }
     fn stop_requested(&self) -> bool {
         self.fired
     }
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        (!self.fired).then_some(self.at)
+        self.stop_at.filter(|_| !self.fired)
     }
 }
 
@@ -937,7 +940,7 @@ fn a_chained_loop_is_kicked_out_when_a_timer_is_due() {
         let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
         mem.write(CODE, &[0xfa, 0xeb, 0xfe]); // cli; jmp $
         let at = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        let mut v = Vcpu::new(mem, Box::new(OneTimer { at, fired: false }));
+        let mut v = Vcpu::new(mem, Box::new(TestMachine { stop_at: Some(at), ..Default::default() }));
         v.cpu.set_flat_protected32(CODE as u32);
         v.enable_bt(64 << 20).expect("translator");
         let exit = v.run(&EventSignal::new(), None);
@@ -1045,27 +1048,6 @@ fn cmpxchg16b_matches_the_interpreter() {
     assert_eq!(results[0].0[11], 0, "every second one failed");
 }
 
-/// A machine whose interrupt line is always up but never names a vector
-/// (an interrupt that goes away before the CPU takes it).
-struct SpuriousLine;
-
-impl crate::Platform for SpuriousLine {
-    fn io_in(&mut self, _port: u16, _size: u8) -> u32 {
-        u32::MAX
-    }
-    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
-    fn intr_pending(&mut self) -> bool {
-        true
-    }
-    fn intr_ack(&mut self) -> Option<u8> {
-        None
-    }
-    fn service(&mut self) {}
-    fn stop_requested(&self) -> bool {
-        false
-    }
-}
-
 /// `sti` followed by an instruction the CCF runs is inline, the TU ending
 /// after that instruction (the shadow); with an interrupt pending at the
 /// entry it leaves for the runtime, which keeps the shadow; before a `hlt`
@@ -1095,7 +1077,7 @@ fn sti_is_inline_unless_an_interrupt_is_pending() {
         for bt in [None, Some(64 << 20)] {
             let mut v = vcpu(&code, bt);
             if line_up {
-                v.platform = Box::new(SpuriousLine);
+                v.platform = Box::new(TestMachine { line_up: true, ..Default::default() });
             }
             run(&mut v);
             if let Some(b) = v.bt.as_ref() {

@@ -174,14 +174,20 @@ impl Tlb {
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
         self.record(if keep_global { Dropped::NonGlobal } else { Dropped::All });
+        self.retain(|e| keep_global && e.global);
+        if !keep_global {
+            self.large.clear();
+        }
+    }
+
+    /// Empties every entry of the tables in use that `keep` rejects; a
+    /// table left with nothing is marked unused (flushes skip it).
+    fn retain(&mut self, keep: impl Fn(&TlbEntry) -> bool) {
         for (tables, used) in self.entries.iter_mut().zip(self.used.iter_mut()) {
-            for (table, used) in tables.iter_mut().zip(used.iter_mut()) {
-                if !*used {
-                    continue;
-                }
+            for (table, used) in tables.iter_mut().zip(used.iter_mut()).filter(|(_, used)| **used) {
                 let mut kept = false;
                 for (i, e) in table.iter_mut().enumerate() {
-                    if keep_global && e.global {
+                    if keep(e) {
                         kept = true;
                     } else {
                         *e = TlbEntry::empty(i % TLB_SIZE);
@@ -189,9 +195,6 @@ impl Tlb {
                 }
                 *used = kept;
             }
-        }
-        if !keep_global {
-            self.large.clear();
         }
     }
 
@@ -202,15 +205,7 @@ impl Tlb {
         if let Some((base, size)) = large {
             self.large.remove(&(base, size));
             self.record(Dropped::Large(base, size));
-            for (tables, used) in self.entries.iter_mut().zip(self.used.iter()) {
-                for (table, _) in tables.iter_mut().zip(used.iter()).filter(|(_, used)| **used) {
-                    for (i, e) in table.iter_mut().enumerate() {
-                        if e.tag & !(size - 1) == base {
-                            *e = TlbEntry::empty(i % TLB_SIZE);
-                        }
-                    }
-                }
-            }
+            self.retain(|e| e.tag & !(size - 1) != base);
             return;
         }
         let page = lin & !0xfff;
