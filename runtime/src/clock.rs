@@ -62,7 +62,9 @@ fn measure_tsc_rate_q32(mut now_ns: impl FnMut() -> u64, mut tsc: impl FnMut() -
     (((c1.wrapping_sub(c0) as u128) << 32) / ns as u128) as u64
 }
 
-fn host_tsc() -> u64 {
+/// The host's time stamp counter.
+#[inline]
+pub fn host_tsc() -> u64 {
     // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
@@ -187,6 +189,16 @@ impl GuestClock {
     /// The host `Instant` at which the guest clock reads `guest`.
     pub fn to_host(&self, guest: Instant) -> Instant {
         guest + self.stolen()
+    }
+
+    /// The host TSC value at which the guest clock reads `guest`, if no
+    /// more host time is hidden from the guest before then: comparing it
+    /// with [`host_tsc`] tells whether a deadline may have come for the
+    /// price of one instruction.
+    pub fn host_tsc_at(&self, guest: Instant) -> u64 {
+        let ahead = self.to_host(guest).saturating_duration_since(Instant::now());
+        let cycles = (ahead.as_nanos() * u128::from(tsc_per_ns_q32())) >> 32;
+        host_tsc().saturating_add(u64::try_from(cycles).unwrap_or(u64::MAX))
     }
 
     /// The guest TSC before the guest's own offset (IA32_TSC writes).

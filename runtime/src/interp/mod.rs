@@ -166,6 +166,9 @@ pub struct Vcpu {
     pub trap_exceptions: bool,
     /// The binary translator, when it is the engine (`enable_bt`).
     pub bt: Option<Box<crate::bt::Bt>>,
+    /// A device write since the run loop last asked the platform for its
+    /// next deadline.
+    deadline_stale: bool,
 }
 
 impl Vcpu {
@@ -185,6 +188,7 @@ impl Vcpu {
             exit: None,
             trap_exceptions: false,
             bt: None,
+            deadline_stale: false,
             align_check: false,
             profile: None,
         }
@@ -210,26 +214,30 @@ impl Vcpu {
         exit
     }
 
-    /// Tells the translator's kicker when the next deadline falls, in host
-    /// time (the guest's clock runs behind the host's by the stalls it hid).
-    fn kick_at(&self, deadline: Option<std::time::Instant>) {
+    /// Publishes the platform's next deadline (guest time): tells the
+    /// translator's kicker when it falls in host time (the guest's clock
+    /// runs behind the host's by the stalls it hid), and returns the host
+    /// TSC value from which the dispatcher must look at the clock.
+    fn publish_deadline(&self, deadline: Option<std::time::Instant>) -> u64 {
         if let Some(bt) = self.bt.as_ref() {
             bt.kick_at(deadline.map(|d| self.clock.to_host(d)));
         }
+        deadline.map_or(u64::MAX, |d| self.clock.host_tsc_at(d))
     }
 
     fn run_loop(&mut self, events: &EventSignal, budget: Option<u64>) -> VmExit {
         let limit = budget.map(|b| self.stats.instructions + b);
         let mut deadline = self.platform.next_deadline();
-        self.kick_at(deadline);
+        let mut due_tsc = self.publish_deadline(deadline);
         let mut blocks = 0u32;
         loop {
             blocks = blocks.wrapping_add(1);
-            // The clock is read every few blocks (a timer is late by at most
-            // that many blocks' worth of guest time, a few microseconds),
+            // The clock is read every few blocks, whenever the host TSC says
+            // the deadline has come (one run of translated code can last
+            // long: counting runs alone let a timer wait for milliseconds),
             // and whenever the kicker took translated code out of a loop.
             let kicked = self.bt.as_ref().is_some_and(|bt| bt.kicked());
-            let poll = kicked || blocks.is_multiple_of(TIME_POLL_BLOCKS);
+            let poll = kicked || blocks.is_multiple_of(TIME_POLL_BLOCKS) || crate::clock::host_tsc() >= due_tsc;
             let now = poll.then(|| self.clock.now());
             let due = now.is_some_and(|now| deadline.is_some_and(|d| now >= d));
             if due || events.is_raised() {
@@ -239,9 +247,10 @@ impl Vcpu {
                     return VmExit::Paused;
                 }
             }
-            if poll {
+            // Port writes may have moved the deadline (a PIT reprogrammed).
+            if poll || std::mem::take(&mut self.deadline_stale) {
                 deadline = self.platform.next_deadline();
-                self.kick_at(deadline);
+                due_tsc = self.publish_deadline(deadline);
             }
             if self.platform.stop_requested() {
                 return VmExit::Stopped;
@@ -273,7 +282,7 @@ impl Vcpu {
                 self.clock.rested();
                 self.service_devices();
                 deadline = self.platform.next_deadline();
-                self.kick_at(deadline);
+                due_tsc = self.publish_deadline(deadline);
                 self.stats.halted_ns += t.elapsed().as_nanos() as u64;
                 continue;
             }
@@ -517,6 +526,7 @@ impl Vcpu {
     pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
         let t = std::time::Instant::now();
         self.platform.io_out(port, size, value);
+        self.deadline_stale = true;
         self.stats.device_ns += t.elapsed().as_nanos() as u64;
     }
 
@@ -532,6 +542,7 @@ impl Vcpu {
     pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
         let t = std::time::Instant::now();
         self.platform.mmio_write(addr, size, value);
+        self.deadline_stale = true;
         self.stats.device_ns += t.elapsed().as_nanos() as u64;
     }
 
