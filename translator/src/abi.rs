@@ -362,32 +362,46 @@ impl ExitReason {
 /// The soft-TLB layout that emitted probes read (the runtime's `Tlb` keeps
 /// its tables in this shape; a runtime test checks it).
 pub mod tlb {
-    /// Entries per table (a power of two), indexed by linear page number.
+    /// Entries per way of a table (a power of two), indexed by linear page number.
     pub const ENTRIES: usize = 1024;
-    /// Bytes per entry.
-    pub const ENTRY_BYTES: usize = 32;
-    /// A table is two-way set associative: the second way's entry for an
-    /// index lies this many bytes after the first's (the first way holds
-    /// the newest fill, the second the entry it displaced).
-    pub const OFF_WAY2: usize = ENTRIES * ENTRY_BYTES;
-    /// The linear page address an entry maps. An empty entry's tag is a
-    /// non-canonical page above 4 GiB whose index bits are two more than
-    /// the entry's own ([`empty_tag`]): no access that looks the entry up
-    /// (its first byte's page has the entry's index, its last byte's that
-    /// or the next) can match it, which lets the probe compare by
-    /// subtraction.
-    pub const OFF_TAG: usize = 0;
-    /// Host address minus linear address.
-    pub const OFF_ADDEND: usize = 8;
+    /// A table is two-way set associative and kept as arrays of 8-byte
+    /// fields, so an index scales by 8 in one addressing mode: the tags of
+    /// the first way (the newest fill), then those of the second (the entry
+    /// the newest displaced), then the addends in the same order. The
+    /// second way's tag for an index lies this many bytes after the
+    /// first's.
+    pub const OFF_WAY2: usize = ENTRIES * 8;
+    /// An entry's addend (host address minus linear address) lies this many
+    /// bytes after its tag.
+    pub const OFF_ADDEND: usize = 2 * ENTRIES * 8;
+    /// A tag is kept complemented (`!page`), so the probe subtracts it
+    /// with one `lea`: `!page + address + size` is the last byte's offset
+    /// from the page. An empty entry's page is a non-canonical one above
+    /// 4 GiB whose index bits are two more than the entry's own
+    /// ([`empty_tag`]): no access that looks the entry up (its first byte's
+    /// page has the entry's index, its last byte's that or the next) can
+    /// match it.
+    pub const fn stored_tag(page: u64) -> u64 {
+        !page
+    }
     /// The bits of a linear address that index the table (page number mod
     /// `ENTRIES`, in place), and the page bits.
     pub const INDEX_MASK: u64 = ((ENTRIES - 1) << 12) as u64;
     pub const PAGE_MASK: u64 = !0xfff;
 
-    /// The tag of an empty entry at `index`.
+    /// The page an empty entry at `index` maps (before complementing).
     pub const fn empty_tag(index: usize) -> u64 {
         (1 << 63) | ((((index + 2) & (ENTRIES - 1)) as u64) << 12)
     }
+
+    /// In 32-bit CCFs, which leave R8..R15 to the VMM, host registers that
+    /// hold the probe's constants for the whole run, loaded by the entry
+    /// from the block's GPR slots (the dispatcher puts them there): the
+    /// read and write tables, and the index and page masks.
+    pub const R32_READ_TABLE: u8 = 12;
+    pub const R32_WRITE_TABLE: u8 = 13;
+    pub const R32_INDEX_MASK: u8 = 14;
+    pub const R32_PAGE_MASK: u8 = 8;
 }
 
 #[cfg(test)]

@@ -968,7 +968,7 @@ impl Emitter {
             }
             return self.encode(insn);
         }
-        let scratch = pick_scratch(insn, info, 1);
+        let scratch = pick_scratch(insn, info, 1, self.mode.bits);
         let s = scratch[0];
         let mut copy = *insn;
         substitute_rsp(&mut copy, s);
@@ -1041,7 +1041,7 @@ impl Emitter {
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
             || gpr_number(insn.memory_index()) == Some(RSP)
             || (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
-        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 });
+        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         let s_rsp = uses_rsp.then(|| scratch[2]);
         // The rewritten instruction first: if it cannot be encoded, nothing
@@ -1066,26 +1066,40 @@ impl Emitter {
             body.set_code(code);
         }
         body.set_memory_base(GPR64[s0 as usize]);
-        body.set_memory_index(Register::None);
-        body.set_memory_index_scale(1);
         body.set_memory_displacement64(0);
         body.set_memory_displ_size(0);
         body.set_segment_prefix(Register::None);
-        let body_bytes = if !original {
-            let slot = if then == MemBody::Value { scratch_off(VALUE_SLOT) } else { BtBlock::OFF_RIP as i32 };
-            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-            match size {
-                1 => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
-                2 => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0)]),
-                4 => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0)]),
-                _ => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]),
+        // The host address is s0 + s1 after the probe (the addend in s1),
+        // which the rewritten instruction takes as base and index; an
+        // encoding without an index takes it folded into s0.
+        let encode_body = |index: Option<u8>| -> Result<Vec<u8>, Unencodable> {
+            if !original {
+                let slot = if then == MemBody::Value { scratch_off(VALUE_SLOT) } else { BtBlock::OFF_RIP as i32 };
+                let i = index.unwrap_or(s1);
+                let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+                match (size, index.is_some()) {
+                    (1, true) => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0) + Rq(i)]),
+                    (2, true) => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0) + Rq(i)]),
+                    (4, true) => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0) + Rq(i)]),
+                    (_, true) => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0) + Rq(i)]),
+                    (1, false) => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
+                    (2, false) => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0)]),
+                    (4, false) => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0)]),
+                    (_, false) => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]),
+                }
+                dynasm!(a ; .arch x64 ; gs mov QWORD [slot], Rq(s1));
+                return a.finalize().map_err(|_| Unencodable);
             }
-            dynasm!(a ; .arch x64 ; gs mov QWORD [slot], Rq(s1));
-            a.finalize().map_err(|_| Unencodable)?
-        } else {
+            let mut b = body;
+            b.set_memory_index(index.map_or(Register::None, |i| GPR64[i as usize]));
+            b.set_memory_index_scale(1);
             let mut enc = Encoder::new(64);
-            enc.encode(&body, 0).map_err(|_| Unencodable)?;
-            enc.take_buffer()
+            enc.encode(&b, 0).map_err(|_| Unencodable)?;
+            Ok(enc.take_buffer())
+        };
+        let (body_bytes, fold) = match encode_body(Some(s1)) {
+            Ok(b) => (b, false),
+            Err(_) => (encode_body(None)?, true),
         };
 
         // s0 and s1 stay borrowed after the instruction, for the next one,
@@ -1125,7 +1139,7 @@ impl Emitter {
             );
             self.misses.push(Miss { label: misaligned, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: false });
         }
-        let miss = self.probe(s0, s1, size, write, !uses_rcx);
+        let miss = self.probe(s0, s1, size, write, !uses_rcx, fold);
         self.bytes(&body_bytes);
         if let Some(r) = s_rsp {
             if writes_rsp(insn, info) {
@@ -1154,45 +1168,57 @@ impl Emitter {
         }
     }
 
-    /// The inline soft-TLB probe: turns the linear address in `s0` into a
-    /// host address, using `s1` and RCX (put aside by `save_rcx`, in the
-    /// block and back before anything else runs), leaving the flags alone;
-    /// jumps to the returned label when the access of `size` bytes has no
-    /// entry (a miss, or one crossing a page), RCX still put aside.
+    /// The inline soft-TLB probe: finds the host address of the access of
+    /// `size` bytes at the linear address in `s0`, using `s1` and RCX (put
+    /// aside by `save_rcx`, in the block and back before anything else
+    /// runs), leaving the flags alone. On a hit the host address is
+    /// `s0 + s1` (`s1` holds the entry's addend), or `s0` alone with
+    /// `fold`. Jumps to the returned label when the access has no entry (a
+    /// miss, or one crossing a page), RCX still put aside.
     ///
     /// The entry is the table's at the index bits of the address; it maps
     /// the access if the last byte lies in the page of its tag, that is
     /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
-    /// takes the bits, `not` and `lea` subtract, `jrcxz` tests.
+    /// takes the bits, `lea` subtracts (tags are kept complemented),
+    /// `jrcxz` tests. In 32-bit code the tables and masks stay in
+    /// registers (`tlb::R32_*`); in 64-bit code they are read from the block.
     ///
     /// With `keep_rcx`, RCX stays borrowed after a hit (see `rcx_borrowed`).
-    fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, keep_rcx: bool) -> DynamicLabel {
+    fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, keep_rcx: bool, fold: bool) -> DynamicLabel {
         debug_assert!(s0 != 1 && s1 != 1, "RCX is the probe's own");
-        let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
-        let masks = BtBlock::OFF_TLB_MASKS as i32;
         let miss = self.a.new_dynamic_label();
         let hit = self.a.new_dynamic_label();
         let second = self.a.new_dynamic_label();
-        const _: () = assert!(tlb::ENTRY_BYTES == 32);
         if !self.rcx_borrowed {
             self.save_rcx();
         }
-        dynasm!(self.a
-            ; .arch x64
-            ; gs pext Rq(s1), Rq(s0), QWORD [masks]
-            ; lea Rq(s1), [Rq(s1) * 4]
-            ; gs mov rcx, QWORD [table]
-            ; lea Rq(s1), [rcx + Rq(s1) * 8]
-        );
+        if self.mode.bits == 32 {
+            let table = if write { tlb::R32_WRITE_TABLE } else { tlb::R32_READ_TABLE };
+            dynasm!(self.a
+                ; .arch x64
+                ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)
+                ; lea Rq(s1), [Rq(table) + Rq(s1) * 8]
+            );
+        } else {
+            let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
+            dynasm!(self.a
+                ; .arch x64
+                ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]
+                ; gs mov rcx, QWORD [table]
+                ; lea Rq(s1), [rcx + Rq(s1) * 8]
+            );
+        }
         self.tag_mismatch(s0, s1, 0, size);
         dynasm!(self.a
             ; .arch x64
             ; jrcxz =>hit
             ; jmp =>second
             ; =>hit
-            ; mov rcx, QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
-            ; lea Rq(s0), [Rq(s0) + rcx]
+            ; mov Rq(s1), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
         );
+        if fold {
+            dynasm!(self.a ; .arch x64 ; lea Rq(s0), [Rq(s0) + Rq(s1)]);
+        }
         self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size });
         self.rcx_borrowed = keep_rcx;
         if !keep_rcx {
@@ -1201,17 +1227,21 @@ impl Emitter {
         miss
     }
 
-    /// RCX = the page bits of (last byte - tag) for the entry at `s1 + way`:
-    /// zero if it maps the access of `size` bytes at `s0` (flag-free).
+    /// RCX = the page bits of (last byte - tag) for the entry whose tag is
+    /// at `s1 + way`: zero if it maps the access of `size` bytes at `s0`
+    /// (flag-free).
     fn tag_mismatch(&mut self, s0: u8, s1: u8, way: i32, size: i32) {
-        let masks = BtBlock::OFF_TLB_MASKS as i32;
-        dynasm!(self.a
-            ; .arch x64
-            ; mov rcx, QWORD [Rq(s1) + way + tlb::OFF_TAG as i32]
-            ; not rcx
-            ; lea rcx, [rcx + Rq(s0) + size]
-            ; gs pext rcx, rcx, QWORD [masks + 8]
-        );
+        if way == 0 {
+            dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1)]);
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1) + way]);
+        }
+        dynasm!(self.a ; .arch x64 ; lea rcx, [rcx + Rq(s0) + size]);
+        if self.mode.bits == 32 {
+            dynasm!(self.a ; .arch x64 ; pext rcx, rcx, Rq(tlb::R32_PAGE_MASK));
+        } else {
+            dynasm!(self.a ; .arch x64 ; gs pext rcx, rcx, QWORD [BtBlock::OFF_TLB_MASKS as i32 + 8]);
+        }
     }
 
     /// The probes' second-way looks (see `SecondWay`), out of line.
@@ -1253,7 +1283,7 @@ impl Emitter {
         self.spill(scratch);
         self.load_rsp(s0, delta);
         self.add_segment_base(s0, s1, seg::SS);
-        self.probe(s0, s1, size, write, false)
+        self.probe(s0, s1, size, write, false, true)
     }
 
     /// Guest RSP += `delta` (at the stack width), through `tmp`.
@@ -1279,7 +1309,7 @@ impl Emitter {
     /// push reg/imm, or the return address of a call: writes below RSP,
     /// then moves RSP.
     fn push(&mut self, insn: &Instruction, value: Result<u8, i64>, size: i32, info: &mut InstructionInfoFactory) {
-        let scratch = pick_scratch(insn, info, 2);
+        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
         // s1 stays borrowed for a 64-bit immediate; restored after the store.
         let miss = self.stack_slot(&scratch, -size, size, true);
         self.store(scratch[0], scratch[1], size, value);
@@ -1301,7 +1331,7 @@ impl Emitter {
     /// which pushes RSP from before the push; a value read from memory),
     /// through a third scratch register: stored below RSP, then RSP moved.
     fn push_from_block(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory, off: i32) {
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let s2 = scratch[2];
         if self.holds_guest(s2) {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(s2));
@@ -1318,7 +1348,7 @@ impl Emitter {
     fn pop(&mut self, insn: &Instruction, dst: Register, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let size = dst.size() as i32;
         let n = gpr_number(dst).ok_or(Unencodable)?;
-        let scratch = pick_scratch(insn, info, 2);
+        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
         let miss = self.stack_slot(&scratch, 0, size, false);
         self.unspill_one(scratch[1], 1);
         let s0 = scratch[0];
@@ -1338,7 +1368,7 @@ impl Emitter {
     fn ret(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
         let size = (self.mode.bits / 8) as i32;
         let extra = if insn.op_count() > 0 { insn.immediate16() as i32 } else { 0 };
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let miss = self.stack_slot(&scratch, 0, size, false);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         if size == 8 {
@@ -1381,7 +1411,7 @@ impl Emitter {
     /// An indirect jump or call to the target in register `r`, or already
     /// in the block's RIP if `None`.
     fn indirect(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory, r: Option<u8>) -> Result<(), Unencodable> {
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         dynasm!(self.a
             ; .arch x64
@@ -1469,7 +1499,7 @@ impl Emitter {
         let table = matches!(r, SysReg::Gdtr | SysReg::Idtr);
         let size = if table { 10 } else { 2 };
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP);
-        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 });
+        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
         let s_rsp = uses_rsp.then(|| scratch[2]);
@@ -1478,7 +1508,7 @@ impl Emitter {
         }
         self.address(insn, s0, s_rsp)?;
         self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
-        let miss = self.probe(s0, s1, size, true, false);
+        let miss = self.probe(s0, s1, size, true, false, true);
         dynasm!(self.a
             ; .arch x64
             ; gs mov Rw(s1), WORD [off]
@@ -1501,7 +1531,7 @@ impl Emitter {
     /// DF bytes, and the other virtual bits (RF and VM read as 0).
     fn pushf(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
         let size = -insn.stack_pointer_increment();
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let (s0, s1, v) = (scratch[0], scratch[1], scratch[2]);
         // pushfq saves the guest's flags for the whole sequence and gives
         // their arithmetic part.
@@ -1521,7 +1551,7 @@ impl Emitter {
         );
         self.load_rsp(s0, -size);
         self.add_segment_base(s0, s1, seg::SS);
-        let miss = self.probe(s0, s1, size, true, false);
+        let miss = self.probe(s0, s1, size, true, false, true);
         self.store(s0, s1, size, Ok(v));
         self.move_rsp(s0, -size);
         self.unspill(&scratch);
@@ -1542,7 +1572,7 @@ impl Emitter {
         let scan = matches!(insn.mnemonic(), M::Scasb | M::Scasw | M::Scasd | M::Scasq);
         let size = insn.memory_size().size() as i32;
         let (index, segment) = if store || scan { (7u8, seg::ES) } else { (6u8, seg_index(insn.memory_segment())) };
-        let scratch = pick_scratch(insn, info, 2);
+        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
         let miss = self.string_address(s0, s1, index, segment, size, store);
@@ -1576,7 +1606,7 @@ impl Emitter {
             dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(index));
         }
         self.add_segment_base(s0, s1, segment);
-        self.probe(s0, s1, size, write, false)
+        self.probe(s0, s1, size, write, false, true)
     }
 
     /// Moves the index registers `indexes` by `size`, down if the virtual
@@ -1607,7 +1637,7 @@ impl Emitter {
     /// the runtime, nothing done), then moves both indexes.
     fn string_pair(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory, compare: bool) {
         let size = insn.memory_size().size() as i32;
-        let scratch = pick_scratch(insn, info, 3);
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
         self.spill(&scratch);
         for (index, segment, second) in [(6u8, seg_index(insn.memory_segment()), false), (7u8, seg::ES, true)] {
@@ -1680,7 +1710,7 @@ impl Emitter {
 /// `count` host registers the instruction does not use, to borrow. The
 /// first one is the new memory base; if the instruction names AH..BH it
 /// cannot take a REX prefix, so that one is picked among the first eight.
-fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: usize) -> Vec<u8> {
+fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: usize, bits: u32) -> Vec<u8> {
     let mut used = 1u16 << RSP;
     for u in info.info(insn).used_registers() {
         if let Some(n) = gpr_number(u.register()) {
@@ -1689,7 +1719,11 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
     }
     let high_byte = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i)));
     // Never RCX: the soft-TLB probe borrows it on its own (see `probe`);
-    // never R15, where 32-bit code keeps RCX meanwhile (`save_rcx`).
+    // never R15, where 32-bit code keeps RCX meanwhile (`save_rcx`), nor
+    // in 32-bit code the registers that hold the probe's tables and masks.
+    if bits == 32 {
+        used |= [tlb::R32_READ_TABLE, tlb::R32_WRITE_TABLE, tlb::R32_INDEX_MASK, tlb::R32_PAGE_MASK].iter().fold(0, |m, &r| m | 1 << r);
+    }
     let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 0, 2] };
     let mut out = Vec::with_capacity(count);
     for &r in order {

@@ -841,6 +841,14 @@ impl Vcpu {
         let bt = self.bt.as_mut().expect("translator on");
         let b = &mut *bt.block;
         b.regs.gpr = self.cpu.regs.gpr;
+        if bits == 32 {
+            // No guest registers above R7: the probe's constants ride there.
+            use btvmm_translator::abi::tlb;
+            b.regs.gpr[tlb::R32_READ_TABLE as usize] = tlb_read;
+            b.regs.gpr[tlb::R32_WRITE_TABLE as usize] = tlb_write;
+            b.regs.gpr[tlb::R32_INDEX_MASK as usize] = tlb::INDEX_MASK;
+            b.regs.gpr[tlb::R32_PAGE_MASK as usize] = tlb::PAGE_MASK;
+        }
         b.regs.rip = self.cpu.regs.rip;
         let f = self.cpu.regs.rflags;
         b.host_flags = (f & rflags::ARITH) | rflags::FIXED1;

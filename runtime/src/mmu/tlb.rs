@@ -12,12 +12,11 @@
 use rustc_hash::FxHashSet;
 use super::{Access, Translation};
 
-use btvmm_translator::abi::tlb::empty_tag;
+use btvmm_translator::abi::tlb::{empty_tag, stored_tag};
 
 pub const TLB_SIZE: usize = btvmm_translator::abi::tlb::ENTRIES;
 
-/// Laid out as `btvmm_translator::abi::tlb` says: CCFs probe it inline.
-#[repr(C)]
+/// One cached translation, as the runtime reads it.
 #[derive(Clone, Copy, Debug)]
 pub struct TlbEntry {
     /// Linear page address, or `empty_tag(index)` (which no lookup that
@@ -30,25 +29,56 @@ pub struct TlbEntry {
     pub global: bool,
 }
 
-impl TlbEntry {
-    /// The empty entry at `index`.
-    const fn empty(index: usize) -> Self {
-        Self { tag: empty_tag(index), addend: 0, phys_page: u64::MAX, global: false }
-    }
-}
-
 /// Entries per table: both ways, the second after the first
 /// (`btvmm_translator::abi::tlb::OFF_WAY2`).
 const TABLE_ENTRIES: usize = 2 * TLB_SIZE;
 
-/// One empty table.
-fn empty_table() -> [TlbEntry; TABLE_ENTRIES] {
-    std::array::from_fn(|i| TlbEntry::empty(i % TLB_SIZE))
+/// One table, laid out as `btvmm_translator::abi::tlb` says (CCFs probe
+/// its tags and addends inline): each field an array over both ways.
+#[repr(C)]
+struct Table {
+    /// `stored_tag(page)`: the page complemented.
+    tags: [u64; TABLE_ENTRIES],
+    addends: [u64; TABLE_ENTRIES],
+    phys_pages: [u64; TABLE_ENTRIES],
+    globals: [bool; TABLE_ENTRIES],
+}
+
+impl Table {
+    fn empty() -> Self {
+        Table {
+            tags: std::array::from_fn(|i| stored_tag(empty_tag(i % TLB_SIZE))),
+            addends: [0; TABLE_ENTRIES],
+            phys_pages: [u64::MAX; TABLE_ENTRIES],
+            globals: [false; TABLE_ENTRIES],
+        }
+    }
+
+    fn get(&self, at: usize) -> TlbEntry {
+        TlbEntry { tag: !self.tags[at], addend: self.addends[at], phys_page: self.phys_pages[at], global: self.globals[at] }
+    }
+
+    fn set(&mut self, at: usize, e: TlbEntry) {
+        self.tags[at] = stored_tag(e.tag);
+        self.addends[at] = e.addend;
+        self.phys_pages[at] = e.phys_page;
+        self.globals[at] = e.global;
+    }
+
+    fn clear(&mut self, at: usize) {
+        self.set(at, TlbEntry { tag: empty_tag(at % TLB_SIZE), addend: 0, phys_page: u64::MAX, global: false });
+    }
+
+    /// Whether the entry at `at` maps linear page `page`.
+    fn maps(&self, at: usize, page: u64) -> bool {
+        self.tags[at] == stored_tag(page)
+    }
 }
 
 pub struct Tlb {
-    /// Indexed `[user as usize][kind as usize][way * TLB_SIZE + (page & (TLB_SIZE-1))]`.
-    entries: Box<[[[TlbEntry; TABLE_ENTRIES]; 3]; 2]>,
+    /// Indexed `[user as usize * 3 + kind as usize]`, then by
+    /// `way * TLB_SIZE + (page & (TLB_SIZE-1))`.
+    tables: Box<[Table]>,
     /// The large pages (linear base, size) with pieces entered since the
     /// last full flush: an `invlpg` inside one drops all of its 4 KiB
     /// entries (a large mapping is spread over many), one elsewhere drops
@@ -97,8 +127,8 @@ impl Default for Tlb {
 
 impl Tlb {
     pub fn new() -> Self {
-        let entries = Box::new(std::array::from_fn(|_| std::array::from_fn(|_| empty_table())));
-        Self { entries, large: FxHashSet::default(), used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
+        let tables = (0..6).map(|_| Table::empty()).collect();
+        Self { tables, large: FxHashSet::default(), used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
     }
 
     #[inline(always)]
@@ -106,28 +136,34 @@ impl Tlb {
         ((lin >> 12) as usize) & (TLB_SIZE - 1)
     }
 
+    fn table(&self, kind: Access, user: bool) -> &Table {
+        &self.tables[user as usize * 3 + kind as usize]
+    }
+
+    /// The way holding `lin`'s page in `table`, if either does.
+    #[inline(always)]
+    fn find(table: &Table, lin: u64) -> Option<usize> {
+        let (i, page) = (Self::index(lin), lin & !0xfff);
+        [i, TLB_SIZE + i].into_iter().find(|&at| table.maps(at, page))
+    }
+
     /// The host address for `lin` if the page is cached for this access.
     #[inline(always)]
     pub fn lookup(&self, lin: u64, kind: Access, user: bool) -> Option<u64> {
-        self.entry(lin, kind, user).map(|e| lin.wrapping_add(e.addend))
+        let table = self.table(kind, user);
+        Self::find(table, lin).map(|at| lin.wrapping_add(table.addends[at]))
     }
 
     /// Host address of the table translated code probes for `kind` at this privilege.
     pub fn table_addr(&self, kind: Access, user: bool) -> u64 {
-        self.entries[user as usize][kind as usize].as_ptr() as u64
+        self.table(kind, user) as *const Table as u64
     }
 
     /// The entry for `lin`, if cached (for its physical page).
     #[inline]
-    pub fn entry(&self, lin: u64, kind: Access, user: bool) -> Option<&TlbEntry> {
-        let table = &self.entries[user as usize][kind as usize];
-        let (i, page) = (Self::index(lin), lin & !0xfff);
-        if table[i].tag == page {
-            Some(&table[i])
-        } else {
-            let e = &table[TLB_SIZE + i];
-            (e.tag == page).then_some(e)
-        }
+    pub fn entry(&self, lin: u64, kind: Access, user: bool) -> Option<TlbEntry> {
+        let table = self.table(kind, user);
+        Self::find(table, lin).map(|at| table.get(at))
     }
 
     /// Caches translation `t` of `lin`, whose page is at host address `host_page`.
@@ -137,19 +173,14 @@ impl Tlb {
             self.large.insert((lin & !(t.page_size - 1), t.page_size));
         }
         self.used[user as usize][kind as usize] = true;
-        let table = &mut self.entries[user as usize][kind as usize];
+        let table = &mut self.tables[user as usize * 3 + kind as usize];
         let i = Self::index(lin);
         // The displaced entry goes to the second way (over this page's
         // entry there, if any: a page is in one way at most).
-        if table[i].tag != page {
-            table[TLB_SIZE + i] = table[i];
+        if !table.maps(i, page) {
+            table.set(TLB_SIZE + i, table.get(i));
         }
-        table[i] = TlbEntry {
-            tag: page,
-            addend: host_page.wrapping_sub(page),
-            phys_page: t.phys & !0xfff,
-            global: t.global,
-        };
+        table.set(i, TlbEntry { tag: page, addend: host_page.wrapping_sub(page), phys_page: t.phys & !0xfff, global: t.global });
     }
 
     /// A new generation, which dropped `what`.
@@ -183,18 +214,16 @@ impl Tlb {
     /// Empties every entry of the tables in use that `keep` rejects; a
     /// table left with nothing is marked unused (flushes skip it).
     fn retain(&mut self, keep: impl Fn(&TlbEntry) -> bool) {
-        for (tables, used) in self.entries.iter_mut().zip(self.used.iter_mut()) {
-            for (table, used) in tables.iter_mut().zip(used.iter_mut()).filter(|(_, used)| **used) {
-                let mut kept = false;
-                for (i, e) in table.iter_mut().enumerate() {
-                    if keep(e) {
-                        kept = true;
-                    } else {
-                        *e = TlbEntry::empty(i % TLB_SIZE);
-                    }
+        for (table, used) in self.tables.iter_mut().zip(self.used.iter_mut().flatten()).filter(|(_, used)| **used) {
+            let mut kept = false;
+            for at in 0..TABLE_ENTRIES {
+                if keep(&table.get(at)) {
+                    kept = true;
+                } else {
+                    table.clear(at);
                 }
-                *used = kept;
             }
+            *used = kept;
         }
     }
 
@@ -211,10 +240,10 @@ impl Tlb {
         let page = lin & !0xfff;
         self.record(Dropped::Page(page));
         let i = Self::index(lin);
-        for table in self.entries.iter_mut().flatten() {
+        for table in self.tables.iter_mut() {
             for at in [i, TLB_SIZE + i] {
-                if table[at].tag == page {
-                    table[at] = TlbEntry::empty(i);
+                if table.maps(at, page) {
+                    table.clear(at);
                 }
             }
         }
@@ -222,10 +251,11 @@ impl Tlb {
 
     /// Drops every write entry for a physical page that now holds code.
     pub fn protect_code_page(&mut self, phys_page: u64) {
-        for table in self.entries.iter_mut().map(|t| &mut t[Access::Write as usize]) {
-            for (i, e) in table.iter_mut().enumerate() {
-                if e.phys_page == phys_page {
-                    *e = TlbEntry::empty(i % TLB_SIZE);
+        for user in [false, true] {
+            let table = &mut self.tables[user as usize * 3 + Access::Write as usize];
+            for at in 0..TABLE_ENTRIES {
+                if table.phys_pages[at] == phys_page {
+                    table.clear(at);
                 }
             }
         }
@@ -239,11 +269,20 @@ mod tests {
     #[test]
     fn tlb_entry_layout_is_the_translator_abi() {
         use btvmm_translator::abi::tlb;
-        assert_eq!(std::mem::size_of::<TlbEntry>(), tlb::ENTRY_BYTES);
-        assert_eq!(std::mem::offset_of!(TlbEntry, tag), tlb::OFF_TAG);
-        assert_eq!(std::mem::offset_of!(TlbEntry, addend), tlb::OFF_ADDEND);
+        assert_eq!(std::mem::offset_of!(Table, tags), 0);
+        assert_eq!(std::mem::offset_of!(Table, addends), tlb::OFF_ADDEND);
         assert!(TLB_SIZE.is_power_of_two());
-        assert_eq!(tlb::OFF_WAY2, TLB_SIZE * std::mem::size_of::<TlbEntry>());
+        assert_eq!(tlb::OFF_WAY2, TLB_SIZE * 8);
+        // What a probe reads for a filled entry: the complemented page at
+        // its index, its addend OFF_ADDEND further.
+        let mut t = Tlb::new();
+        let lin = 0x1234_5000u64;
+        t.fill(lin, Access::Write, true, &Translation { phys: 0x8000, global: false, page_size: 0x1000 }, 0x7f00_0000_8000);
+        let base = t.table_addr(Access::Write, true) as *const u64;
+        let i = ((lin >> 12) as usize) & (TLB_SIZE - 1);
+        // SAFETY: both reads fall inside the table `base` points to.
+        let (tag, addend) = unsafe { (*base.add(i), *base.add(i + tlb::OFF_ADDEND / 8)) };
+        assert_eq!((tag, addend), (!lin, 0x7f00_0000_8000 - lin));
     }
 
     #[test]
