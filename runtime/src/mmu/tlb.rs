@@ -217,6 +217,10 @@ impl Tlb {
         for (table, used) in self.tables.iter_mut().zip(self.used.iter_mut().flatten()).filter(|(_, used)| **used) {
             let mut kept = false;
             for at in 0..TABLE_ENTRIES {
+                // Empty already (most entries of a table, between flushes).
+                if table.phys_pages[at] == u64::MAX {
+                    continue;
+                }
                 if keep(&table.get(at)) {
                     kept = true;
                 } else {
