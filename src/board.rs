@@ -58,6 +58,8 @@ pub struct Board {
     clock: Arc<GuestClock>,
     /// The PIC's INTR output as last seen, to wake the vCPU on a rise.
     intr_seen: bool,
+    /// A write that may have moved `next_deadline` since the vCPU last asked.
+    deadline_moved: bool,
 }
 
 impl Board {
@@ -121,6 +123,7 @@ impl Board {
             events,
             clock,
             intr_seen: false,
+            deadline_moved: false,
         })
     }
 
@@ -184,6 +187,8 @@ impl Platform for Board {
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
         self.bus.write(port, size, value);
+        // The PIT's channels and the console's flush are the deadlines.
+        self.deadline_moved |= (PIT_PORT..PIT_PORT + 4).contains(&port) || port == PORT_B || (COM1_PORT..COM1_PORT + 8).contains(&port);
         self.sync_interrupts();
     }
 
@@ -221,6 +226,10 @@ impl Platform for Board {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    fn deadline_moved(&mut self) -> bool {
+        std::mem::take(&mut self.deadline_moved)
     }
 
     fn stop_requested(&self) -> bool {
@@ -281,6 +290,21 @@ mod tests {
         ] {
             b.io_out(port, 1, value);
         }
+    }
+
+    /// The vCPU asks for the next deadline again after writes to the
+    /// devices that have one (the PIT, COM1), not after every port write.
+    #[test]
+    fn only_timer_and_console_writes_move_the_deadline() {
+        let (mut b, _, _) = board();
+        b.io_out(0x80, 1, 0x12);
+        assert!(!b.deadline_moved(), "a POST code");
+        b.io_out(0x43, 1, 0x34);
+        b.io_out(0x40, 1, 0x00);
+        assert!(b.deadline_moved(), "the PIT reprogrammed");
+        assert!(!b.deadline_moved(), "asked once");
+        b.io_out(0x3f8, 1, u32::from(b'x'));
+        assert!(b.deadline_moved(), "console output to flush");
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub trait Platform: std::any::Any {
     fn next_deadline(&self) -> Option<std::time::Instant> {
         None
     }
+    /// Whether a device write since the last call may have moved
+    /// [`Platform::next_deadline`] (a timer reprogrammed, console output
+    /// waiting to be flushed); the vCPU then asks for it again.
+    fn deadline_moved(&mut self) -> bool {
+        true
+    }
 }
 
 /// A flag raised by device threads (timers, console input) for the vCPU thread.

@@ -528,7 +528,7 @@ impl Vcpu {
     pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
         let t = std::time::Instant::now();
         self.platform.io_out(port, size, value);
-        self.deadline_stale = true;
+        self.deadline_stale |= self.platform.deadline_moved();
         self.stats.device_ns += t.elapsed().as_nanos() as u64;
     }
 
@@ -544,7 +544,7 @@ impl Vcpu {
     pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
         let t = std::time::Instant::now();
         self.platform.mmio_write(addr, size, value);
-        self.deadline_stale = true;
+        self.deadline_stale |= self.platform.deadline_moved();
         self.stats.device_ns += t.elapsed().as_nanos() as u64;
     }
 
