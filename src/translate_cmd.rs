@@ -13,7 +13,7 @@ use crate::cli::TranslateArgs;
 fn guest_bytes(args: &TranslateArgs) -> anyhow::Result<Vec<u8>> {
     if let Some(hex) = &args.hex {
         let digits: String = hex.chars().filter(|c| !c.is_whitespace() && *c != ',').collect();
-        if digits.is_empty() || digits.len() % 2 != 0 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        if digits.is_empty() || !digits.len().is_multiple_of(2) || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
             bail!("--hex wants pairs of hex digits, like \"fa 9c 0f 01 04 24\"");
         }
         return Ok((0..digits.len()).step_by(2).map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap_or(0)).collect());

@@ -271,7 +271,7 @@ fn kick_loop(s: &Shared, pid: libc::pid_t, tid: libc::pid_t) {
         // port reads (Linux's PIT calibration of the TSC).
         let runs = s.runs.load(Ordering::Relaxed);
         std::thread::park_timeout(KICK_GRACE);
-        if runs % 2 == 0 || s.runs.load(Ordering::Relaxed) != runs {
+        if runs.is_multiple_of(2) || s.runs.load(Ordering::Relaxed) != runs {
             last = ns();
             continue;
         }

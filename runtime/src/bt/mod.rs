@@ -701,7 +701,7 @@ impl Vcpu {
                 // Recency is sampled: promoting on every lookup costs more
                 // than the precision is worth.
                 if let Slot::Tu(id) = slot {
-                    if bt.stats.lookups_hit % 8 == 0 {
+                    if bt.stats.lookups_hit.is_multiple_of(8) {
                         bt.lru.promote(&id);
                     }
                 }
