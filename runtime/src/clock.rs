@@ -1,4 +1,4 @@
-//! The guest's clock: host monotonic time minus the host's stalls.
+//! The guest's clock: host monotonic time minus the host's stalls and the VMM's own work.
 //!
 //! The guest's TSC and its PIT both follow this clock, so they agree with
 //! each other exactly. When the host deschedules the vCPU thread for a few
@@ -8,9 +8,11 @@
 //! first compares the wall time since the previous read with the vCPU
 //! thread's CPU time over the same span, and *steals* the difference: guest
 //! time stops while the host was away, as it does for a VM whose vCPU was
-//! preempted. Guest time then runs slightly behind the host's under load;
-//! it never goes backwards, because only host time after the latest read
-//! is ever hidden.
+//! preempted. The VMM's own work (decoding and translating guest code, the
+//! look at the CPU-time clock itself) is hidden the same way: a guest timing
+//! a loop that runs for the first time must not see its translation. Guest
+//! time then runs slightly behind the host's; it never goes backwards,
+//! because only host time after the latest read is ever hidden.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};

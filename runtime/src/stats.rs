@@ -112,7 +112,7 @@ impl Stats {
         let list = |m: &BTreeMap<u8, u64>| {
             m.iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ")
         };
-        let _ = writeln!(s, "host stalls hidden from the guest clock: {:.3} s", self.stolen_ns as f64 / 1e9);
+        let _ = writeln!(s, "host time hidden from the guest clock (stalls, translating): {:.3} s", self.stolen_ns as f64 / 1e9);
         let _ = writeln!(s, "exceptions by vector: {}", list(&self.exceptions));
         let _ = writeln!(s, "interrupts by vector: {}", list(&self.interrupts));
         let _ = writeln!(s, "software interrupts by vector: {}", list(&self.software_interrupts));
