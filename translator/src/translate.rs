@@ -1072,34 +1072,30 @@ impl Emitter {
         // The host address is s0 + s1 after the probe (the addend in s1),
         // which the rewritten instruction takes as base and index; an
         // encoding without an index takes it folded into s0.
-        let encode_body = |index: Option<u8>| -> Result<Vec<u8>, Unencodable> {
-            if !original {
-                let slot = if then == MemBody::Value { scratch_off(VALUE_SLOT) } else { BtBlock::OFF_RIP as i32 };
-                let i = index.unwrap_or(s1);
-                let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-                match (size, index.is_some()) {
-                    (1, true) => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0) + Rq(i)]),
-                    (2, true) => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0) + Rq(i)]),
-                    (4, true) => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0) + Rq(i)]),
-                    (_, true) => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0) + Rq(i)]),
-                    (1, false) => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0)]),
-                    (2, false) => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0)]),
-                    (4, false) => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0)]),
-                    (_, false) => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0)]),
-                }
-                dynasm!(a ; .arch x64 ; gs mov QWORD [slot], Rq(s1));
-                return a.finalize().map_err(|_| Unencodable);
+        let (body_bytes, fold) = if original {
+            let encode_body = |index: Register| -> Result<Vec<u8>, Unencodable> {
+                let mut b = body;
+                b.set_memory_index(index);
+                b.set_memory_index_scale(1);
+                let mut enc = Encoder::new(64);
+                enc.encode(&b, 0).map_err(|_| Unencodable)?;
+                Ok(enc.take_buffer())
+            };
+            match encode_body(GPR64[s1 as usize]) {
+                Ok(b) => (b, false),
+                Err(_) => (encode_body(Register::None)?, true),
             }
-            let mut b = body;
-            b.set_memory_index(index.map_or(Register::None, |i| GPR64[i as usize]));
-            b.set_memory_index_scale(1);
-            let mut enc = Encoder::new(64);
-            enc.encode(&b, 0).map_err(|_| Unencodable)?;
-            Ok(enc.take_buffer())
-        };
-        let (body_bytes, fold) = match encode_body(Some(s1)) {
-            Ok(b) => (b, false),
-            Err(_) => (encode_body(None)?, true),
+        } else {
+            let slot = if then == MemBody::Value { scratch_off(VALUE_SLOT) } else { BtBlock::OFF_RIP as i32 };
+            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+            match size {
+                1 => dynasm!(a ; .arch x64 ; movzx Rd(s1), BYTE [Rq(s0) + Rq(s1)]),
+                2 => dynasm!(a ; .arch x64 ; movzx Rd(s1), WORD [Rq(s0) + Rq(s1)]),
+                4 => dynasm!(a ; .arch x64 ; mov Rd(s1), DWORD [Rq(s0) + Rq(s1)]),
+                _ => dynasm!(a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s0) + Rq(s1)]),
+            }
+            dynasm!(a ; .arch x64 ; gs mov QWORD [slot], Rq(s1));
+            (a.finalize().map_err(|_| Unencodable)?, false)
         };
 
         // s0 and s1 stay borrowed after the instruction, for the next one,

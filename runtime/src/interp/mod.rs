@@ -383,9 +383,10 @@ impl Vcpu {
         }
         let t = std::time::Instant::now();
         let decoded = self.decode_block(rip, lin, phys, bits);
-        self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
+        let spent = t.elapsed();
+        self.stats.vmm_ns += spent.as_nanos() as u64;
         // Decoding is the VMM's work: the guest's clocks do not see it.
-        self.clock.hide(t.elapsed());
+        self.clock.hide(spent);
         let block = Rc::new(decoded?);
         self.insert_block(key, block.clone());
         Ok(block)
