@@ -200,11 +200,15 @@ pub struct BtBlock {
     /// of a linear address, and the page bits ([`tlb::INDEX_MASK`],
     /// [`tlb::PAGE_MASK`]).
     pub tlb_masks: [u64; 2],
-    /// The indirect-branch translation cache: (guest RIP, CCF entry) pairs,
-    /// at [`ibtc_index`] of the RIP. Indirect branches and jumps to another
-    /// page look here before leaving for the dispatcher, which fills it and
-    /// empties it whenever the mappings, the mode or the privilege change.
-    pub ibtc: [[u64; 2]; IBTC_ENTRIES],
+    /// The indirect-branch translation caches: (guest RIP, CCF entry)
+    /// pairs, at [`ibtc_index`] of the RIP, one table for CPL 0 and one for
+    /// the other privileges ([`BtBlock::off_ibtc`]). Indirect branches and
+    /// jumps to another page look in their own privilege's table before
+    /// leaving for the dispatcher, which fills it, and empties it when the
+    /// mappings or the mode change. A guest moving between its kernel and
+    /// user mode keeps both tables, where one shared table was emptied at
+    /// every switch and refilled one exit at a time.
+    pub ibtc: [[[u64; 2]; IBTC_ENTRIES]; 2],
     /// Guest SSE state in CCFs: the guest's XSAVE area (its legacy region
     /// is an FXSAVE image), loaded into the host's XMM registers and MXCSR
     /// by the routine `fpu_enter` points at, which CCFs call before their
@@ -228,6 +232,11 @@ pub struct BtBlock {
 pub const IBTC_ENTRIES: usize = 4096;
 /// A guest RIP no lookup ever has (non-canonical, above 4 GiB): empty entries.
 pub const IBTC_EMPTY: u64 = 0x8000_0000_0000_0001;
+
+/// Which of [`BtBlock::ibtc`]'s tables code running at CPL 0 (or not) uses.
+pub const fn ibtc_table(cpl0: bool) -> usize {
+    if cpl0 { 0 } else { 1 }
+}
 
 /// The IBTC slot of a guest RIP; emitted code computes the same.
 pub const fn ibtc_index(rip: u64) -> usize {
@@ -264,7 +273,7 @@ impl Default for BtBlock {
             fault_rip: 0,
             fault_exit: 0,
             tlb_masks: [tlb::INDEX_MASK, tlb::PAGE_MASK],
-            ibtc: [[IBTC_EMPTY, 0]; IBTC_ENTRIES],
+            ibtc: [[[IBTC_EMPTY, 0]; IBTC_ENTRIES]; 2],
             fpu_area: 0,
             fpu_enter: 0,
             fpu_load: 0,
@@ -312,7 +321,13 @@ impl BtBlock {
     pub const OFF_FAULT_EXIT: usize = Self::OFF_FAULT_RIP + 8;
     pub const OFF_TLB_MASKS: usize = Self::OFF_FAULT_EXIT + 8;
     pub const OFF_IBTC: usize = Self::OFF_TLB_MASKS + 16;
-    pub const OFF_FPU_AREA: usize = Self::OFF_IBTC + IBTC_ENTRIES * 16;
+    pub const OFF_FPU_AREA: usize = Self::OFF_IBTC + 2 * IBTC_ENTRIES * 16;
+
+    /// The offset of the IBTC table code of this privilege looks in
+    /// ([`BtBlock::ibtc`]).
+    pub const fn off_ibtc(cpl0: bool) -> usize {
+        Self::OFF_IBTC + ibtc_table(cpl0) * IBTC_ENTRIES * 16
+    }
     pub const OFF_FPU_ENTER: usize = Self::OFF_FPU_AREA + 8;
     pub const OFF_FPU_LOAD: usize = Self::OFF_FPU_ENTER + 8;
     pub const OFF_FPU_READY: usize = Self::OFF_FPU_LOAD + 8;

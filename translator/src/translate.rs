@@ -777,7 +777,7 @@ impl Emitter {
             // when the dispatcher wants control back (runtime `bt::kick`).
             return (stub, 0);
         }
-        let entry = (BtBlock::OFF_IBTC + crate::abi::ibtc_index(rip) * 16) as i32;
+        let entry = (BtBlock::off_ibtc(self.mode.cpl0) + crate::abi::ibtc_index(rip) * 16) as i32;
         let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
         let miss = a.new_dynamic_label();
         let lookup_miss = a.new_dynamic_label();
@@ -820,7 +820,7 @@ impl Emitter {
     /// `t` is clobbered; on a miss, jumps to the returned label.
     fn ibtc_lookup(&mut self, t: u8, tmp: u8) -> DynamicLabel {
         let miss = self.a.new_dynamic_label();
-        let table = BtBlock::OFF_IBTC as i32;
+        let table = BtBlock::off_ibtc(self.mode.cpl0) as i32;
         dynasm!(self.a
             ; .arch x64
             // An indirect transfer counts against the chain budget.

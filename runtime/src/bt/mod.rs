@@ -13,7 +13,7 @@
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-use btvmm_translator::abi::{ibtc_index, IBTC_ENTRIES, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
+use btvmm_translator::abi::{ibtc_index, ibtc_table, IBTC_ENTRIES, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
 use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
@@ -72,7 +72,8 @@ struct Tu {
     /// The linear page of its first instruction: jumps within it are chained.
     lin_page: u64,
     /// The second page's linear and physical address, if the TU spans two:
-    /// checked at every lookup, never chained into.
+    /// checked at every lookup; jumps chained into the TU are unchained, and
+    /// its IBTC entries dropped, when a mapping changes.
     page2: Option<(u64, u64)>,
     /// Exit stubs (TU id, stub index) patched to jump here.
     incoming: Vec<(u32, u8)>,
@@ -154,26 +155,53 @@ pub struct Bt {
     /// mapping change unchains them (the dispatcher's lookup checks again).
     page2_chained: Vec<u32>,
     page2_generation: u64,
-    /// What the IBTC's entries were looked up under: TLB generation, mode,
-    /// CS base, CPL. Any change empties it.
-    ibtc_context: (Mode, u64, u8),
-    /// The TLB generation the IBTC is up to date with.
-    ibtc_generation: u64,
-    /// Whether each IBTC entry's code page is mapped global (it survives a
-    /// CR3 write, as the TLB entry does).
-    ibtc_global: Box<[bool; IBTC_ENTRIES]>,
-    /// The linear code pages of the entries filled since the IBTC was last
-    /// emptied (a superset of those it holds), and whether any of them is
-    /// not global: what an `invlpg` or a CR3 write may have to drop.
-    ibtc_pages: rustc_hash::FxHashSet<u64>,
-    ibtc_nonglobal: bool,
-    /// The TU id of each IBTC entry the dispatcher filled, so that its own
-    /// lookups through the IBTC can chain the jump that exited.
-    ibtc_ids: Box<[u32; IBTC_ENTRIES]>,
+    /// What the runtime knows of each of the block's IBTC tables
+    /// (`BtBlock::ibtc`, indexed by `ibtc_table`).
+    ibtc: [IbtcBook; 2],
     pub stats: BtStats,
     /// `/tmp/perf-PID.map`, where every TU's code is named for `perf`
     /// (when the environment sets `BTVMM_PERF_MAP`).
     perf_map: Option<std::fs::File>,
+}
+
+/// The runtime's record of one IBTC table of the block.
+struct IbtcBook {
+    /// What the table's entries were looked up under: mode, CS base, CPL.
+    /// Any change empties it.
+    context: (Mode, u64, u8),
+    /// The TLB generation the table is up to date with. A table whose
+    /// privilege is not running falls behind, and catches up (or is
+    /// emptied) when it runs again.
+    generation: u64,
+    /// Whether each entry's code is mapped global (it survives a CR3 write,
+    /// as the TLB entries do): its page, or both pages of a TU that spans
+    /// two.
+    global: Box<[bool; IBTC_ENTRIES]>,
+    /// The linear pages each entry's code lies in: the first and the last
+    /// (the same page but for a TU that spans two).
+    code_pages: Box<[[u64; 2]; IBTC_ENTRIES]>,
+    /// The linear code pages of the entries filled since the table was last
+    /// emptied (a superset of those it holds), and whether any of them is
+    /// not global: what an `invlpg` or a CR3 write may have to drop.
+    pages: rustc_hash::FxHashSet<u64>,
+    nonglobal: bool,
+    /// The TU id of each entry the dispatcher filled, so that its own
+    /// lookups through the IBTC can chain the jump that exited.
+    ids: Box<[u32; IBTC_ENTRIES]>,
+}
+
+impl IbtcBook {
+    fn new() -> Self {
+        IbtcBook {
+            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false }, 0, 0),
+            generation: 0,
+            global: Box::new([false; IBTC_ENTRIES]),
+            code_pages: Box::new([[0; 2]; IBTC_ENTRIES]),
+            pages: Default::default(),
+            nonglobal: false,
+            ids: Box::new([u32::MAX; IBTC_ENTRIES]),
+        }
+    }
 }
 
 /// The engine cannot start (not a guest event).
@@ -214,12 +242,7 @@ impl Bt {
             pending_chain: None,
             page2_chained: Vec::new(),
             page2_generation: 0,
-            ibtc_context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false }, 0, 0),
-            ibtc_generation: 0,
-            ibtc_global: Box::new([false; IBTC_ENTRIES]),
-            ibtc_pages: Default::default(),
-            ibtc_nonglobal: false,
-            ibtc_ids: Box::new([u32::MAX; IBTC_ENTRIES]),
+            ibtc: [IbtcBook::new(), IbtcBook::new()],
             stats: BtStats::default(),
             perf_map: std::env::var_os("BTVMM_PERF_MAP")
                 .and_then(|_| std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()),
@@ -305,7 +328,7 @@ impl Bt {
     fn remove_tu(&mut self, id: u32) {
         let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
         self.lru.pop(&id);
-        for e in self.block.ibtc.iter_mut().filter(|e| e[1] == tu.entry as u64) {
+        for e in self.block.ibtc.iter_mut().flatten().filter(|e| e[1] == tu.entry as u64) {
             *e = [IBTC_EMPTY, 0];
         }
         self.kick.set(tu.base, SLOT_CLASSES[tu.class], &[]);
@@ -419,16 +442,19 @@ impl Bt {
         }
     }
 
-    fn clear_ibtc(&mut self) {
-        self.block.ibtc.fill([IBTC_EMPTY, 0]);
-        self.ibtc_pages.clear();
-        self.ibtc_nonglobal = false;
+    /// Empties IBTC table `t`.
+    fn clear_ibtc(&mut self, t: usize) {
+        self.block.ibtc[t].fill([IBTC_EMPTY, 0]);
+        self.ibtc[t].pages.clear();
+        self.ibtc[t].nonglobal = false;
     }
 
-    /// Empties the IBTC entries for which `drop(guest RIP, global)` holds.
-    fn drop_ibtc_where(&mut self, drop: impl Fn(u64, bool) -> bool) {
-        for (e, &global) in self.block.ibtc.iter_mut().zip(self.ibtc_global.iter()) {
-            if e[0] != IBTC_EMPTY && drop(e[0], global) {
+    /// Empties the entries of IBTC table `t` for which `drop(code pages,
+    /// global)` holds.
+    fn drop_ibtc_where(&mut self, t: usize, drop: impl Fn([u64; 2], bool) -> bool) {
+        let book = &self.ibtc[t];
+        for ((e, &global), &pages) in self.block.ibtc[t].iter_mut().zip(book.global.iter()).zip(book.code_pages.iter()) {
+            if e[0] != IBTC_EMPTY && drop(pages, global) {
                 *e = [IBTC_EMPTY, 0];
             }
         }
@@ -456,7 +482,8 @@ impl Bt {
         self.pending_chain = None;
         self.page2_chained.clear();
         self.lru.clear();
-        self.clear_ibtc();
+        self.clear_ibtc(0);
+        self.clear_ibtc(1);
         self.free_slots = Default::default();
         self.carved = 0;
         self.arena.clear();
@@ -573,10 +600,11 @@ impl Vcpu {
         // The IBTC first: what it holds was looked up under this very
         // context, as CCFs use it.
         let rip = self.cpu.regs.rip;
+        let t = ibtc_table(mode.cpl0);
         if let Some(bt) = self.bt.as_mut() {
             let i = ibtc_index(rip);
-            if bt.block.ibtc[i][0] == rip {
-                let (entry, id) = (bt.block.ibtc[i][1] as *const u8, bt.ibtc_ids[i]);
+            if bt.block.ibtc[t][i][0] == rip {
+                let (entry, id) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i]);
                 bt.stats.lookups_hit += 1;
                 bt.stats.ibtc_hits += 1;
                 // Recency is sampled, as in `lookup_or_translate`.
@@ -599,7 +627,17 @@ impl Vcpu {
             }
         };
         let code_lin = self.code_linear(rip).ok();
-        let global = code_lin.and_then(|lin| self.tlb.entry(lin, Access::Execute, self.user())).is_some_and(|e| e.global);
+        let user = self.user();
+        let global = |lin: u64| self.tlb.entry(lin, Access::Execute, user).is_some_and(|e| e.global);
+        // The TU's code pages, and whether both are global.
+        let code = match (code_lin, &slot) {
+            (Some(lin), Slot::Tu(id)) => {
+                let page2 = self.bt.as_ref().and_then(|bt| bt.tus[*id as usize].as_ref()).and_then(|tu| tu.page2);
+                let last = page2.map_or(lin, |(lin2, _)| lin2);
+                Some(([lin & !0xfff, last & !0xfff], global(lin) && global(last)))
+            }
+            _ => None,
+        };
         let bt = self.bt.as_mut().expect("translator on");
         match slot {
             Slot::Interpret => {
@@ -611,16 +649,19 @@ impl Vcpu {
                 let Some(tu) = bt.tus[id as usize].as_ref() else { return };
                 let entry = tu.entry;
                 // Later indirect branches and jumps from other pages to
-                // here find it without the dispatcher.
-                if tu.page2.is_none() {
-                    let rip = tu.key.rip;
-                    bt.block.ibtc[ibtc_index(rip)] = [rip, entry as u64];
-                    bt.ibtc_ids[ibtc_index(rip)] = id;
-                    bt.ibtc_global[ibtc_index(rip)] = global;
-                    bt.ibtc_nonglobal |= !global;
-                    if let Some(lin) = code_lin {
-                        bt.ibtc_pages.insert(lin & !0xfff);
-                    }
+                // here find it without the dispatcher. A TU spanning two
+                // pages too (a loop starting just before a page's end
+                // otherwise left for the dispatcher every pass): its entry
+                // goes with either page's mapping.
+                if let Some((pages, global)) = code {
+                    let (rip, i) = (tu.key.rip, ibtc_index(tu.key.rip));
+                    bt.block.ibtc[t][i] = [rip, entry as u64];
+                    let book = &mut bt.ibtc[t];
+                    book.ids[i] = id;
+                    book.global[i] = global;
+                    book.code_pages[i] = pages;
+                    book.nonglobal |= !global;
+                    book.pages.extend(pages);
                 }
                 self.enter_ccf(entry, mode.bits);
             }
@@ -628,41 +669,43 @@ impl Vcpu {
     }
 
     /// Brings what depends on guest mappings up to date with the soft TLB
-    /// (and the IBTC with the mode, CS base and CPL) before a CCF runs:
-    /// jumps into two-page TUs are unchained after any mapping change, and
-    /// the IBTC drops the entries whose code mapping went (all of them after
+    /// (and the IBTC table of the current privilege with the mode, CS base
+    /// and CPL) before a CCF runs: jumps into two-page TUs are unchained
+    /// after any mapping change, and the table drops the entries whose code
+    /// mapping went since it was last brought up to date (all of them after
     /// a full flush, those of non-global pages after a CR3 write, those in
-    /// the page of an `invlpg`), or everything if the mode changed.
+    /// the page of an `invlpg`), or everything if the mode changed or it
+    /// fell too far behind.
     fn sync_with_tlb(&mut self, mode: Mode) {
         let rest = (mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
         let tlb = &self.tlb;
         let Some(bt) = self.bt.as_mut() else { return };
         bt.check_page2_chains(tlb.generation);
-        if bt.ibtc_context == rest && bt.ibtc_generation == tlb.generation {
+        let t = ibtc_table(mode.cpl0);
+        let book = &bt.ibtc[t];
+        if book.context == rest && book.generation == tlb.generation {
             return;
         }
-        let mut all = bt.ibtc_context != rest;
+        let mut all = book.context != rest;
         if !all {
-            match tlb.dropped_since(bt.ibtc_generation) {
+            match tlb.dropped_since(book.generation) {
                 None => all = true,
                 Some(dropped) => {
                     for d in dropped {
+                        let book = &bt.ibtc[t];
                         match d {
                             Dropped::All => all = true,
-                            Dropped::NonGlobal if bt.ibtc_nonglobal => {
-                                bt.drop_ibtc_where(|_, global| !global);
-                                bt.ibtc_nonglobal = false;
+                            Dropped::NonGlobal if book.nonglobal => {
+                                bt.drop_ibtc_where(t, |_, global| !global);
+                                bt.ibtc[t].nonglobal = false;
                             }
                             Dropped::NonGlobal => {}
                             // Most invlpgs are of data pages: no scan for them.
-                            Dropped::Page(page) if !bt.ibtc_pages.contains(&page) => {}
-                            Dropped::Large(base, size) if !bt.ibtc_pages.iter().any(|p| p & !(size - 1) == base) => {}
+                            Dropped::Page(page) if !book.pages.contains(&page) => {}
+                            Dropped::Large(base, size) if !book.pages.iter().any(|p| p & !(size - 1) == base) => {}
                             Dropped::Page(base) | Dropped::Large(base, _) => {
                                 let size = if let Dropped::Large(_, size) = d { size } else { 0x1000 };
-                                let linear = |rip: u64| {
-                                    if mode.bits == 64 { rip } else { rest.1.wrapping_add(rip) & 0xffff_ffff }
-                                };
-                                bt.drop_ibtc_where(|rip, _| linear(rip) & !(size - 1) == base);
+                                bt.drop_ibtc_where(t, |pages, _| pages.iter().any(|p| p & !(size - 1) == base));
                             }
                         }
                     }
@@ -670,10 +713,10 @@ impl Vcpu {
             }
         }
         if all {
-            bt.clear_ibtc();
+            bt.clear_ibtc(t);
         }
-        bt.ibtc_context = rest;
-        bt.ibtc_generation = tlb.generation;
+        bt.ibtc[t].context = rest;
+        bt.ibtc[t].generation = tlb.generation;
     }
 
     fn lookup_or_translate(&mut self, mode: Mode) -> Result<Slot, crate::exception::Exception> {

@@ -586,6 +586,170 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
     }
 }
 
+/// A function whose first instruction crosses into the next page, called
+/// through a register in a loop, is found in the IBTC like any other (it
+/// left for the dispatcher at every call and return before: the IBTC held
+/// no TU spanning two pages), and goes from the IBTC when its second page
+/// is remapped: the calls after the `invlpg` run what that page maps then.
+/// (The interpreter's decoded blocks did not look at the second page again
+/// either, and ran the old bytes.)
+#[test]
+fn a_function_across_two_pages_is_called_through_the_ibtc() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const FUNC: u64 = CODE + 0x8ffd;
+    const PAGE2: u64 = CODE + 0x9000;
+    const CALLS: u32 = 100;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.mov(eax, PD as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    a.xor(edi, edi).unwrap();
+    a.mov(ebx, FUNC as u32).unwrap();
+    for pass in 0..2 {
+        let mut top = a.create_label();
+        a.mov(esi, CALLS).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(ebx).unwrap();
+        a.add(edi, eax).unwrap();
+        a.dec(esi).unwrap();
+        a.jnz(top).unwrap();
+        if pass == 0 {
+            a.mov(dword_ptr(PT + (PAGE2 >> 12) * 4), (CODE + 0xa000 + 3) as u32).unwrap();
+            a.invlpg(byte_ptr(PAGE2)).unwrap();
+        }
+    }
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    // mov eax, imm32; ret: the immediate's last two bytes and the ret lie
+    // in the second page.
+    let (first, second, remapped) = ([0xb8, 1, 0], [0, 0, 0xc3], [2, 0, 0xc3]);
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(FUNC, &first);
+        v.mem.write(PAGE2, &second);
+        v.mem.write(CODE + 0xa000, &remapped);
+        v.mem.write(PD, &((PT | 3) as u32).to_le_bytes());
+        for i in 0..1024u64 {
+            v.mem.write(PT + i * 4, &((i << 12 | 3) as u32).to_le_bytes());
+        }
+        run(&mut v);
+        let expected = CALLS as u64 * (1 + 0x2_0001);
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, expected, "each call ran what its pages mapped then ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            let left = b.stats.exits[ExitReason::Indirect as usize];
+            assert!(left <= 8, "{left} calls and returns left for the dispatcher");
+        }
+    }
+}
+
+/// A guest moving between its kernel and its user mode (a system call
+/// through `int`, back with `iret`) keeps the IBTC of each: calls through
+/// registers on both sides stay in translated code. With one table for
+/// both, each change of privilege emptied it, and every call and return
+/// after one left for the dispatcher.
+#[test]
+fn the_ibtc_of_each_privilege_outlives_system_calls() {
+    const GDT: u64 = DATA + 0x800;
+    const TSS: u64 = DATA + 0x900;
+    const IDT: u64 = DATA + 0xa00;
+    // The operands of lgdt and lidt.
+    const GDTR: u64 = DATA + 0x700;
+    const IDTR: u64 = DATA + 0x710;
+    const KSTACK: u32 = (DATA + 0x2000) as u32;
+    const USTACK: u32 = (DATA + 0x3000) as u32;
+    const ROUNDS: u32 = 50;
+    // Assembled twice: the second time with the addresses the first found
+    // (each `mov r32, imm32` keeps its size).
+    let build = |at: [u32; 3]| {
+        let [user_ip, ufunc_ip, kfunc_ip] = at;
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut labels = [a.create_label(), a.create_label(), a.create_label(), a.create_label()];
+        let [user, ufunc, kfunc, handler] = &mut labels;
+        let mut top = a.create_label();
+        let mut halt = a.create_label();
+        // Kernel: descriptor tables, then to user mode.
+        a.cli().unwrap();
+        a.mov(esp, KSTACK).unwrap();
+        a.lgdt(dword_ptr(GDTR)).unwrap();
+        a.lidt(dword_ptr(IDTR)).unwrap();
+        a.mov(eax, 0x28).unwrap();
+        a.ltr(ax).unwrap();
+        a.xor(edi, edi).unwrap();
+        a.push(0x23).unwrap();
+        a.push(USTACK).unwrap();
+        a.push(0x2).unwrap();
+        a.push(0x1b).unwrap();
+        a.mov(eax, user_ip).unwrap();
+        a.push(eax).unwrap();
+        a.iretd().unwrap();
+        // User: a call through a register, then a system call, ROUNDS times.
+        a.set_label(user).unwrap();
+        a.mov(esi, ROUNDS).unwrap();
+        a.mov(ebx, ufunc_ip).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(ebx).unwrap();
+        a.xor(edi, 0x55).unwrap();
+        a.int(0x80).unwrap();
+        a.dec(esi).unwrap();
+        a.jnz(top).unwrap();
+        a.int(0x80).unwrap();
+        a.set_label(ufunc).unwrap();
+        a.imul_3(edi, edi, 3).unwrap();
+        a.add(edi, 1).unwrap();
+        a.ret().unwrap();
+        // The system call: a call through a register; halts when ESI is 0.
+        a.set_label(handler).unwrap();
+        a.test(esi, esi).unwrap();
+        a.jz(halt).unwrap();
+        a.mov(ecx, kfunc_ip).unwrap();
+        a.call(ecx).unwrap();
+        a.xor(edi, 0x33).unwrap();
+        a.iretd().unwrap();
+        a.set_label(&mut halt).unwrap();
+        a.hlt().unwrap();
+        a.set_label(kfunc).unwrap();
+        a.imul_3(edi, edi, 5).unwrap();
+        a.add(edi, 2).unwrap();
+        a.ret().unwrap();
+        let r = a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+        let ips = labels.map(|l| r.label_ip(&l).unwrap() as u32);
+        (r.inner.code_buffer, ips)
+    };
+    let (_, [user_ip, ufunc_ip, kfunc_ip, _]) = build([0; 3]);
+    let (code, [_, _, _, handler]) = build([user_ip, ufunc_ip, kfunc_ip]);
+    let handler_ip = handler as u64;
+    let flat = |dpl: u64, code: bool| 0x00cf_0000_0000_ffffu64 | (0x92 | dpl << 5 | if code { 8 } else { 0 }) << 40;
+    let tss = 0x0000_8900_0000_0067u64 | (TSS & 0xff_ffff) << 16 | (TSS >> 24) << 56;
+    let gate = (handler_ip & 0xffff) | 0x08 << 16 | (0xee00 | (handler_ip & 0xffff_0000)) << 32;
+    let expected = (0..ROUNDS).fold(0u32, |x, _| ((x.wrapping_mul(3).wrapping_add(1) ^ 0x55).wrapping_mul(5).wrapping_add(2)) ^ 0x33);
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        for (k, d) in [0, flat(0, true), flat(0, false), flat(3, true), flat(3, false), tss].iter().enumerate() {
+            v.mem.write_u64(GDT + 8 * k as u64, *d);
+        }
+        v.mem.write(GDTR, &[0x2f, 0]);
+        v.mem.write_u32(GDTR + 2, GDT as u32);
+        v.mem.write_u32(TSS + 4, KSTACK);
+        v.mem.write_u32(TSS + 8, 0x10);
+        v.mem.write_u64(IDT + 0x80 * 8, gate);
+        v.mem.write(IDTR, &[0xff, 0x07]);
+        v.mem.write_u32(IDTR + 2, IDT as u32);
+        run(&mut v);
+        assert_eq!(v.cpu.cpl, 0, "halted in the kernel ({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, expected as u64, "({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            assert!(b.stats.tus[1] > 0);
+            let left = b.stats.exits[ExitReason::Indirect as usize];
+            assert!(left <= 10, "{left} calls and returns of {} left for the dispatcher", 4 * ROUNDS);
+        }
+    }
+}
+
 /// 32-bit CCFs borrow R8..R15 as scratch without saving them: the guest's
 /// values there (which a 64-bit kernel keeps for its compatibility-mode
 /// code) come through untouched.

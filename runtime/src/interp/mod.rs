@@ -379,7 +379,12 @@ impl Vcpu {
         };
         let key = BlockKey { rip, phys, bits };
         if let Some(b) = self.code.get(&key) {
-            return Ok(b);
+            // A block whose last instruction reaches into the next page
+            // holds only while that page still maps where it did.
+            let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+            if b.pages[1] == u64::MAX || self.code_linear_next(next_lin).is_ok_and(|p| p & !0xfff == b.pages[1]) {
+                return Ok(b);
+            }
         }
         let t = std::time::Instant::now();
         let decoded = self.decode_block(rip, lin, phys, bits);
