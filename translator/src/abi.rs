@@ -228,8 +228,19 @@ pub struct BtBlock {
     pub seg_sel: [u64; 6],
 }
 
-/// Entries in [`BtBlock::ibtc`] (a power of two).
-pub const IBTC_ENTRIES: usize = 4096;
+/// Entries in each table of [`BtBlock::ibtc`]: `1 << IBTC_BITS`, in sets
+/// of [`IBTC_WAYS`] adjacent entries. A lookup tries both of its set's:
+/// with one entry per RIP's slot, a call target and the return address
+/// after the call sharing a slot evicted each other at every call (40k
+/// times in one boot's ftrace patching loop).
+pub const IBTC_ENTRIES: usize = 1 << IBTC_BITS;
+pub const IBTC_BITS: u32 = 12;
+pub const IBTC_WAYS: usize = 2;
+/// Sets per table: `1 << IBTC_SET_BITS`.
+pub const IBTC_SET_BITS: u32 = IBTC_BITS - 1;
+/// The multiplier of [`ibtc_index`]'s hash: 2^32 divided by the golden
+/// ratio, odd.
+pub const IBTC_HASH: u32 = 0x9e37_79b9;
 /// A guest RIP no lookup ever has (non-canonical, above 4 GiB): empty entries.
 pub const IBTC_EMPTY: u64 = 0x8000_0000_0000_0001;
 
@@ -238,9 +249,13 @@ pub const fn ibtc_table(cpl0: bool) -> usize {
     if cpl0 { 0 } else { 1 }
 }
 
-/// The IBTC slot of a guest RIP; emitted code computes the same.
+/// The IBTC entry that opens the set of a guest RIP (the set's other way
+/// follows it); emitted code computes the same: the top bits of the low 32
+/// bits of RIP times [`IBTC_HASH`] (Fibonacci hashing, which spreads code
+/// addresses with any stride). The tables are per privilege, so the high
+/// half of a 64-bit kernel's RIPs, all ones, is left out.
 pub const fn ibtc_index(rip: u64) -> usize {
-    ((rip ^ (rip >> 10)) as usize) & (IBTC_ENTRIES - 1)
+    (((rip as u32).wrapping_mul(IBTC_HASH) >> (32 - IBTC_SET_BITS)) as usize) * IBTC_WAYS
 }
 
 impl Default for BtBlock {
@@ -464,5 +479,33 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, host_mxcsr), BtBlock::OFF_HOST_MXCSR);
         assert_eq!(offset_of!(BtBlock, align16_mask), BtBlock::OFF_ALIGN16_MASK);
         assert_eq!(offset_of!(BtBlock, seg_sel), BtBlock::OFF_SEG_SEL);
+    }
+
+    /// Code addresses at any regular stride spread over the IBTC, and the
+    /// hot jump targets of an amd64 boot that shared a slot under the
+    /// first hash (`rip ^ rip >> 10`: up to 256 of 4096 addresses 0xffc
+    /// apart in one slot), each pair evicting the other on every pass,
+    /// have slots of their own.
+    #[test]
+    fn ibtc_index_spreads_code_addresses() {
+        for stride in [4u64, 0x10, 0x40, 0xffc, 0x1000, 0x1004, 0x1_0000] {
+            let mut load = vec![0u32; IBTC_ENTRIES];
+            for k in 0..IBTC_ENTRIES as u64 {
+                let set = ibtc_index(0xffff_ffff_8100_0000 + k * stride);
+                assert_eq!(set % IBTC_WAYS, 0);
+                load[set] += 1;
+            }
+            let most = load.iter().max().copied().unwrap_or(0);
+            assert!(most <= 2 * IBTC_WAYS as u32, "stride {stride:#x}: {most} addresses in one set");
+        }
+        for (a, b) in [
+            (0xffff_ffff_819e_e1e4u64, 0xffff_ffff_8103_c6ad),
+            (0xffff_ffff_8156_a0b0, 0xffff_ffff_8157_20d0),
+            (0xffff_ffff_8154_36d0, 0xffff_ffff_8132_8f7e),
+            (0xffff_ffff_8157_0f3e, 0xffff_ffff_8157_1f3a),
+            (0xffff_ffff_8138_dea0, 0xffff_ffff_8142_4007),
+        ] {
+            assert_ne!(ibtc_index(a), ibtc_index(b), "{a:#x} and {b:#x}");
+        }
     }
 }

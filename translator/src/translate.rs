@@ -33,7 +33,10 @@ use iced_x86::{
 };
 
 use crate::abi::seg::index as seg_index;
-use crate::abi::{seg, tlb, BtBlock, ExitReason};
+use crate::abi::{seg, tlb, BtBlock, ExitReason, IBTC_HASH, IBTC_SET_BITS, IBTC_WAYS};
+
+// The IBTC lookups emitted here try the two ways of a set.
+const _: () = assert!(IBTC_WAYS == 2);
 use crate::classify::{classify, Class};
 use crate::templates::{exit_stub, CHAIN_JUMP_BYTES};
 
@@ -781,6 +784,7 @@ impl Emitter {
         let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
         let miss = a.new_dynamic_label();
         let lookup_miss = a.new_dynamic_label();
+        let (way0, found) = (a.new_dynamic_label(), a.new_dynamic_label());
         dynasm!(a
             ; .arch x64
             ; pushfq
@@ -789,9 +793,16 @@ impl Emitter {
             ; jc =>miss
             ; gs mov QWORD [scratch_off(0)], rcx
             ; mov rcx, QWORD rip as i64
+            // Either way of the set.
             ; gs cmp rcx, QWORD [entry]
+            ; je =>way0
+            ; gs cmp rcx, QWORD [entry + 16]
             ; jne =>lookup_miss
+            ; gs mov rcx, QWORD [entry + 16 + 8]
+            ; jmp =>found
+            ; =>way0
             ; gs mov rcx, QWORD [entry + 8]
+            ; =>found
             ; gs mov QWORD [BtBlock::OFF_TARGET as i32], rcx
             ; gs mov rcx, QWORD [scratch_off(0)]
             ; popfq
@@ -820,19 +831,25 @@ impl Emitter {
     /// `t` is clobbered; on a miss, jumps to the returned label.
     fn ibtc_lookup(&mut self, t: u8, tmp: u8) -> DynamicLabel {
         let miss = self.a.new_dynamic_label();
+        let found = self.a.new_dynamic_label();
         let table = BtBlock::off_ibtc(self.mode.cpl0) as i32;
+        // `ibtc_index` in bytes: the set's number times the set's size.
+        let set_shift = (16 * IBTC_WAYS).trailing_zeros() as i8;
         dynasm!(self.a
             ; .arch x64
             // An indirect transfer counts against the chain budget.
             ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
             ; jc =>miss
-            ; mov Rq(tmp), Rq(t)
-            ; shr Rq(tmp), 10
-            ; xor Rq(tmp), Rq(t)
-            ; and Rd(tmp), (crate::abi::IBTC_ENTRIES - 1) as i32
-            ; shl Rd(tmp), 4
+            ; imul Rd(tmp), Rd(t), IBTC_HASH as i32
+            ; shr Rd(tmp), 32 - IBTC_SET_BITS as i8
+            ; shl Rd(tmp), set_shift
+            // Either way of the set.
+            ; gs cmp Rq(t), QWORD [Rq(tmp) + table]
+            ; je =>found
+            ; add Rd(tmp), 16
             ; gs cmp Rq(t), QWORD [Rq(tmp) + table]
             ; jne =>miss
+            ; =>found
             ; gs mov Rq(t), QWORD [Rq(tmp) + table + 8]
             ; gs mov QWORD [BtBlock::OFF_TARGET as i32], Rq(t)
         );

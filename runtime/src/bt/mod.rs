@@ -13,7 +13,7 @@
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-use btvmm_translator::abi::{ibtc_index, ibtc_table, IBTC_ENTRIES, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
+use btvmm_translator::abi::{ibtc_index, ibtc_table, IBTC_ENTRIES, IBTC_WAYS, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
 use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
@@ -442,6 +442,29 @@ impl Bt {
         }
     }
 
+    /// Enters `rip`'s TU (`id`, entered at `entry`, its code in linear
+    /// `pages`) in IBTC table `t`: in the first way of its set, the
+    /// entries there moving a way down and the last one out (as the soft
+    /// TLB fills).
+    fn fill_ibtc(&mut self, t: usize, rip: u64, entry: *const u8, id: u32, pages: [u64; 2], global: bool) {
+        let set = ibtc_index(rip);
+        let (table, book) = (&mut self.block.ibtc[t], &mut self.ibtc[t]);
+        if table[set][0] != rip {
+            for to in (set + 1..set + IBTC_WAYS).rev() {
+                table[to] = table[to - 1];
+                book.ids[to] = book.ids[to - 1];
+                book.global[to] = book.global[to - 1];
+                book.code_pages[to] = book.code_pages[to - 1];
+            }
+        }
+        table[set] = [rip, entry as u64];
+        book.ids[set] = id;
+        book.global[set] = global;
+        book.code_pages[set] = pages;
+        book.nonglobal |= !global;
+        book.pages.extend(pages);
+    }
+
     /// Empties IBTC table `t`.
     fn clear_ibtc(&mut self, t: usize) {
         self.block.ibtc[t].fill([IBTC_EMPTY, 0]);
@@ -602,8 +625,8 @@ impl Vcpu {
         let rip = self.cpu.regs.rip;
         let t = ibtc_table(mode.cpl0);
         if let Some(bt) = self.bt.as_mut() {
-            let i = ibtc_index(rip);
-            if bt.block.ibtc[t][i][0] == rip {
+            let set = ibtc_index(rip);
+            if let Some(i) = (set..set + IBTC_WAYS).find(|&i| bt.block.ibtc[t][i][0] == rip) {
                 let (entry, id) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i]);
                 bt.stats.lookups_hit += 1;
                 bt.stats.ibtc_hits += 1;
@@ -654,14 +677,7 @@ impl Vcpu {
                 // otherwise left for the dispatcher every pass): its entry
                 // goes with either page's mapping.
                 if let Some((pages, global)) = code {
-                    let (rip, i) = (tu.key.rip, ibtc_index(tu.key.rip));
-                    bt.block.ibtc[t][i] = [rip, entry as u64];
-                    let book = &mut bt.ibtc[t];
-                    book.ids[i] = id;
-                    book.global[i] = global;
-                    book.code_pages[i] = pages;
-                    book.nonglobal |= !global;
-                    book.pages.extend(pages);
+                    bt.fill_ibtc(t, tu.key.rip, entry, id, pages, global);
                 }
                 self.enter_ccf(entry, mode.bits);
             }

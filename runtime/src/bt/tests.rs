@@ -647,6 +647,50 @@ fn a_function_across_two_pages_is_called_through_the_ibtc() {
     }
 }
 
+/// A function called through a register whose entry shares an IBTC set
+/// with the return address after the call: both stay in the IBTC. (With one
+/// entry per set they evicted each other, and every call and every return
+/// left for the dispatcher, as in Linux's ftrace patching loop.)
+#[test]
+fn a_call_target_and_its_return_address_share_an_ibtc_set() {
+    use btvmm_translator::abi::ibtc_index;
+    const LOOP: u64 = CODE + 0x100;
+    const CALLS: u32 = 200;
+    let mut l = CodeAssembler::new(32).unwrap();
+    let mut top = l.create_label();
+    l.set_label(&mut top).unwrap();
+    l.call(ebx).unwrap(); // ff d3: the return address is LOOP + 2
+    l.add(edi, eax).unwrap();
+    l.dec(esi).unwrap();
+    l.jnz(top).unwrap();
+    l.hlt().unwrap();
+    let body = l.assemble(LOOP).unwrap();
+    let ret = LOOP + 2;
+    let func = (0..0x1_0000u64)
+        .map(|k| CODE + 0x4000 + k)
+        .find(|&f| ibtc_index(f) == ibtc_index(ret))
+        .expect("a function address in the return address's set");
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.xor(edi, edi).unwrap();
+    a.mov(esi, CALLS).unwrap();
+    a.mov(ebx, func as u32).unwrap();
+    a.jmp(LOOP).unwrap();
+    let start = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&start, bt);
+        v.mem.write(LOOP, &body);
+        v.mem.write(func, &[0xb8, 7, 0, 0, 0, 0xc3]); // mov eax, 7; ret
+        run(&mut v);
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, 7 * CALLS as u64, "({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            let left = b.stats.exits[ExitReason::Indirect as usize];
+            assert!(left <= 4, "{left} of {} calls and returns left for the dispatcher", 2 * CALLS);
+        }
+    }
+}
+
 /// A guest moving between its kernel and its user mode (a system call
 /// through `int`, back with `iret`) keeps the IBTC of each: calls through
 /// registers on both sides stay in translated code. With one table for
