@@ -328,8 +328,12 @@ impl Bt {
     fn remove_tu(&mut self, id: u32) {
         let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
         self.lru.pop(&id);
-        for e in self.block.ibtc.iter_mut().flatten().filter(|e| e[1] == tu.entry as u64) {
-            *e = [IBTC_EMPTY, 0];
+        // Only the set of its RIP can hold it, in either table.
+        let set = ibtc_index(tu.key.rip);
+        for e in self.block.ibtc.iter_mut().flat_map(|t| &mut t[set..set + IBTC_WAYS]) {
+            if e[1] == tu.entry as u64 {
+                *e = [IBTC_EMPTY, 0];
+            }
         }
         self.kick.set(tu.base, SLOT_CLASSES[tu.class], &[]);
         self.free_slots[tu.class].push(tu.base);
