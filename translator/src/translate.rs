@@ -196,6 +196,12 @@ enum Plan {
     /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
     /// then moves by the operand size, down if the virtual DF is set.
     StringOne,
+    /// rep stos at the natural address size: run as the host's own `rep
+    /// stos` on the host address when the virtual DF is clear and the
+    /// whole store lies in one page that has a write entry; otherwise (a
+    /// count of 0, a longer or page-crossing store, a miss) the runtime
+    /// runs it.
+    RepStos,
     /// An integer or logical SSE instruction, on the guest's XMM registers
     /// (loaded into the host's first: see `BtBlock::fpu_enter`), with its
     /// memory operand, if any, rewritten as MEM does (16-byte operands of
@@ -324,6 +330,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     }
     if plan_string_one(insn, mode) {
         return Plan::StringOne;
+    }
+    if plan_rep_stos(insn, mode) {
+        return Plan::RepStos;
     }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
@@ -492,6 +501,16 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
             | F::CMPXCHG16B | F::POPCNT | F::LZCNT | F::BMI1 | F::BMI2 | F::MOVBE | F::ADX | F::MULTIBYTENOP | F::PAUSE
             | F::RDRAND | F::RDSEED | F::CLFSH | F::CLFLUSHOPT | F::PREFETCHW
     )
+}
+
+/// rep stos (F3), with the natural address size and a usable ES.
+fn plan_rep_stos(insn: &Instruction, mode: Mode) -> bool {
+    use Mnemonic as M;
+    let di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
+    matches!(insn.mnemonic(), M::Stosb | M::Stosw | M::Stosd | M::Stosq)
+        && insn.has_rep_prefix()
+        && insn.op0_kind() == di
+        && mode.seg_usable_mask & (1 << seg::ES) != 0
 }
 
 /// lods and stos without rep, with the natural address size, through a
@@ -1609,6 +1628,80 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
+    /// rep stos (see `Plan::RepStos`): checks, one probe of the first
+    /// byte's page, then the host's `rep stos` with RDI on the host address
+    /// and RDI's guest value moved by the length after. The flags are kept
+    /// on the stack throughout.
+    fn rep_stos(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        let size = insn.memory_size().size() as i32;
+        let wide = self.mode.bits == 64;
+        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
+        let (s0, s1) = (scratch[0], scratch[1]);
+        self.save_flags();
+        self.spill(&scratch);
+        // RCX (the count) is put aside first: every miss path takes it back.
+        self.save_rcx();
+        self.rcx_borrowed = true;
+        let miss = self.a.new_dynamic_label();
+        dynasm!(self.a
+            ; .arch x64
+            ; gs cmp BYTE [BtBlock::OFF_VDF as i32], 0
+            ; jne =>miss
+        );
+        if wide {
+            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; cmp rcx, 0x1000 / size ; ja =>miss ; mov Rq(s0), rdi);
+        } else {
+            // The count is ECX (a guest leaving 64-bit mode may leave bits
+            // above it), the address EDI.
+            dynasm!(self.a ; .arch x64 ; mov ecx, ecx ; test ecx, ecx ; jz =>miss ; cmp ecx, 0x1000 / size ; ja =>miss ; mov Rd(s0), edi);
+        }
+        self.add_segment_base(s0, s1, seg::ES);
+        // The last byte in the first byte's page.
+        match size {
+            1 => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx - 1]),
+            2 => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx * 2 - 1]),
+            4 => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx * 4 - 1]),
+            _ => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx * 8 - 1]),
+        }
+        if !wide {
+            // A store wrapping at 4 GiB ends in another page.
+            dynasm!(self.a ; .arch x64 ; mov Rd(s1), Rd(s1));
+        }
+        dynasm!(self.a
+            ; .arch x64
+            ; xor Rq(s1), Rq(s0)
+            ; test Rq(s1), -0x1000
+            ; jnz =>miss
+        );
+        let probe_miss = self.probe(s0, s1, 1, true, false, true);
+        // RDI's guest value after the store, then the store itself.
+        match (size, wide) {
+            (1, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx]),
+            (2, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 2]),
+            (4, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 4]),
+            (_, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 8]),
+            (1, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx]),
+            (2, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 2]),
+            (4, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 4]),
+            (_, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 8]),
+        }
+        if !wide {
+            dynasm!(self.a ; .arch x64 ; mov ecx, ecx);
+        }
+        dynasm!(self.a ; .arch x64 ; mov rdi, Rq(s0));
+        match size {
+            1 => dynasm!(self.a ; .arch x64 ; rep stosb),
+            2 => dynasm!(self.a ; .arch x64 ; rep stosw),
+            4 => dynasm!(self.a ; .arch x64 ; rep stosd),
+            _ => dynasm!(self.a ; .arch x64 ; rep stosq),
+        }
+        dynasm!(self.a ; .arch x64 ; mov rdi, Rq(s1));
+        self.unspill(&scratch);
+        self.restore_flags(1);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: true });
+        self.misses.push(Miss { label: probe_miss, rip: insn.ip(), scratch, flags_pushed: true });
+    }
+
     /// The host address of a string instruction's access of `size` bytes at
     /// [`segment`:index register `index`], into `s0` (through `s1`); the
     /// probe's miss label.
@@ -1932,6 +2025,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.string_one(insn, &mut info);
                 e.counts.mem += 1;
             }
+            Plan::RepStos => {
+                e.rep_stos(insn, &mut info);
+                e.counts.mem += 1;
+            }
             Plan::Divide => {
                 e.divide(insn, insn).map_err(|_| k)?;
                 e.counts.ident += 1;
@@ -1976,7 +2073,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
             Plan::Sse if !has_memory_operand(i) => Treatment::Ident,
             Plan::Sse => Treatment::Mem,
-            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::DivideMem => Treatment::Mem,
+            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepStos | Plan::DivideMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
             Plan::Stop => Treatment::Callout,

@@ -1080,6 +1080,86 @@ fn inline_lods_stos_match_the_interpreter() {
     assert_eq!(&results[1].1[0x3a..0x42], b"hello, t");
 }
 
+/// rep stos in 32- and 64-bit code: within one page with DF clear it runs
+/// as the host's own `rep stos` (no callout after the first touch of the
+/// page, the flags kept); a count of 0, a store crossing a page, one longer
+/// than a page and one with DF set are left to the runtime. Registers,
+/// flags and memory equal the interpreter's.
+#[test]
+fn rep_stos_matches_the_interpreter() {
+    for bits in [32u32, 64] {
+        let mut a = CodeAssembler::new(bits).unwrap();
+        // 32-bit registers in 64-bit code too: their writes zero the rest.
+        let mut top = a.create_label();
+        a.cld().unwrap();
+        a.mov(ebx, 3).unwrap();
+        a.xor(esi, esi).unwrap();
+        a.set_label(&mut top).unwrap();
+        // Inline: a page's first 256 bytes, the flags of the cmp kept.
+        a.mov(edi, (DATA + 0x1000) as u32).unwrap();
+        a.mov(ecx, 64).unwrap();
+        a.mov(eax, ebx).unwrap();
+        a.shl(eax, 3).unwrap();
+        a.add(eax, 0x1111_1100).unwrap();
+        a.cmp(ebx, 2).unwrap();
+        a.rep().stosd().unwrap();
+        a.sete(dl).unwrap();
+        a.movzx(edx, dl).unwrap();
+        a.add(esi, edx).unwrap();
+        if bits == 64 {
+            // A whole page of quadwords.
+            a.mov(edi, (DATA + 0x4000) as u32).unwrap();
+            a.mov(ecx, 512).unwrap();
+            a.rep().stosq().unwrap();
+        }
+        // Across a page boundary.
+        a.mov(edi, (DATA + 0x2000 - 6) as u32).unwrap();
+        a.mov(ecx, 8).unwrap();
+        a.rep().stosw().unwrap();
+        // Nothing to store.
+        a.mov(edi, (DATA + 0x2100) as u32).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.rep().stosb().unwrap();
+        // Downwards.
+        a.std().unwrap();
+        a.mov(edi, (DATA + 0x2200) as u32).unwrap();
+        a.mov(ecx, 10).unwrap();
+        a.rep().stosb().unwrap();
+        a.cld().unwrap();
+        // Longer than a page.
+        a.mov(edi, (DATA + 0x6000) as u32).unwrap();
+        a.mov(ecx, 0x2000).unwrap();
+        a.rep().stosb().unwrap();
+        a.add(esi, edi).unwrap();
+        a.dec(ebx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let mut results = Vec::new();
+        for bt in [false, true] {
+            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            if bt {
+                v.enable_bt(64 << 20).expect("translator");
+            }
+            run(&mut v);
+            let mut out = vec![0u8; 0x7000];
+            v.mem.read(DATA, &mut out);
+            if let Some(b) = v.bt.as_ref() {
+                use iced_x86::Mnemonic as M;
+                let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
+                assert!(handed_on(M::Stosd) <= 1, "{bits}-bit: {:?}", b.stats.callouts);
+                assert!(handed_on(M::Stosq) <= 1, "{bits}-bit: {:?}", b.stats.callouts);
+                assert_eq!(handed_on(M::Stosw), 3, "{bits}-bit: the store across pages");
+            }
+            results.push((v.cpu.regs.gpr, v.cpu.regs.rflags, out));
+        }
+        assert_eq!(results[0].0, results[1].0, "{bits}-bit registers");
+        assert_eq!(results[0].1, results[1].1, "{bits}-bit flags");
+        assert!(results[0].2 == results[1].2, "{bits}-bit memory");
+        assert_eq!(results[1].0[6] & 0xffff, (DATA as u64 + 0x8000) * 3 + 1 & 0xffff, "{bits}-bit: ZF kept once");
+    }
+}
+
 /// A dropped engine's code ranges leave the fault handler: the next engine's
 /// code may be mapped there, and a host fault in it must find its own exit
 /// (this was a SIGSEGV in parallel tests: a stale range sent a guest #DE
