@@ -196,12 +196,12 @@ enum Plan {
     /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
     /// then moves by the operand size, down if the virtual DF is set.
     StringOne,
-    /// rep stos at the natural address size: run as the host's own `rep
-    /// stos` on the host address when the virtual DF is clear and the
-    /// whole store lies in one page that has a write entry; otherwise (a
-    /// count of 0, a longer or page-crossing store, a miss) the runtime
-    /// runs it.
-    RepStos,
+    /// rep stos and rep movs at the natural address size: run as the
+    /// host's own instruction on the host addresses when the virtual DF is
+    /// clear and each operand lies in one page that has an entry;
+    /// otherwise (a count of 0, a longer or page-crossing operand, a miss)
+    /// the runtime runs it.
+    RepString,
     /// An integer or logical SSE instruction, on the guest's XMM registers
     /// (loaded into the host's first: see `BtBlock::fpu_enter`), with its
     /// memory operand, if any, rewritten as MEM does (16-byte operands of
@@ -331,8 +331,8 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if plan_string_one(insn, mode) {
         return Plan::StringOne;
     }
-    if plan_rep_stos(insn, mode) {
-        return Plan::RepStos;
+    if plan_rep_string(insn, mode) {
+        return Plan::RepString;
     }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
@@ -503,14 +503,21 @@ fn integer_feature(f: iced_x86::CpuidFeature) -> bool {
     )
 }
 
-/// rep stos (F3), with the natural address size and a usable ES.
-fn plan_rep_stos(insn: &Instruction, mode: Mode) -> bool {
+/// rep stos and rep movs (F3), with the natural address size and usable
+/// segments.
+fn plan_rep_string(insn: &Instruction, mode: Mode) -> bool {
     use Mnemonic as M;
+    let si = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
     let di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
-    matches!(insn.mnemonic(), M::Stosb | M::Stosw | M::Stosd | M::Stosq)
-        && insn.has_rep_prefix()
-        && insn.op0_kind() == di
-        && mode.seg_usable_mask & (1 << seg::ES) != 0
+    let usable = |segment: usize| mode.seg_usable_mask & (1 << segment) != 0;
+    let operands_ok = match insn.mnemonic() {
+        M::Stosb | M::Stosw | M::Stosd | M::Stosq => insn.op0_kind() == di,
+        M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
+            insn.op0_kind() == di && insn.op1_kind() == si && usable(seg_index(insn.memory_segment()))
+        }
+        _ => false,
+    };
+    operands_ok && insn.has_rep_prefix() && usable(seg::ES)
 }
 
 /// lods and stos without rep, with the natural address size, through a
@@ -1628,14 +1635,15 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
     }
 
-    /// rep stos (see `Plan::RepStos`): checks, one probe of the first
-    /// byte's page, then the host's `rep stos` with RDI on the host address
-    /// and RDI's guest value moved by the length after. The flags are kept
-    /// on the stack throughout.
-    fn rep_stos(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+    /// rep stos and rep movs (see `Plan::RepString`): checks, a probe of
+    /// each operand's page, then the host's own instruction on the host
+    /// addresses, the index registers' guest values moved by the length
+    /// after. The flags are kept on the stack throughout.
+    fn rep_string(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
         let size = insn.memory_size().size() as i32;
         let wide = self.mode.bits == 64;
-        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
+        let movs = matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq);
+        let scratch = pick_scratch(insn, info, if movs { 3 } else { 2 }, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.save_flags();
         self.spill(&scratch);
@@ -1649,13 +1657,69 @@ impl Emitter {
             ; jne =>miss
         );
         if wide {
-            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; cmp rcx, 0x1000 / size ; ja =>miss ; mov Rq(s0), rdi);
+            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; cmp rcx, 0x1000 / size ; ja =>miss);
         } else {
-            // The count is ECX (a guest leaving 64-bit mode may leave bits
-            // above it), the address EDI.
-            dynasm!(self.a ; .arch x64 ; mov ecx, ecx ; test ecx, ecx ; jz =>miss ; cmp ecx, 0x1000 / size ; ja =>miss ; mov Rd(s0), edi);
+            dynasm!(self.a ; .arch x64 ; test ecx, ecx ; jz =>miss ; cmp ecx, 0x1000 / size ; ja =>miss);
         }
-        self.add_segment_base(s0, s1, seg::ES);
+        let mut misses = vec![miss];
+        // Each operand's host address minus its index register's guest
+        // value: in s2 for the source, in s0 for the destination.
+        if movs {
+            let s2 = scratch[2];
+            misses.push(self.rep_operand(s0, s1, 6, seg_index(insn.memory_segment()), size, false, miss));
+            dynasm!(self.a ; .arch x64 ; mov Rq(s2), Rq(s0));
+            self.index_delta(s2, 6, s1);
+        }
+        misses.push(self.rep_operand(s0, s1, 7, seg::ES, size, true, miss));
+        self.index_delta(s0, 7, s1);
+        if !wide {
+            dynasm!(self.a ; .arch x64 ; mov ecx, ecx ; mov edi, edi);
+            if movs {
+                dynasm!(self.a ; .arch x64 ; mov esi, esi);
+            }
+        }
+        dynasm!(self.a ; .arch x64 ; add rdi, Rq(s0));
+        if movs {
+            let s2 = scratch[2];
+            dynasm!(self.a ; .arch x64 ; add rsi, Rq(scratch[2]));
+            match size {
+                1 => dynasm!(self.a ; .arch x64 ; rep movsb),
+                2 => dynasm!(self.a ; .arch x64 ; rep movsw),
+                4 => dynasm!(self.a ; .arch x64 ; rep movsd),
+                _ => dynasm!(self.a ; .arch x64 ; rep movsq),
+            }
+            dynasm!(self.a ; .arch x64 ; sub rsi, Rq(s2));
+        } else {
+            match size {
+                1 => dynasm!(self.a ; .arch x64 ; rep stosb),
+                2 => dynasm!(self.a ; .arch x64 ; rep stosw),
+                4 => dynasm!(self.a ; .arch x64 ; rep stosd),
+                _ => dynasm!(self.a ; .arch x64 ; rep stosq),
+            }
+        }
+        dynasm!(self.a ; .arch x64 ; sub rdi, Rq(s0));
+        // RCX holds the guest's count as the instruction left it (0).
+        self.rcx_borrowed = false;
+        self.unspill(&scratch);
+        self.restore_flags(1);
+        for label in misses {
+            self.misses.push(Miss { label, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: true });
+        }
+    }
+
+    /// For a rep string operand at [`segment`:index register `index`] of
+    /// RCX elements of `size` bytes: jumps to `miss` unless the operand
+    /// lies in one page, then probes that page, leaving the first byte's
+    /// host address in `s0` (through `s1`). Returns the probe's miss label.
+    #[allow(clippy::too_many_arguments)]
+    fn rep_operand(&mut self, s0: u8, s1: u8, index: u8, segment: usize, size: i32, write: bool, miss: DynamicLabel) -> DynamicLabel {
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(index));
+        } else {
+            // The count is ECX, the index the register's low half.
+            dynasm!(self.a ; .arch x64 ; mov ecx, ecx ; mov Rd(s0), Rd(index));
+        }
+        self.add_segment_base(s0, s1, segment);
         // The last byte in the first byte's page.
         match size {
             1 => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx - 1]),
@@ -1663,8 +1727,8 @@ impl Emitter {
             4 => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx * 4 - 1]),
             _ => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [Rq(s0) + rcx * 8 - 1]),
         }
-        if !wide {
-            // A store wrapping at 4 GiB ends in another page.
+        if self.mode.bits != 64 {
+            // An operand wrapping at 4 GiB ends in another page.
             dynasm!(self.a ; .arch x64 ; mov Rd(s1), Rd(s1));
         }
         dynasm!(self.a
@@ -1673,33 +1737,21 @@ impl Emitter {
             ; test Rq(s1), -0x1000
             ; jnz =>miss
         );
-        let probe_miss = self.probe(s0, s1, 1, true, false, true);
-        // RDI's guest value after the store, then the store itself.
-        match (size, wide) {
-            (1, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx]),
-            (2, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 2]),
-            (4, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 4]),
-            (_, true) => dynasm!(self.a ; .arch x64 ; lea Rq(s1), [rdi + rcx * 8]),
-            (1, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx]),
-            (2, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 2]),
-            (4, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 4]),
-            (_, false) => dynasm!(self.a ; .arch x64 ; lea Rd(s1), [rdi + rcx * 8]),
+        let probe_miss = self.probe(s0, s1, 1, write, false, true);
+        // The probe took RCX back from where it still is: the next probe
+        // and the miss paths find it there.
+        self.rcx_borrowed = true;
+        probe_miss
+    }
+
+    /// `r` (a host address) minus index register `index`'s guest value at
+    /// the address size (through `tmp`).
+    fn index_delta(&mut self, r: u8, index: u8, tmp: u8) {
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; sub Rq(r), Rq(index));
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(tmp), Rd(index) ; sub Rq(r), Rq(tmp));
         }
-        if !wide {
-            dynasm!(self.a ; .arch x64 ; mov ecx, ecx);
-        }
-        dynasm!(self.a ; .arch x64 ; mov rdi, Rq(s0));
-        match size {
-            1 => dynasm!(self.a ; .arch x64 ; rep stosb),
-            2 => dynasm!(self.a ; .arch x64 ; rep stosw),
-            4 => dynasm!(self.a ; .arch x64 ; rep stosd),
-            _ => dynasm!(self.a ; .arch x64 ; rep stosq),
-        }
-        dynasm!(self.a ; .arch x64 ; mov rdi, Rq(s1));
-        self.unspill(&scratch);
-        self.restore_flags(1);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: true });
-        self.misses.push(Miss { label: probe_miss, rip: insn.ip(), scratch, flags_pushed: true });
     }
 
     /// The host address of a string instruction's access of `size` bytes at
@@ -2025,8 +2077,8 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.string_one(insn, &mut info);
                 e.counts.mem += 1;
             }
-            Plan::RepStos => {
-                e.rep_stos(insn, &mut info);
+            Plan::RepString => {
+                e.rep_string(insn, &mut info);
                 e.counts.mem += 1;
             }
             Plan::Divide => {
@@ -2073,7 +2125,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
             Plan::Sse if !has_memory_operand(i) => Treatment::Ident,
             Plan::Sse => Treatment::Mem,
-            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepStos | Plan::DivideMem => Treatment::Mem,
+            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepString | Plan::DivideMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
             Plan::Stop => Treatment::Callout,
