@@ -66,6 +66,13 @@ pub struct Mode {
     /// CR0.TS clear): integer and logical ones run in the CCF, on the
     /// guest's XMM registers loaded into the host's.
     pub sse: bool,
+    /// Where 64-bit code's probes find the soft TLB's tables of this
+    /// privilege (read, write): their offsets from the block (the host GS
+    /// base), when both lie within 2 GiB of it, so a probe indexes a table
+    /// through GS in one addressing mode. Otherwise (and in 32-bit code,
+    /// whose tables ride in registers) the probe reads the table's address
+    /// from the block first.
+    pub tlb_tables: Option<[i32; 2]>,
 }
 
 /// How the instructions of a TU were translated.
@@ -748,6 +755,8 @@ struct SecondWay {
     s0: u8,
     s1: u8,
     size: i32,
+    /// Which table (see `Emitter::gs_table`).
+    write: bool,
 }
 
 struct Miss {
@@ -1238,6 +1247,9 @@ impl Emitter {
                 ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)
                 ; lea Rq(s1), [Rq(table) + Rq(s1) * 8]
             );
+        } else if self.gs_table(write).is_some() {
+            // s1 is the entry's index in the table, which GS reaches.
+            dynasm!(self.a ; .arch x64 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]);
         } else {
             let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
             dynasm!(self.a
@@ -1247,18 +1259,21 @@ impl Emitter {
                 ; lea Rq(s1), [rcx + Rq(s1) * 8]
             );
         }
-        self.tag_mismatch(s0, s1, 0, size);
+        self.tag_mismatch(s0, s1, 0, size, write);
         dynasm!(self.a
             ; .arch x64
             ; jrcxz =>hit
             ; jmp =>second
             ; =>hit
-            ; mov Rq(s1), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]
         );
+        match self.gs_table(write) {
+            Some(table) => dynasm!(self.a ; .arch x64 ; gs mov Rq(s1), QWORD [Rq(s1) * 8 + table + tlb::OFF_ADDEND as i32]),
+            None => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]),
+        }
         if fold {
             dynasm!(self.a ; .arch x64 ; lea Rq(s0), [Rq(s0) + Rq(s1)]);
         }
-        self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size });
+        self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write });
         self.rcx_borrowed = keep_rcx;
         if !keep_rcx {
             self.load_rcx();
@@ -1266,14 +1281,21 @@ impl Emitter {
         miss
     }
 
+    /// The GS offset of the `write` (or read) table, if probes reach it
+    /// through GS (see `Mode::tlb_tables`).
+    fn gs_table(&self, write: bool) -> Option<i32> {
+        self.mode.tlb_tables.filter(|_| self.mode.bits == 64).map(|t| t[write as usize])
+    }
+
     /// RCX = the page bits of (last byte - tag) for the entry whose tag is
-    /// at `s1 + way`: zero if it maps the access of `size` bytes at `s0`
-    /// (flag-free).
-    fn tag_mismatch(&mut self, s0: u8, s1: u8, way: i32, size: i32) {
-        if way == 0 {
-            dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1)]);
-        } else {
-            dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1) + way]);
+    /// at `s1 + way` (or at index `s1` of the table plus `way` bytes, for a
+    /// table GS reaches): zero if it maps the access of `size` bytes at
+    /// `s0` (flag-free).
+    fn tag_mismatch(&mut self, s0: u8, s1: u8, way: i32, size: i32, write: bool) {
+        match self.gs_table(write) {
+            Some(table) => dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [Rq(s1) * 8 + table + way]),
+            None if way == 0 => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1)]),
+            None => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1) + way]),
         }
         dynasm!(self.a ; .arch x64 ; lea rcx, [rcx + Rq(s0) + size]);
         if self.mode.bits == 32 {
@@ -1288,15 +1310,17 @@ impl Emitter {
         let way2 = tlb::OFF_WAY2 as i32;
         for w in std::mem::take(&mut self.second_ways) {
             let found = self.a.new_dynamic_label();
-            let SecondWay { at, hit, miss, s0, s1, size } = w;
+            let SecondWay { at, hit, miss, s0, s1, size, write } = w;
             dynasm!(self.a ; .arch x64 ; =>at);
-            self.tag_mismatch(s0, s1, way2, size);
+            self.tag_mismatch(s0, s1, way2, size, write);
+            // The entry: its address, or its index, in the second way.
+            let step = if self.gs_table(write).is_some() { tlb::ENTRIES as i32 } else { way2 };
             dynasm!(self.a
                 ; .arch x64
                 ; jrcxz =>found
                 ; jmp =>miss
                 ; =>found
-                ; lea Rq(s1), [Rq(s1) + way2]
+                ; lea Rq(s1), [Rq(s1) + step]
                 ; jmp =>hit
             );
         }
@@ -2155,7 +2179,7 @@ mod tests {
     use super::*;
 
     fn mode(bits: u32) -> Mode {
-        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true }
+        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true, tlb_tables: None }
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.

@@ -193,7 +193,7 @@ struct IbtcBook {
 impl IbtcBook {
     fn new() -> Self {
         IbtcBook {
-            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false }, 0, 0),
+            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false, tlb_tables: None }, 0, 0),
             generation: 0,
             global: Box::new([false; IBTC_ENTRIES]),
             code_pages: Box::new([[0; 2]; IBTC_ENTRIES]),
@@ -581,7 +581,15 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
     let c = &v.cpu;
     let sse = c.cr4 & cr4::OSFXSR != 0 && c.cr0 & (cr0::EM | cr0::TS) == 0;
     match c.mode {
-        CpuMode::Long => Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse }),
+        CpuMode::Long => {
+            let tlb_tables = v.bt.as_ref().and_then(|bt| {
+                let user = v.user();
+                let block = &*bt.block as *const BtBlock as u64;
+                let at = |kind| i32::try_from(v.tlb.table_addr(kind, user).wrapping_sub(block) as i64).ok();
+                Some([at(Access::Read)?, at(Access::Write)?])
+            });
+            Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, tlb_tables })
+        }
         // Branch targets are not checked against the CS limit: CS must span 4 GiB.
         CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
             let (mut seg_base_mask, mut seg_usable_mask) = (0u8, 0u8);
@@ -600,7 +608,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 }
             }
             let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
-            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse })
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse, tlb_tables: None })
         }
         _ => None,
     }

@@ -1187,6 +1187,47 @@ fn rep_stos_and_movs_match_the_interpreter() {
     }
 }
 
+/// 64-bit probes reach the soft TLB's tables through GS (`Mode::tlb_tables`)
+/// here, where the tables and the block are both on the heap, and a loop
+/// over memory through them leaves nothing to the runtime after the first
+/// touch of each page, with results equal the interpreter's.
+#[test]
+fn probes_of_64_bit_code_index_the_tables_through_gs() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(ecx, 3000).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, qword_ptr(rsi + rcx * 8)).unwrap();
+    a.mov(qword_ptr(rsi + rcx * 8 + 0x8000), rax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut results = Vec::new();
+    for bt in [false, true] {
+        let mut v = vcpu64(&code);
+        for k in 0..0x4000u64 {
+            v.mem.write_u64(DATA + 8 * k, k * k + 7);
+        }
+        if bt {
+            v.enable_bt(64 << 20).expect("translator");
+            let mode = super::bt_mode(&v).expect("64-bit code translates");
+            assert!(mode.tlb_tables.is_some(), "the tables lie within 2 GiB of the block");
+        }
+        run(&mut v);
+        let mut out = vec![0u8; 0x8000];
+        v.mem.read(DATA + 0x8000, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 24, "first touches only: {:?}", b.stats.callouts);
+        }
+        results.push((v.cpu.regs.gpr, out));
+    }
+    assert!(results[0] == results[1]);
+}
+
 /// A dropped engine's code ranges leave the fault handler: the next engine's
 /// code may be mapped there, and a host fault in it must find its own exit
 /// (this was a SIGSEGV in parallel tests: a stale range sent a guest #DE
