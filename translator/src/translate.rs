@@ -745,9 +745,10 @@ struct Emitter {
 }
 
 /// A probe's out-of-line look into the second way of its table entry's
-/// set: `at` is jumped to on a first-way miss (entry pointer in `s1`,
-/// address in `s0`); it jumps back to `hit` pointing `s1` at the second
-/// way's entry, or on to `miss`.
+/// set: `at` is jumped to on a first-way miss (the entry in `s1`, as a
+/// pointer or, for a table GS reaches, as an index; the address in `s0`);
+/// it jumps back to `hit` with `s1` at the second way's entry, or on to
+/// `miss`.
 struct SecondWay {
     at: DynamicLabel,
     hit: DynamicLabel,
@@ -1229,7 +1230,8 @@ impl Emitter {
     /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
     /// takes the bits, `lea` subtracts (tags are kept complemented),
     /// `jrcxz` tests. In 32-bit code the tables and masks stay in
-    /// registers (`tlb::R32_*`); in 64-bit code they are read from the block.
+    /// registers (`tlb::R32_*`); 64-bit code indexes the table through GS
+    /// (`Mode::tlb_tables`), or reads its address from the block.
     ///
     /// With `keep_rcx`, RCX stays borrowed after a hit (see `rcx_borrowed`).
     fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, keep_rcx: bool, fold: bool) -> DynamicLabel {
@@ -1713,6 +1715,11 @@ impl Emitter {
                 _ => dynasm!(self.a ; .arch x64 ; rep movsq),
             }
             dynasm!(self.a ; .arch x64 ; sub rsi, Rq(s2));
+            if !wide {
+                // An index that wrapped at 4 GiB (the segment base kept the
+                // linear range in one page) keeps only its low half.
+                dynasm!(self.a ; .arch x64 ; mov esi, esi);
+            }
         } else {
             match size {
                 1 => dynasm!(self.a ; .arch x64 ; rep stosb),
@@ -1722,6 +1729,9 @@ impl Emitter {
             }
         }
         dynasm!(self.a ; .arch x64 ; sub rdi, Rq(s0));
+        if !wide {
+            dynasm!(self.a ; .arch x64 ; mov edi, edi);
+        }
         // RCX holds the guest's count as the instruction left it (0).
         self.rcx_borrowed = false;
         self.unspill(&scratch);

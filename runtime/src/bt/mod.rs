@@ -72,8 +72,9 @@ struct Tu {
     /// The linear page of its first instruction: jumps within it are chained.
     lin_page: u64,
     /// The second page's linear and physical address, if the TU spans two:
-    /// checked at every lookup; jumps chained into the TU are unchained, and
-    /// its IBTC entries dropped, when a mapping changes.
+    /// checked at every lookup; jumps chained into the TU are unchained
+    /// when any mapping changes, and its IBTC entries are dropped with the
+    /// mapping of either of its pages.
     page2: Option<(u64, u64)>,
     /// Exit stubs (TU id, stub index) patched to jump here.
     incoming: Vec<(u32, u8)>,
@@ -585,7 +586,13 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
             let tlb_tables = v.bt.as_ref().and_then(|bt| {
                 let user = v.user();
                 let block = &*bt.block as *const BtBlock as u64;
-                let at = |kind| i32::try_from(v.tlb.table_addr(kind, user).wrapping_sub(block) as i64).ok();
+                // The displacements emitted reach up to the second way's
+                // addends: all of them must fit.
+                let reach = (btvmm_translator::abi::tlb::OFF_ADDEND + btvmm_translator::abi::tlb::OFF_WAY2) as i64;
+                let at = |kind| {
+                    let off = v.tlb.table_addr(kind, user).wrapping_sub(block) as i64;
+                    i32::try_from(off + reach).ok().and(i32::try_from(off).ok())
+                };
                 Some([at(Access::Read)?, at(Access::Write)?])
             });
             Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, tlb_tables })

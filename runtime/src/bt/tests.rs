@@ -640,6 +640,9 @@ fn a_function_across_two_pages_is_called_through_the_ibtc() {
         run(&mut v);
         let expected = CALLS as u64 * (1 + 0x2_0001);
         assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, expected, "each call ran what its pages mapped then ({bt:?})");
+        // The block decoded again after the remapping is kept, not decoded
+        // again at every call.
+        assert!(v.stats.blocks_decoded < 40, "{} blocks decoded ({bt:?})", v.stats.blocks_decoded);
         if let Some(b) = v.bt.as_ref() {
             let left = b.stats.exits[ExitReason::Indirect as usize];
             assert!(left <= 8, "{left} calls and returns left for the dispatcher");
@@ -1185,6 +1188,50 @@ fn rep_stos_and_movs_match_the_interpreter() {
         assert_eq!(results[0].1, results[1].1, "{bits}-bit flags");
         assert!(results[0].2 == results[1].2, "{bits}-bit memory");
     }
+}
+
+/// rep stos and rep movs through a segment with a base, in 32-bit code,
+/// with EDI wrapping past 4 GiB while the linear range stays in one page:
+/// EDI ends as a 32-bit value (it kept the carry in its upper half, where
+/// a move to 64-bit mode would see it), as under the interpreter.
+#[test]
+fn rep_string_ops_through_a_segment_base_wrap_edi() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.cld().unwrap();
+    a.mov(ebx, 3).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(edi, 0xffff_ff00u32).unwrap(); // ES:EDI = linear 0x1000
+    a.mov(ecx, 0x40).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.rep().stosd().unwrap();
+    a.mov(ebp, edi).unwrap();
+    a.mov(esi, DATA as u32).unwrap();
+    a.mov(edi, 0xffff_ff80u32).unwrap();
+    a.mov(ecx, 0x40).unwrap();
+    a.rep().movsd().unwrap();
+    a.dec(ebx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut results = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.cpu.seg[seg::ES].base = 0x1100;
+        v.mem.write(DATA, &[0x5a; 0x100]);
+        run(&mut v);
+        let mut out = vec![0u8; 0x200];
+        v.mem.read(0x1000, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            use iced_x86::Mnemonic as M;
+            let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
+            assert!(handed_on(M::Stosd) <= 1 && handed_on(M::Movsd) <= 1, "{:?}", b.stats.callouts);
+        }
+        results.push((v.cpu.regs.gpr, out));
+    }
+    assert_eq!(results[0].0[5], 0, "EDI after the stores wrapped to 0");
+    assert_eq!(results[0].0[7], 0x80, "EDI after the copy wrapped to 0x80");
+    assert!(results[0] == results[1], "{:x?} vs {:x?}", results[0].0, results[1].0);
 }
 
 /// 64-bit probes reach the soft TLB's tables through GS (`Mode::tlb_tables`)

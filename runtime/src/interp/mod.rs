@@ -469,9 +469,18 @@ impl Vcpu {
     }
 
     fn insert_block(&mut self, key: BlockKey, block: Rc<Block>) {
+        // A block decoded again (its second page remapped) replaces the
+        // old one, in the fast slot too, and is listed once per page.
+        let again = self.code.blocks.contains_key(&key);
         for &page in block.pages.iter().filter(|&&p| p != u64::MAX) {
             self.mark_code_page(page);
-            self.code.by_page.entry(page).or_default().push(key);
+            let keys = self.code.by_page.entry(page).or_default();
+            if !again || !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        if again {
+            self.code.fast[CodeMap::slot(&key)] = Some((key, block.clone()));
         }
         self.code.blocks.insert(key, block);
     }
