@@ -1707,7 +1707,7 @@ impl Emitter {
         dynasm!(self.a ; .arch x64 ; add rdi, Rq(s0));
         if movs {
             let s2 = scratch[2];
-            dynasm!(self.a ; .arch x64 ; add rsi, Rq(scratch[2]));
+            dynasm!(self.a ; .arch x64 ; add rsi, Rq(s2));
             match size {
                 1 => dynasm!(self.a ; .arch x64 ; rep movsb),
                 2 => dynasm!(self.a ; .arch x64 ; rep movsw),

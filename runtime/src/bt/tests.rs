@@ -43,6 +43,24 @@ fn vcpu64(code: &[u8]) -> Vcpu {
     v
 }
 
+/// Turns 32-bit paging on with the page directory at `pd` (through EAX).
+fn paging_on(a: &mut CodeAssembler, pd: u64) {
+    a.mov(eax, pd as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+}
+
+/// A page directory at `pd` whose first table, at `pt`, maps each linear
+/// page of the first 4 MiB to `map(page)`.
+fn page_tables(v: &Vcpu, pd: u64, pt: u64, map: impl Fn(u64) -> u64) {
+    v.mem.write(pd, &((pt | 3) as u32).to_le_bytes());
+    for i in 0..1024u64 {
+        v.mem.write(pt + i * 4, &((map(i << 12) | 3) as u32).to_le_bytes());
+    }
+}
+
 /// Runs to the final `hlt` (interrupts off): the machine halts for good.
 fn run(v: &mut Vcpu) {
     let exit = v.run(&EventSignal::new(), None);
@@ -112,11 +130,7 @@ fn remapping_the_second_page_of_a_chained_tu_is_seen() {
     let mut a = CodeAssembler::new(32).unwrap();
     a.cli().unwrap();
     a.xor(ebx, ebx).unwrap();
-    a.mov(eax, PD as u32).unwrap();
-    a.mov(cr3, eax).unwrap();
-    a.mov(eax, cr0).unwrap();
-    a.or(eax, 0x8000_0000u32 as i32).unwrap();
-    a.mov(cr0, eax).unwrap();
+    paging_on(&mut a, PD);
     a.jmp(ENTRY).unwrap();
     let start = a.assemble(CODE).unwrap();
     let mut e = CodeAssembler::new(32).unwrap();
@@ -149,10 +163,7 @@ fn remapping_the_second_page_of_a_chained_tu_is_seen() {
         v.mem.write(TOP, &[0x90; 4]);
         v.mem.write(PAGE2, &page2);
         v.mem.write(OTHER, &other);
-        v.mem.write(PD, &((PT | 3) as u32).to_le_bytes());
-        for i in 0..1024u64 {
-            v.mem.write(PT + i * 4, &((i << 12 | 3) as u32).to_le_bytes());
-        }
+        page_tables(&v, PD, PT, |page| page);
         run(&mut v);
         assert_eq!(v.cpu.regs.gpr[6] & 0xffff_ffff, 300, "first pass ({bt:?})");
         assert_eq!(v.cpu.regs.gpr[2] & 0xffff_ffff, 500, "second pass runs the remapped page ({bt:?})");
@@ -541,11 +552,7 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
     let mut a = CodeAssembler::new(32).unwrap();
     a.cli().unwrap();
     a.mov(esp, (DATA + 0x1000) as u32).unwrap();
-    a.mov(eax, PD as u32).unwrap();
-    a.mov(cr3, eax).unwrap();
-    a.mov(eax, cr0).unwrap();
-    a.or(eax, 0x8000_0000u32 as i32).unwrap();
-    a.mov(cr0, eax).unwrap();
+    paging_on(&mut a, PD);
     a.xor(edi, edi).unwrap();
     a.mov(ebx, FUNC as u32).unwrap();
     for _ in 0..2 {
@@ -574,11 +581,7 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
             v.mem.write(CODE + k, &body(n));
         }
         for (pd, pt, func) in [(PD, PT, CODE + 0x9000), (PD2, PT2, CODE + 0xb000)] {
-            v.mem.write(pd, &((pt | 3) as u32).to_le_bytes());
-            for i in 0..1024u64 {
-                let page = if i << 12 == FUNC { func } else { i << 12 };
-                v.mem.write(pt + i * 4, &((page | 3) as u32).to_le_bytes());
-            }
+            page_tables(&v, pd, pt, |page| if page == FUNC { func } else { page });
         }
         run(&mut v);
         // ((((1 + 1 + 2) * 10 + 2) * 10 + 3) * 10 + 3) * 10
@@ -603,11 +606,7 @@ fn a_function_across_two_pages_is_called_through_the_ibtc() {
     let mut a = CodeAssembler::new(32).unwrap();
     a.cli().unwrap();
     a.mov(esp, (DATA + 0x1000) as u32).unwrap();
-    a.mov(eax, PD as u32).unwrap();
-    a.mov(cr3, eax).unwrap();
-    a.mov(eax, cr0).unwrap();
-    a.or(eax, 0x8000_0000u32 as i32).unwrap();
-    a.mov(cr0, eax).unwrap();
+    paging_on(&mut a, PD);
     a.xor(edi, edi).unwrap();
     a.mov(ebx, FUNC as u32).unwrap();
     for pass in 0..2 {
@@ -633,10 +632,7 @@ fn a_function_across_two_pages_is_called_through_the_ibtc() {
         v.mem.write(FUNC, &first);
         v.mem.write(PAGE2, &second);
         v.mem.write(CODE + 0xa000, &remapped);
-        v.mem.write(PD, &((PT | 3) as u32).to_le_bytes());
-        for i in 0..1024u64 {
-            v.mem.write(PT + i * 4, &((i << 12 | 3) as u32).to_le_bytes());
-        }
+        page_tables(&v, PD, PT, |page| page);
         run(&mut v);
         let expected = CALLS as u64 * (1 + 0x2_0001);
         assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, expected, "each call ran what its pages mapped then ({bt:?})");
