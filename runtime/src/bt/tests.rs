@@ -1271,6 +1271,58 @@ fn probes_of_64_bit_code_index_the_tables_through_gs() {
     assert!(results[0] == results[1]);
 }
 
+/// The GS-indexed probe's second way: two linear pages of 64-bit code
+/// whose numbers agree in the TLB's index bits (the 2 MiB page at 6 MiB
+/// maps the one at 2 MiB again), read in turn: each fill moves the other's
+/// entry to the second way, where the next read finds it. After the first touches nothing leaves the
+/// CCF, and the results equal the interpreter's.
+#[test]
+fn the_gs_indexed_probe_finds_the_second_way() {
+    const ALIAS: u64 = DATA + 0x40_0000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(rdi, ALIAS + 0x800).unwrap();
+    a.mov(ecx, 500).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, qword_ptr(rsi + rcx * 8)).unwrap();
+    a.xor(rax, qword_ptr(rdi + rcx * 8)).unwrap();
+    a.mov(qword_ptr(rsi + rcx * 8 + 0x1000), rax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut results = Vec::new();
+    for bt in [false, true] {
+        let mut v = vcpu64(&code);
+        // The page directory of `vcpu64`: the 2 MiB page at 6 MiB linear
+        // onto the frame of the one at 2 MiB.
+        v.mem.write_u64(0x38_2000 + 3 * 8, 0x20_0000 | 0x83);
+        assert_eq!(
+            (DATA >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1),
+            (ALIAS >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1)
+        );
+        for k in 0..0x200u64 {
+            v.mem.write_u64(DATA + 8 * k, 3 * k + 1);
+        }
+        if bt {
+            v.enable_bt(64 << 20).expect("translator");
+            assert!(super::bt_mode(&v).expect("64-bit code translates").tlb_tables.is_some());
+        }
+        run(&mut v);
+        let mut out = vec![0u8; 0x2000];
+        v.mem.read(DATA, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            // The first touch of each of the four pages (and the hlt).
+            let handed_on: u64 = b.stats.callouts.iter().filter(|(m, _)| **m != iced_x86::Mnemonic::Hlt).map(|(_, n)| n).sum();
+            assert!(handed_on <= 4, "first touches only: {:?}", b.stats.callouts);
+        }
+        results.push((v.cpu.regs.gpr, out));
+    }
+    assert!(results[0] == results[1]);
+}
+
 /// A dropped engine's code ranges leave the fault handler: the next engine's
 /// code may be mapped there, and a host fault in it must find its own exit
 /// (this was a SIGSEGV in parallel tests: a stale range sent a guest #DE
