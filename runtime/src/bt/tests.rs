@@ -1248,34 +1248,48 @@ fn probes_of_64_bit_code_index_the_tables_through_gs() {
     a.jnz(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let mut results = Vec::new();
-    for bt in [false, true] {
-        let mut v = vcpu64(&code);
+    let setup = |v: &Vcpu| {
         for k in 0..0x4000u64 {
             v.mem.write_u64(DATA + 8 * k, k * k + 7);
         }
+    };
+    let callouts = interp_then_gs_probes(&code, setup, DATA + 0x8000, 0x8000);
+    let handed_on: u64 = callouts.values().sum();
+    assert!(handed_on <= 24, "first touches only: {callouts:?}");
+}
+
+/// Runs 64-bit `code` on the interpreter, then on the translator with its
+/// probes reaching the TLB tables through GS (asserted), each after
+/// `setup`; asserts the registers and the `len` bytes at `out` equal, and
+/// returns the translator's callouts.
+fn interp_then_gs_probes(code: &[u8], setup: impl Fn(&Vcpu), out: u64, len: usize) -> rustc_hash::FxHashMap<iced_x86::Mnemonic, u64> {
+    let mut results = Vec::new();
+    let mut callouts = Default::default();
+    for bt in [false, true] {
+        let mut v = vcpu64(code);
+        setup(&v);
         if bt {
             v.enable_bt(64 << 20).expect("translator");
             let mode = super::bt_mode(&v).expect("64-bit code translates");
             assert!(mode.tlb_tables.is_some(), "the tables lie within 2 GiB of the block");
         }
         run(&mut v);
-        let mut out = vec![0u8; 0x8000];
-        v.mem.read(DATA + 0x8000, &mut out);
+        let mut bytes = vec![0u8; len];
+        v.mem.read(out, &mut bytes);
         if let Some(b) = v.bt.as_ref() {
-            let handed_on: u64 = b.stats.callouts.values().sum();
-            assert!(handed_on <= 24, "first touches only: {:?}", b.stats.callouts);
+            callouts = b.stats.callouts.clone();
         }
-        results.push((v.cpu.regs.gpr, out));
+        results.push((v.cpu.regs.gpr, bytes));
     }
     assert!(results[0] == results[1]);
+    callouts
 }
 
 /// The GS-indexed probe's second way: two linear pages of 64-bit code
 /// whose numbers agree in the TLB's index bits (the 2 MiB page at 6 MiB
 /// maps the one at 2 MiB again), read in turn: each fill moves the other's
-/// entry to the second way, where the next read finds it. After the first touches nothing leaves the
-/// CCF, and the results equal the interpreter's.
+/// entry to the second way, where the next read finds it. After the first
+/// touches nothing leaves the CCF, and the results equal the interpreter's.
 #[test]
 fn the_gs_indexed_probe_finds_the_second_way() {
     const ALIAS: u64 = DATA + 0x40_0000;
@@ -1293,34 +1307,22 @@ fn the_gs_indexed_probe_finds_the_second_way() {
     a.jnz(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let mut results = Vec::new();
-    for bt in [false, true] {
-        let mut v = vcpu64(&code);
+    assert_eq!(
+        (DATA >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1),
+        (ALIAS >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1)
+    );
+    let setup = |v: &Vcpu| {
         // The page directory of `vcpu64`: the 2 MiB page at 6 MiB linear
         // onto the frame of the one at 2 MiB.
         v.mem.write_u64(0x38_2000 + 3 * 8, 0x20_0000 | 0x83);
-        assert_eq!(
-            (DATA >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1),
-            (ALIAS >> 12) & (btvmm_translator::abi::tlb::ENTRIES as u64 - 1)
-        );
         for k in 0..0x200u64 {
             v.mem.write_u64(DATA + 8 * k, 3 * k + 1);
         }
-        if bt {
-            v.enable_bt(64 << 20).expect("translator");
-            assert!(super::bt_mode(&v).expect("64-bit code translates").tlb_tables.is_some());
-        }
-        run(&mut v);
-        let mut out = vec![0u8; 0x2000];
-        v.mem.read(DATA, &mut out);
-        if let Some(b) = v.bt.as_ref() {
-            // The first touch of each of the four pages (and the hlt).
-            let handed_on: u64 = b.stats.callouts.iter().filter(|(m, _)| **m != iced_x86::Mnemonic::Hlt).map(|(_, n)| n).sum();
-            assert!(handed_on <= 4, "first touches only: {:?}", b.stats.callouts);
-        }
-        results.push((v.cpu.regs.gpr, out));
-    }
-    assert!(results[0] == results[1]);
+    };
+    let callouts = interp_then_gs_probes(&code, setup, DATA, 0x2000);
+    // The first touch of each of the four pages (and the hlt).
+    let handed_on: u64 = callouts.iter().filter(|(m, _)| **m != iced_x86::Mnemonic::Hlt).map(|(_, n)| n).sum();
+    assert!(handed_on <= 4, "first touches only: {callouts:?}");
 }
 
 /// A dropped engine's code ranges leave the fault handler: the next engine's
