@@ -146,6 +146,10 @@ impl Machine {
                 eprintln!("btvmm: guest triple fault; guest state:\n{}", self.vcpu.cpu.dump());
                 3
             }
+            VmExit::InternalError(what) => {
+                eprintln!("btvmm: internal error: {what}; guest state:\n{}", self.vcpu.cpu.dump());
+                70
+            }
             VmExit::BudgetExhausted | VmExit::Exception(_) | VmExit::Paused => 0,
         };
         if self.stats_at_exit {

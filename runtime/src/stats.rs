@@ -86,10 +86,10 @@ impl Stats {
                     "code cache: {} bytes compiled; lookups {} hits ({} in the IBTC), {} misses; {} evictions, {} flushes, {} TUs invalidated; {} chained, {} unchained; {} CCF entries",
                     b.code_bytes, b.lookups_hit, b.ibtc_hits, b.lookups_miss, b.evictions, b.flushes, b.invalidated, b.chained, b.unchained, b.entries
                 );
-                let [next, interpret, indirect, fault] = b.exits;
+                let [next, interpret, indirect, fault, host_fault] = b.exits;
                 let _ = writeln!(
                     s,
-                    "CCF exits: {next} to an unchained next TU, {interpret} to interpret an instruction, {indirect} on an IBTC miss, {fault} on a host fault; {} kicks ({} landed in a CCF)",
+                    "CCF exits: {next} to an unchained next TU, {interpret} to interpret an instruction, {indirect} on an IBTC miss, {fault} on a guest fault, {host_fault} on a host fault (a VMM bug); {} kicks ({} landed in a CCF)",
                     b.kicks, b.kicks_landed
                 );
                 let mut callouts: Vec<_> = b.callouts.iter().map(|(m, n)| (*n, format!("{m:?}").to_lowercase())).collect();

@@ -375,6 +375,10 @@ pub enum ExitReason {
     /// the instruction at RIP happened; the runtime runs it, raising the
     /// guest's exception.
     Fault = 3,
+    /// Any other host signal in a CCF (SIGSEGV, SIGBUS, SIGILL): translated
+    /// code touched what it must not, a VMM bug. The guest state is as the
+    /// CCF left its registers, not precise; the runtime reports it and stops.
+    HostFault = 4,
 }
 
 impl ExitReason {
@@ -384,6 +388,7 @@ impl ExitReason {
             1 => Self::Interpret,
             2 => Self::Indirect,
             3 => Self::Fault,
+            4 => Self::HostFault,
             _ => return None,
         })
     }

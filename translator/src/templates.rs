@@ -23,6 +23,10 @@ pub struct Trampolines {
     /// Where the host fault handler sends a CCF that faulted (see
     /// `BtBlock::fault_rip`): an exit with reason Fault at that RIP.
     pub fault: usize,
+    /// Where it sends a CCF that raised any other host signal (SIGSEGV,
+    /// SIGBUS, SIGILL: a VMM bug, never a guest's doing): an exit with
+    /// reason HostFault.
+    pub host_fault: usize,
     /// Loads the guest's SSE state (`BtBlock::fpu_load`), and the bare
     /// `ret` that replaces it once loaded (`BtBlock::fpu_ready`).
     pub fpu_load: usize,
@@ -98,6 +102,12 @@ pub fn trampolines() -> Trampolines {
         ; gs pop QWORD [BtBlock::OFF_RIP as i32]
         ; jmp ->exit
     );
+    let host_fault = a.offset().0;
+    dynasm!(a
+        ; .arch x64
+        ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], ExitReason::HostFault as u64 as i32
+        ; jmp ->exit
+    );
     // Called by a CCF (host RSP below the entry's): every register and
     // flag is kept; RAX goes through the fault-RIP slot's neighbour, the
     // spill slot `SLOT_FPU` no CCF holds anything in across this call.
@@ -115,7 +125,7 @@ pub fn trampolines() -> Trampolines {
     let fpu_ready = a.offset().0;
     dynasm!(a ; .arch x64 ; ret);
     let code = a.finalize().unwrap_or_default();
-    Trampolines { code, entry, exit, fault, fpu_load, fpu_ready }
+    Trampolines { code, entry, exit, fault, host_fault, fpu_load, fpu_ready }
 }
 
 /// Bytes of the patchable jump that opens every exit stub.

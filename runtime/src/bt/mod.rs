@@ -76,6 +76,11 @@ struct Tu {
     /// when any mapping changes, and its IBTC entries are dropped with the
     /// mapping of either of its pages.
     page2: Option<(u64, u64)>,
+    /// Its code's length, and where each guest instruction's code starts
+    /// (offset from `base`, guest RIP), to name the instruction of a host
+    /// fault.
+    len: usize,
+    rip_map: Box<[(u32, u64)]>,
     /// Exit stubs (TU id, stub index) patched to jump here.
     incoming: Vec<(u32, u8)>,
     /// TUs this one's stubs jump to.
@@ -97,7 +102,7 @@ pub struct BtStats {
     pub entries: u64,
     /// CCF exits to the dispatcher by reason, in `ExitReason` order: next,
     /// interpret, indirect, fault.
-    pub exits: [u64; 4],
+    pub exits: [u64; 5],
     pub lookups_hit: u64,
     pub lookups_miss: u64,
     /// Of the hits, those the dispatcher found in the IBTC.
@@ -131,9 +136,9 @@ pub struct Bt {
     lru: lru::LruCache<u32, (), FxBuildHasher>,
     entry: extern "sysv64" fn(),
     exit: u64,
-    /// The fault-exit trampoline (see `fault`), and the code ranges
+    /// The fault-exit trampolines (see `fault`), and the code ranges
     /// registered with the fault handler.
-    fault_exit: u64,
+    fault_exits: fault::FaultExits,
     /// The SSE-state load routine and the bare `ret` that stands for it
     /// once the state is loaded (`BtBlock::fpu_enter`).
     fpu_load: u64,
@@ -220,7 +225,7 @@ impl Bt {
     /// An engine with a code cache of `cache_bytes`.
     pub fn new(cache_bytes: usize) -> Result<Self, BtError> {
         let mut arena = CodeArena::with_chunks(usize::MAX, CACHE_CHUNK);
-        let Published { entry, exit, fault_exit, fpu_load, fpu_ready } = publish_trampolines(&mut arena)?;
+        let Published { entry, exit, fault_exits, fpu_load, fpu_ready } = publish_trampolines(&mut arena)?;
         let mut bt = Self {
             block: Box::default(),
             arena,
@@ -230,7 +235,7 @@ impl Bt {
             lru: lru::LruCache::unbounded_with_hasher(FxBuildHasher),
             entry,
             exit,
-            fault_exit,
+            fault_exits,
             fpu_load,
             fpu_ready,
             fault_ranges: Vec::new(),
@@ -293,7 +298,7 @@ impl Bt {
             let views = self.arena.views();
             self.kick.sync(&views);
             for &(start, end) in &ranges {
-                fault::register(start, end, self.fault_exit as usize);
+                fault::register(start, end, self.fault_exits);
             }
             self.fault_ranges = ranges;
         }
@@ -518,14 +523,41 @@ impl Bt {
         // New chunks may be mapped where old ones were: forget every stub.
         self.kick.sync(&[]);
         let p = publish_trampolines(&mut self.arena)?;
-        (self.entry, self.exit, self.fault_exit, self.fpu_load, self.fpu_ready) =
-            (p.entry, p.exit, p.fault_exit, p.fpu_load, p.fpu_ready);
+        (self.entry, self.exit, self.fault_exits, self.fpu_load, self.fpu_ready) =
+            (p.entry, p.exit, p.fault_exits, p.fpu_load, p.fpu_ready);
         for &(start, end) in &self.fault_ranges {
             fault::unregister(start, end);
         }
         self.fault_ranges.clear();
         self.sync_fault_ranges();
         Ok(())
+    }
+
+    /// Names a host fault in compiled code (signal, host address): the
+    /// signal, the TU and the guest instruction whose code it hit. Returns
+    /// the description and that instruction's guest RIP, if found.
+    fn describe_host_fault(&self, fault: Option<(libc::c_int, usize)>) -> (String, Option<u64>) {
+        let Some((signo, pc)) = fault else {
+            return ("a host fault in translated code, not recorded".into(), None);
+        };
+        let name = match signo {
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGBUS => "SIGBUS",
+            libc::SIGILL => "SIGILL",
+            _ => "a signal",
+        };
+        let tu = self.tus.iter().flatten().find(|t| (t.base as usize..t.base as usize + t.len).contains(&pc));
+        let Some(tu) = tu else {
+            return (format!("host {name} at {pc:#x}, in the code cache but in no TU (a trampoline)"), None);
+        };
+        let off = (pc - tu.base as usize) as u32;
+        let rip = tu.rip_map.iter().take_while(|(o, _)| *o <= off).last().map(|&(_, rip)| rip);
+        let at = rip.map_or_else(|| "its entry".to_string(), |r| format!("guest RIP {r:#x}"));
+        let what = format!(
+            "host {name} in the CCF of the {}-bit TU at guest RIP {:#x}, host offset {off:#x}, in the code of {at}; the guest registers are as that code left them",
+            tu.key.mode.bits, tu.key.rip
+        );
+        (what, rip)
     }
 
     /// Sets this thread's host GS base to the vCPU block. Rust and glibc on
@@ -563,14 +595,15 @@ fn publish_trampolines(arena: &mut CodeArena) -> Result<Published, BtError> {
     // arguments (it saves and restores every callee-saved register).
     let entry: extern "sysv64" fn() = unsafe { std::mem::transmute(base.add(t.entry)) };
     let at = |off: usize| base as u64 + off as u64;
-    Ok(Published { entry, exit: at(t.exit), fault_exit: at(t.fault), fpu_load: at(t.fpu_load), fpu_ready: at(t.fpu_ready) })
+    let fault_exits = fault::FaultExits { guest: at(t.fault) as usize, host: at(t.host_fault) as usize };
+    Ok(Published { entry, exit: at(t.exit), fault_exits, fpu_load: at(t.fpu_load), fpu_ready: at(t.fpu_ready) })
 }
 
 /// Where the published trampolines are (see `templates::Trampolines`).
 struct Published {
     entry: extern "sysv64" fn(),
     exit: u64,
-    fault_exit: u64,
+    fault_exits: fault::FaultExits,
     fpu_load: u64,
     fpu_ready: u64,
 }
@@ -905,6 +938,8 @@ impl Vcpu {
             exits: ccf.exits.clone(),
             lin_page,
             page2,
+            len: ccf.code.len(),
+            rip_map: ccf.rip_map.clone().into_boxed_slice(),
             incoming: Vec::new(),
             outgoing: Vec::new(),
         };
@@ -952,7 +987,7 @@ impl Vcpu {
         b.budget = CHAIN_BUDGET;
         b.target = entry as u64;
         b.exit_stub = bt.exit;
-        b.fault_exit = bt.fault_exit;
+        b.fault_exit = bt.fault_exits.guest as u64;
         // The guest's SSE state is loaded by the first CCF that needs it,
         // and saved back to its area by the exit.
         b.fpu_area = self.fpu.area_ptr() as u64;
@@ -993,6 +1028,14 @@ impl Vcpu {
             // A host fault (SIGFPE) in the CCF: the runtime runs the
             // instruction, raising the guest's exception.
             Some(ExitReason::Interpret | ExitReason::Fault) | None => self.callout(),
+            Some(ExitReason::HostFault) => {
+                let fault = fault::take_host_fault();
+                let (what, rip) = bt.describe_host_fault(fault);
+                if let Some(rip) = rip {
+                    self.cpu.regs.rip = rip;
+                }
+                self.exit = Some(crate::interp::VmExit::InternalError(what));
+            }
         }
     }
 

@@ -131,6 +131,10 @@ pub enum VmExit {
     /// The platform asked for a pause ([`Platform::pause_requested`]): the
     /// vCPU stopped between instructions and `run` may be called again.
     Paused,
+    /// The VMM failed (a host fault in translated code): the guest cannot
+    /// go on. The message says what happened; the guest state is as it
+    /// was left, not precise.
+    InternalError(String),
     /// An exception was raised while [`Vcpu::trap_exceptions`] is set: it was
     /// not delivered, RIP and registers are as the exception frame would hold.
     Exception(Exception),
