@@ -756,8 +756,23 @@ struct SecondWay {
     s0: u8,
     s1: u8,
     size: i32,
-    /// Which table (see `Emitter::gs_table`).
+    /// Which table (see `Emitter::entry`).
     write: bool,
+}
+
+/// How a probe reaches its soft-TLB entry (`Emitter::entry`). With `Gs`
+/// and `Reg`, the probe's second scratch register holds the entry's index,
+/// and every field is read in one addressing mode: through GS at the
+/// table's offset from the block (64-bit code, `Mode::tlb_tables`), or
+/// from the table's address in a register (32-bit code, `tlb::R32_*`).
+/// With `Ptr` (64-bit code whose tables lie beyond GS's reach), the table's
+/// address is read from the block at this offset and the register points
+/// at the entry.
+#[derive(Clone, Copy)]
+enum Entry {
+    Gs(i32),
+    Reg(u8),
+    Ptr(i32),
 }
 
 struct Miss {
@@ -1242,24 +1257,16 @@ impl Emitter {
         if !self.rcx_borrowed {
             self.save_rcx();
         }
-        if self.mode.bits == 32 {
-            let table = if write { tlb::R32_WRITE_TABLE } else { tlb::R32_READ_TABLE };
-            dynasm!(self.a
-                ; .arch x64
-                ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)
-                ; lea Rq(s1), [Rq(table) + Rq(s1) * 8]
-            );
-        } else if self.gs_table(write).is_some() {
-            // s1 is the entry's index in the table, which GS reaches.
-            dynasm!(self.a ; .arch x64 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]);
-        } else {
-            let table = if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32;
-            dynasm!(self.a
+        match self.entry(write) {
+            // s1 is the entry's index in the table.
+            Entry::Gs(_) => dynasm!(self.a ; .arch x64 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]),
+            Entry::Reg(_) => dynasm!(self.a ; .arch x64 ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)),
+            Entry::Ptr(table) => dynasm!(self.a
                 ; .arch x64
                 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]
                 ; gs mov rcx, QWORD [table]
                 ; lea Rq(s1), [rcx + Rq(s1) * 8]
-            );
+            ),
         }
         self.tag_mismatch(s0, s1, 0, size, write);
         dynasm!(self.a
@@ -1268,9 +1275,11 @@ impl Emitter {
             ; jmp =>second
             ; =>hit
         );
-        match self.gs_table(write) {
-            Some(table) => dynasm!(self.a ; .arch x64 ; gs mov Rq(s1), QWORD [Rq(s1) * 8 + table + tlb::OFF_ADDEND as i32]),
-            None => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s1) + tlb::OFF_ADDEND as i32]),
+        let addend = tlb::OFF_ADDEND as i32;
+        match self.entry(write) {
+            Entry::Gs(table) => dynasm!(self.a ; .arch x64 ; gs mov Rq(s1), QWORD [Rq(s1) * 8 + table + addend]),
+            Entry::Reg(table) => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(table) + Rq(s1) * 8 + addend]),
+            Entry::Ptr(_) => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s1) + addend]),
         }
         if fold {
             dynasm!(self.a ; .arch x64 ; lea Rq(s0), [Rq(s0) + Rq(s1)]);
@@ -1283,21 +1292,26 @@ impl Emitter {
         miss
     }
 
-    /// The GS offset of the `write` (or read) table, if probes reach it
-    /// through GS (see `Mode::tlb_tables`).
-    fn gs_table(&self, write: bool) -> Option<i32> {
-        self.mode.tlb_tables.filter(|_| self.mode.bits == 64).map(|t| t[write as usize])
+    /// How a probe reaches the entry of the `write` (or read) table: see
+    /// [`Entry`].
+    fn entry(&self, write: bool) -> Entry {
+        if self.mode.bits == 32 {
+            Entry::Reg(if write { tlb::R32_WRITE_TABLE } else { tlb::R32_READ_TABLE })
+        } else if let Some(t) = self.mode.tlb_tables {
+            Entry::Gs(t[write as usize])
+        } else {
+            Entry::Ptr(if write { BtBlock::OFF_TLB_WRITE } else { BtBlock::OFF_TLB_READ } as i32)
+        }
     }
 
     /// RCX = the page bits of (last byte - tag) for the entry whose tag is
-    /// at `s1 + way` (or at index `s1` of the table plus `way` bytes, for a
-    /// table GS reaches): zero if it maps the access of `size` bytes at
-    /// `s0` (flag-free).
+    /// `way` bytes after the one `s1` names (see [`Entry`]): zero if it
+    /// maps the access of `size` bytes at `s0` (flag-free).
     fn tag_mismatch(&mut self, s0: u8, s1: u8, way: i32, size: i32, write: bool) {
-        match self.gs_table(write) {
-            Some(table) => dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [Rq(s1) * 8 + table + way]),
-            None if way == 0 => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1)]),
-            None => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1) + way]),
+        match self.entry(write) {
+            Entry::Gs(table) => dynasm!(self.a ; .arch x64 ; gs mov rcx, QWORD [Rq(s1) * 8 + table + way]),
+            Entry::Reg(table) => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(table) + Rq(s1) * 8 + way]),
+            Entry::Ptr(_) => dynasm!(self.a ; .arch x64 ; mov rcx, QWORD [Rq(s1) + way]),
         }
         dynasm!(self.a ; .arch x64 ; lea rcx, [rcx + Rq(s0) + size]);
         if self.mode.bits == 32 {
@@ -1316,7 +1330,7 @@ impl Emitter {
             dynasm!(self.a ; .arch x64 ; =>at);
             self.tag_mismatch(s0, s1, way2, size, write);
             // The entry: its address, or its index, in the second way.
-            let step = if self.gs_table(write).is_some() { tlb::ENTRIES as i32 } else { way2 };
+            let step = if matches!(self.entry(write), Entry::Ptr(_)) { way2 } else { tlb::ENTRIES as i32 };
             dynasm!(self.a
                 ; .arch x64
                 ; jrcxz =>found
