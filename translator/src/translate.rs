@@ -15,16 +15,25 @@
 //!   nothing of it has happened yet. Guest code can therefore only ever
 //!   touch guest RAM through a CCF.
 //! - **CONTROL**: direct jumps and conditional branches end the TU in exit
-//!   stubs that chaining later patches into direct jumps to the next CCF.
-//! - Everything else (system instructions, the virtual flags, stack and
-//!   string instructions, divisions, which fault on the host) ends the TU
-//!   with an exit that runs the instruction in the shared Rust semantics.
+//!   stubs that chaining later patches into direct jumps to the next CCF;
+//!   indirect ones look in the IBTC first.
+//! - Stack instructions, single and `rep` string instructions and
+//!   divisions run inline too, through the same probe (see `plan_insn`);
+//!   everything else (system instructions, what the probe cannot cover)
+//!   ends the TU with an exit that runs the instruction in the shared Rust
+//!   semantics, or becomes inline code over the virtual state.
 //!
-//! Arithmetic flags live in host RFLAGS. A TLB probe clobbers them, so it
-//! saves them first (`pushfq`, cheap) and, on a hit, restores them (`popfq`,
-//! dear) only where liveness inside the TU says they are still needed, else
-//! drops them; a miss always restores them, since the instruction may fault
-//! and the guest sees its flags in the exception frame.
+//! The probe is flag-free (`pext`, `lea`, `jrcxz`), so arithmetic flags
+//! stay in host RFLAGS throughout; only the IBTC lookup and pushf's image
+//! clobber them, and save them first where liveness inside the TU says they
+//! are needed. A miss always leaves them as they were, since the
+//! instruction may fault and the guest sees its flags in the exception
+//! frame.
+//!
+//! Scratch registers hold guest values in 64-bit code: a TU spills the ones
+//! it borrows to the block and gives them back before it ends. A TU that
+//! loops to its own start (`LoopPlan`) spills them once at its entry and
+//! its back edge jumps past the spills.
 
 use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use iced_x86::{
@@ -138,6 +147,10 @@ pub struct ExitSite {
     /// The guest RIP the stub leaves for.
     pub rip: u64,
     pub reason: ExitReason,
+    /// Where a chained jump through the stub lands, if not at the entry of
+    /// the target TU: a loop's back edge (see `LoopPlan`) jumps past the
+    /// spills its TU's entry makes.
+    pub chain_to: Option<usize>,
 }
 
 /// A compiled code fragment, position-independent until it is chained.
@@ -741,6 +754,9 @@ struct Emitter {
     rcx_borrowed: bool,
     /// An SSE instruction earlier in the TU had the guest's SSE state loaded.
     fpu_loaded: bool,
+    /// The scratch registers of a loop TU (`LoopPlan`): every memory access
+    /// borrows these, spilled once at the entry.
+    loop_pair: Option<[u8; 2]>,
     counts: Counts,
 }
 
@@ -816,7 +832,7 @@ impl Emitter {
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
         self.a.extend(exit_stub(rip, reason, site));
-        self.exits.push(ExitSite { offset, rip, reason });
+        self.exits.push(ExitSite { offset, rip, reason, chain_to: None });
     }
 
     /// The code of a Next exit to `rip`, as exit number `index` would emit
@@ -870,11 +886,53 @@ impl Emitter {
     }
 
     /// A Next exit to `rip` (see `next_exit_code`).
+    /// The conditional branch that ends a loop TU (`LoopPlan`): taken, it
+    /// jumps back past the entry's spills, through a stub a kick unchains
+    /// (which then gives the registers back and leaves for `target`, the
+    /// TU's own RIP); not taken, the registers go back and the TU leaves
+    /// for the next instruction. RCX is given back before the branch
+    /// unless the loop keeps it borrowed throughout (`keep_rcx`).
+    fn loop_back(&mut self, insn: &Instruction, cc: ConditionCode, target: u64, loop_head: usize, keep_rcx: bool) {
+        if !keep_rcx {
+            self.release_rcx();
+        }
+        let pair = std::mem::take(&mut self.borrowed);
+        let give_back = |e: &Emitter| -> Vec<u8> {
+            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+            if keep_rcx {
+                dynasm!(a ; .arch x64 ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
+            }
+            for (slot, &r) in pair.iter().enumerate() {
+                if e.holds_guest(r) {
+                    dynasm!(a ; .arch x64 ; gs mov Rq(r), QWORD [scratch_off(slot)]);
+                }
+            }
+            a.finalize().unwrap_or_default()
+        };
+        let back = give_back(self);
+        let next = mask_rip(insn.next_ip(), self.mode);
+        let (fall, _) = self.next_exit_code(next, self.exits.len());
+        // jcc rel32 over the registers' return and the fall-through exit.
+        let cc = cc as u8 - ConditionCode::o as u8;
+        self.bytes(&[0x0f, 0x80 + cc]);
+        self.bytes(&((back.len() + fall.len()) as i32).to_le_bytes());
+        self.bytes(&back);
+        self.exit_next(next);
+        // The back edge: chained from the start, to the loop's head.
+        let offset = self.a.offset().0;
+        let site = self.site(self.exits.len());
+        self.bytes(&chain_jump(offset as u64, loop_head as u64).expect("a jump within one CCF"));
+        self.bytes(&back);
+        self.a.extend(exit_stub(target, ExitReason::Next, site));
+        self.exits.push(ExitSite { offset, rip: target, reason: ExitReason::Next, chain_to: Some(loop_head) });
+        self.rcx_borrowed = false;
+    }
+
     fn exit_next(&mut self, rip: u64) {
         let (code, at) = self.next_exit_code(rip, self.exits.len());
         let offset = self.a.offset().0 + at;
         self.bytes(&code);
-        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next });
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next, chain_to: None });
     }
 
     /// Looks the guest RIP in register `t` up in the IBTC (using `tmp`,
@@ -1109,7 +1167,10 @@ impl Emitter {
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
             || gpr_number(insn.memory_index()) == Some(RSP)
             || (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
-        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits);
+        let scratch = match self.loop_pair {
+            Some(pair) => pair.to_vec(),
+            None => pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits),
+        };
         let (s0, s1) = (scratch[0], scratch[1]);
         let s_rsp = uses_rsp.then(|| scratch[2]);
         // The rewritten instruction first: if it cannot be encoded, nothing
@@ -1873,7 +1934,7 @@ impl Emitter {
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
         self.a.extend(crate::templates::indirect_exit_stub(site));
-        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect });
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect, chain_to: None });
     }
 
     /// The linear address (before the segment base) of the memory operand, into `dst`.
@@ -1913,6 +1974,9 @@ impl Emitter {
     }
 }
 
+/// The order scratch registers are picked in (without AH..BH in the way).
+const SCRATCH_ORDER: [u8; 13] = [11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 0, 2];
+
 /// `count` host registers the instruction does not use, to borrow. The
 /// first one is the new memory base; if the instruction names AH..BH it
 /// cannot take a REX prefix, so that one is picked among the first eight.
@@ -1930,7 +1994,7 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
     if bits == 32 {
         used |= [tlb::R32_READ_TABLE, tlb::R32_WRITE_TABLE, tlb::R32_INDEX_MASK, tlb::R32_PAGE_MASK].iter().fold(0, |m, &r| m | 1 << r);
     }
-    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14] } else { &[11, 10, 9, 8, 6, 7, 5, 3, 12, 13, 14, 0, 2] };
+    let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14] } else { &SCRATCH_ORDER };
     let mut out = Vec::with_capacity(count);
     for &r in order {
         if out.len() == count {
@@ -1992,7 +2056,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, fpu_loaded: false, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, fpu_loaded: false, loop_pair: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -2000,6 +2064,18 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     // its Next stubs, which a kick unchains, and an IBTC transfer counts
     // against the budget a kick zeroes (see `next_exit_code`, `ibtc_lookup`).
     let entry = e.a.offset().0;
+    let looped = plan_loop(tu, rip, mode, &mut info);
+    let mut loop_head = 0;
+    if let Some(l) = &looped {
+        e.spill(&l.pair);
+        e.borrowed = l.pair.to_vec();
+        e.loop_pair = Some(l.pair);
+        if l.keep_rcx {
+            e.save_rcx();
+            e.rcx_borrowed = true;
+        }
+        loop_head = e.a.offset().0;
+    }
 
     let mut rip_map = Vec::with_capacity(tu.len());
     let mut ended = false;
@@ -2009,6 +2085,8 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         match plan {
             Plan::Mem | Plan::DivideMem | Plan::Nothing => {}
             Plan::Sse if has_memory_operand(insn) => {}
+            // A loop's back edge keeps its registers borrowed (see `loop_back`).
+            Plan::Branch(..) if looped.is_some() => {}
             Plan::Ident | Plan::Sse => {
                 let regs = info.info(insn).used_registers();
                 let used: Vec<u8> = regs.iter().filter_map(|u| gpr_number(u.register())).collect();
@@ -2049,6 +2127,11 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Jump(target) => {
                 e.counts.control += 1;
                 e.exit_next(mask_rip(target, mode));
+                ended = true;
+            }
+            Plan::Branch(cc, target) if looped.is_some() => {
+                e.counts.control += 1;
+                e.loop_back(insn, cc, mask_rip(target, mode), loop_head, looped.as_ref().is_some_and(|l| l.keep_rcx));
                 ended = true;
             }
             Plan::Branch(cc, target) => {
@@ -2180,6 +2263,51 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         })
         .collect();
     Ok(Ccf { code, entry, guest: tu.iter().map(|(i, _)| *i).collect(), treatment, guest_bytes, counts, exits, rip_map })
+}
+
+/// A loop TU: 64-bit code whose conditional branch at the end goes back to
+/// its first instruction, with only IDENT and MEM instructions before it
+/// that name neither RSP nor `pair`. Its memory accesses all borrow `pair`
+/// (and RCX too, with `keep_rcx`, if no instruction names it), spilled once
+/// at the entry and given back only when the loop is left: the back edge
+/// jumps past the spills. A loop of one TU spilled and restored them every
+/// iteration, the most of its memory traffic (the CPU kernel's sieve, an
+/// amd64 boot's decompressor). 32-bit code keeps no guest state in its
+/// scratch registers: nothing to hoist there.
+struct LoopPlan {
+    pair: [u8; 2],
+    keep_rcx: bool,
+}
+
+fn plan_loop(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, info: &mut InstructionInfoFactory) -> Option<LoopPlan> {
+    let ((last, last_plan), body) = tu.split_last()?;
+    let loops = matches!(last_plan, Plan::Branch(_, t) if mask_rip(*t, mode) == rip);
+    if mode.bits != 64 || !loops || last.ip() == rip {
+        return None;
+    }
+    let mut named = 0u16;
+    let mut has_mem = false;
+    for (insn, plan) in body {
+        match plan {
+            Plan::Ident | Plan::Nothing => {}
+            Plan::Mem if !needs_alignment(insn) => has_mem = true,
+            _ => return None,
+        }
+        for u in info.info(insn).used_registers() {
+            if let Some(n) = gpr_number(u.register()) {
+                named |= 1 << n;
+            }
+        }
+        if (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i))) {
+            return None;
+        }
+    }
+    if !has_mem || named & (1 << RSP) != 0 {
+        return None;
+    }
+    let mut free = SCRATCH_ORDER.iter().copied().filter(|&r| named & (1 << r) == 0);
+    let pair = [free.next()?, free.next()?];
+    Some(LoopPlan { pair, keep_rcx: named & (1 << 1) == 0 })
 }
 
 fn mask_rip(rip: u64, mode: Mode) -> u64 {

@@ -406,7 +406,12 @@ impl Bt {
             return;
         }
         let at = s.base.wrapping_add(exit.offset);
-        let Some(jump) = translate::chain_jump(at as u64, d.entry as u64) else { return };
+        // A loop's back edge goes past its own TU's entry (`ExitSite::chain_to`).
+        let to = match exit.chain_to {
+            Some(off) if src == dst => s.base.wrapping_add(off),
+            _ => d.entry,
+        };
+        let Some(jump) = translate::chain_jump(at as u64, to as u64) else { return };
         if !self.arena.patch(at, &jump) {
             return;
         }

@@ -1534,6 +1534,129 @@ fn kicks_in_a_loop_of_chained_tus_keep_results_exact() {
     assert!(kicks > 0, "no kick landed in {ROUNDS} rounds");
 }
 
+/// A loop of one TU with memory accesses (a loop TU: its scratch
+/// registers spilled once, the back edge jumping past the spills), walking
+/// across pages so that its probes miss in mid-loop, then faulting on a
+/// page that is not there: with the loop's counter in RCX, in another
+/// register (RCX kept borrowed throughout), and naming R10 and R11 (other
+/// scratch registers), every register, the fault and memory are the
+/// interpreter's.
+#[test]
+fn loop_tus_match_the_interpreter() {
+    const ROUNDS: u32 = 700; // 700 * 16 bytes: three pages and a bit
+    let body = |a: &mut CodeAssembler, variant: u32| {
+        match variant {
+            0 => {
+                a.add(eax, dword_ptr(rsi)).unwrap();
+                a.mov(dword_ptr(rsi + 8), eax).unwrap();
+            }
+            1 => {
+                a.add(eax, dword_ptr(rsi + 4)).unwrap();
+                a.mov(qword_ptr(rsi + 8), rbx).unwrap();
+                a.xor(byte_ptr(rsi + 3), al).unwrap();
+            }
+            _ => {
+                a.add(r11, qword_ptr(rsi)).unwrap();
+                a.mov(qword_ptr(rsi + 8), r10).unwrap();
+                a.lea(r10, qword_ptr(r10 + r11 * 2)).unwrap();
+            }
+        }
+        a.add(rsi, 16).unwrap();
+    };
+    for variant in 0..3 {
+        // The counter: RCX in variant 0, EDX otherwise.
+        let counter = if variant == 0 { ecx } else { edx };
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut top = a.create_label();
+        a.mov(rsi, DATA).unwrap();
+        a.mov(counter, ROUNDS).unwrap();
+        a.set_label(&mut top).unwrap();
+        body(&mut a, variant);
+        a.dec(counter).unwrap();
+        a.jnz(top).unwrap();
+        // Again, into the page past the end of RAM: #PF in mid-loop.
+        a.mov(rsi, 0x40_0000u64 - 3 * 16).unwrap();
+        a.mov(counter, ROUNDS).unwrap();
+        let mut again = a.create_label();
+        a.set_label(&mut again).unwrap();
+        body(&mut a, variant);
+        a.dec(counter).unwrap();
+        a.jnz(again).unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let mut results = Vec::new();
+        for bt in [false, true] {
+            let mut v = vcpu64(&code);
+            for r in 0..16 {
+                v.cpu.regs.gpr[r] = 0x0101_0101_0101_0101u64.wrapping_mul(r as u64 + 1);
+            }
+            v.cpu.regs.gpr[4] = DATA + 0x10_0000;
+            for k in 0..0x4000u64 {
+                v.mem.write_u64(DATA + k * 8, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            }
+            if bt {
+                v.enable_bt(64 << 20).expect("translator");
+            }
+            v.trap_exceptions = true;
+            let exit = v.run(&EventSignal::new(), None);
+            assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "variant {variant}: {exit:?} (bt {bt})");
+            let mut data = vec![0u8; 0x8000];
+            v.mem.read(DATA, &mut data);
+            if let Some(b) = v.bt.as_ref() {
+                let looped = b.tus.iter().flatten().filter(|t| t.exits.iter().any(|e| e.chain_to.is_some())).count();
+                assert_eq!(looped, 2, "variant {variant}: both loops are loop TUs");
+            }
+            results.push((v.cpu.regs.gpr, v.cpu.regs.rip, v.cpu.cr2, data));
+        }
+        assert!(results[0] == results[1], "variant {variant}: registers, RIP, CR2 or memory differ");
+    }
+}
+
+/// A loop TU kicked out and chained again many times while it runs: each
+/// time its back edge is chained to the loop's head again, and the result
+/// is exact.
+#[test]
+fn kicks_in_a_loop_tu_keep_results_exact() {
+    const ROUNDS: u32 = 60_000_000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.cli().unwrap();
+    a.mov(rsi, DATA).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.mov(edx, ROUNDS).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(eax, dword_ptr(rsi)).unwrap();
+    a.add(dword_ptr(rsi + 4), eax).unwrap();
+    a.dec(edx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (regs, in_memory, kicks, rechained) = within_a_minute(move || {
+        let mut v = vcpu64(&code);
+        v.mem.write_u64(DATA, 3);
+        v.enable_bt(64 << 20).expect("translator");
+        run(&mut v);
+        let b = v.bt.as_ref().expect("translator on");
+        // The back edge as the last kick left it: chained to the loop's head.
+        let tu = b.tus.iter().flatten().find(|t| t.exits.iter().any(|e| e.chain_to.is_some())).expect("a loop TU");
+        let back = tu.exits.iter().find(|e| e.chain_to.is_some()).expect("its back edge");
+        // SAFETY: the stub lies within the TU's published code, which is
+        // mapped readable for as long as the engine lives.
+        let jump = unsafe { std::slice::from_raw_parts(tu.base.wrapping_add(back.offset), 5) }.to_vec();
+        let head = tu.base as u64 + back.chain_to.unwrap() as u64;
+        let rechained = jump == btvmm_translator::translate::chain_jump(tu.base as u64 + back.offset as u64, head).unwrap();
+        (v.cpu.regs.gpr, v.mem.read_u64(DATA + 4) as u32, b.stats.kicks_landed, rechained)
+    });
+    let (mut sum, mut word) = (0u32, 0u32);
+    for _ in 0..ROUNDS {
+        sum = sum.wrapping_add(3);
+        word = word.wrapping_add(sum);
+    }
+    assert_eq!((regs[0] as u32, regs[2] as u32, in_memory), (sum, 0, word));
+    assert!(kicks > 0, "no kick landed in {ROUNDS} rounds");
+    assert!(rechained, "the back edge was chained again past the entry");
+}
+
 /// `lock cmpxchg16b` runs in the CCF (it was 67k callouts of an amd64 boot,
 /// from SLUB's double-word cmpxchg): an exchange that succeeds, one that
 /// fails and loads RDX:RAX, then a misaligned operand, which is the
