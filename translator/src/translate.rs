@@ -752,6 +752,11 @@ struct Emitter {
     /// RCX's guest value is put aside (`save_rcx`: a probe borrowed it and the
     /// instructions since have not named it): the next probe need not save it.
     rcx_borrowed: bool,
+    /// Where `save_rcx` puts RCX's guest value still holds it: stored (or
+    /// loaded from there) since the last guest instruction that wrote RCX.
+    /// A second store was not only redundant: in a loop it chained every
+    /// iteration to the last through the store's forwarding latency.
+    rcx_home: bool,
     /// An SSE instruction earlier in the TU had the guest's SSE state loaded.
     fpu_loaded: bool,
     /// The scratch registers of a loop TU (`LoopPlan`): every memory access
@@ -894,7 +899,10 @@ impl Emitter {
     /// unless the loop keeps it borrowed throughout (`keep_rcx`).
     fn loop_back(&mut self, insn: &Instruction, cc: ConditionCode, target: u64, loop_head: usize, keep_rcx: bool) {
         if !keep_rcx {
+            // RCX's home holds its guest value at the loop's head, as at
+            // the first pass: stored again only if an instruction wrote RCX.
             self.release_rcx();
+            self.save_rcx();
         }
         let pair = std::mem::take(&mut self.borrowed);
         let give_back = |e: &Emitter| -> Vec<u8> {
@@ -1032,7 +1040,11 @@ impl Emitter {
     /// Puts RCX's guest value aside while a probe borrows RCX: in R15 in
     /// 32-bit code (no guest register there, and never a scratch
     /// register), in its home slot in the block otherwise.
+    /// Nothing is stored if the place still holds it (`rcx_home`).
     fn save_rcx(&mut self) {
+        if std::mem::replace(&mut self.rcx_home, true) {
+            return;
+        }
         if self.mode.bits == 32 {
             dynasm!(self.a ; .arch x64 ; mov r15, rcx);
         } else {
@@ -2056,7 +2068,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, fpu_loaded: false, loop_pair: None, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -2070,10 +2082,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
         e.spill(&l.pair);
         e.borrowed = l.pair.to_vec();
         e.loop_pair = Some(l.pair);
-        if l.keep_rcx {
-            e.save_rcx();
-            e.rcx_borrowed = true;
-        }
+        // RCX's home holds its guest value at the loop's head (see `loop_back`).
+        e.save_rcx();
+        e.rcx_borrowed = l.keep_rcx;
         loop_head = e.a.offset().0;
     }
 
@@ -2106,6 +2117,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             _ => e.release(),
         }
         rip_map.push((e.a.offset().0 as u32, insn.ip()));
+        // Any write to RCX, of any width, leaves RCX's home stale.
+        let writes_rcx = info.info(insn).used_registers().iter().any(|u| {
+            gpr_number(u.register()) == Some(1) && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead)
+        });
         match *plan {
             Plan::Nothing => e.counts.ident += 1,
             Plan::Ident => {
@@ -2229,6 +2244,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.exit(insn.ip(), ExitReason::Interpret);
                 ended = true;
             }
+        }
+        if writes_rcx {
+            e.rcx_home = false;
         }
     }
     let last = tu.last().map(|(i, _)| i).copied().unwrap_or_default();
