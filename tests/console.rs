@@ -10,7 +10,6 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,7 +24,7 @@ const BANNER: &[u8] = b"ready> ";
 
 /// Prints `ready> ` (no newline: it must show without one), then echoes
 /// every byte COM1 receives, polling LSR.
-fn echo_kernel() -> PathBuf {
+fn echo_kernel() -> common::TempFile {
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for &b in BANNER {
         code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
@@ -52,6 +51,8 @@ struct OnPty {
     /// The modes before btvmm started.
     before: Modes,
     seen: Vec<u8>,
+    /// The kernel's file, there for as long as btvmm may read it.
+    _kernel: common::TempFile,
 }
 
 impl OnPty {
@@ -59,14 +60,15 @@ impl OnPty {
         let pty = openpty(None, None).expect("openpty");
         let before = Modes::of(&tcgetattr(&pty.slave).expect("tcgetattr"));
         let stdio = || Stdio::from(pty.slave.try_clone().expect("dup slave"));
+        let kernel = echo_kernel();
         let child = Command::new(env!("CARGO_BIN_EXE_btvmm"))
-            .args(["run", "--multiboot", echo_kernel().to_str().unwrap()])
+            .args(["run", "--multiboot", kernel.to_str().unwrap()])
             .stdin(stdio())
             .stdout(stdio())
             .stderr(stdio())
             .spawn()
             .expect("run btvmm");
-        Self { child, master: File::from(pty.master), slave: pty.slave, before, seen: Vec::new() }
+        Self { child, master: File::from(pty.master), slave: pty.slave, before, seen: Vec::new(), _kernel: kernel }
     }
 
     fn modes(&self) -> Modes {
@@ -201,8 +203,9 @@ fn console_sighup_and_sigint_restore_modes() {
 
 #[test]
 fn console_piped_stdin_end_does_not_stop_guest() {
+    let kernel = echo_kernel();
     let mut child = Command::new(env!("CARGO_BIN_EXE_btvmm"))
-        .args(["run", "--multiboot", echo_kernel().to_str().unwrap()])
+        .args(["run", "--multiboot", kernel.to_str().unwrap()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

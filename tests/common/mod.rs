@@ -2,11 +2,28 @@
 
 use std::path::PathBuf;
 
+/// A temporary file, removed when dropped.
+pub struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A multiboot image (a.out kludge) loaded at 1 MiB whose code, entered in
 /// 32-bit protected mode, is `code` (after the 32-byte header). Written to
-/// a temporary file named after the test process and `name`.
+/// a temporary file named after the test process and `name`, removed when
+/// the returned value is dropped.
 #[allow(dead_code)]
-pub fn aout_kernel(name: &str, code: &[u8]) -> PathBuf {
+pub fn aout_kernel(name: &str, code: &[u8]) -> TempFile {
     let magic: u32 = 0x1bad_b002;
     let flags: u32 = 1 << 16;
     let base: u32 = 0x10_0000;
@@ -17,7 +34,7 @@ pub fn aout_kernel(name: &str, code: &[u8]) -> PathBuf {
     img.extend_from_slice(code);
     let path = std::env::temp_dir().join(format!("btvmm-test-{}-{name}.bin", std::process::id()));
     std::fs::write(&path, img).expect("write kernel");
-    path
+    TempFile(path)
 }
 
 /// The lines a test kernel printed (each starts with `name: `), from raw
