@@ -890,7 +890,6 @@ impl Emitter {
         (code, at)
     }
 
-    /// A Next exit to `rip` (see `next_exit_code`).
     /// The conditional branch that ends a loop TU (`LoopPlan`): taken, it
     /// jumps back past the entry's spills, through a stub a kick unchains
     /// (which then gives the registers back and leaves for `target`, the
@@ -936,6 +935,7 @@ impl Emitter {
         self.rcx_borrowed = false;
     }
 
+    /// A Next exit to `rip` (see `next_exit_code`).
     fn exit_next(&mut self, rip: u64) {
         let (code, at) = self.next_exit_code(rip, self.exits.len());
         let offset = self.a.offset().0 + at;
