@@ -762,6 +762,9 @@ struct Emitter {
     /// The scratch registers of a loop TU (`LoopPlan`): every memory access
     /// borrows these, spilled once at the entry.
     loop_pair: Option<[u8; 2]>,
+    /// The register holding the guest's RCX in a loop TU that renamed it
+    /// (`LoopPlan::rcx_in`; its own guest value in scratch slot 2).
+    rcx_in: Option<u8>,
     counts: Counts,
 }
 
@@ -906,8 +909,10 @@ impl Emitter {
         let pair = std::mem::take(&mut self.borrowed);
         let give_back = |e: &Emitter| -> Vec<u8> {
             let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-            if keep_rcx {
-                dynasm!(a ; .arch x64 ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]);
+            match e.rcx_in {
+                Some(x) => dynasm!(a ; .arch x64 ; mov rcx, Rq(x) ; gs mov Rq(x), QWORD [scratch_off(2)]),
+                None if keep_rcx => dynasm!(a ; .arch x64 ; gs mov rcx, QWORD [BtBlock::off_gpr(1) as i32]),
+                None => {}
             }
             for (slot, &r) in pair.iter().enumerate() {
                 if e.holds_guest(r) {
@@ -2021,11 +2026,17 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
 
 /// Replaces every use of guest RSP (any width) in `insn` by host register `s`.
 fn substitute_rsp(insn: &mut Instruction, s: u8) {
+    substitute_gpr(insn, RSP, s);
+}
+
+/// Replaces every explicit use of GPR `from` (any width) in `insn` by host
+/// register `to`.
+fn substitute_gpr(insn: &mut Instruction, from: u8, to: u8) {
     for i in 0..insn.op_count() {
         if insn.op_kind(i) == OpKind::Register {
             let r = insn.op_register(i);
-            if gpr_number(r) == Some(RSP) {
-                insn.set_op_register(i, gpr_sized(s, r.size()));
+            if gpr_number(r) == Some(from) {
+                insn.set_op_register(i, gpr_sized(to, r.size()));
             }
         }
     }
@@ -2034,8 +2045,8 @@ fn substitute_rsp(insn: &mut Instruction, s: u8) {
         (Instruction::memory_index, Instruction::set_memory_index),
     ] {
         let r = get(insn);
-        if gpr_number(r) == Some(RSP) {
-            set(insn, gpr_sized(s, r.size()));
+        if gpr_number(r) == Some(from) {
+            set(insn, gpr_sized(to, r.size()));
         }
     }
 }
@@ -2068,7 +2079,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -2077,16 +2088,27 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     // against the budget a kick zeroes (see `next_exit_code`, `ibtc_lookup`).
     let entry = e.a.offset().0;
     let looped = plan_loop(tu, rip, mode, &mut info);
+    let original = tu;
     let mut loop_head = 0;
     if let Some(l) = &looped {
         e.spill(&l.pair);
         e.borrowed = l.pair.to_vec();
         e.loop_pair = Some(l.pair);
-        // RCX's home holds its guest value at the loop's head (see `loop_back`).
-        e.save_rcx();
+        if let Some(x) = l.rcx_in {
+            // The guest's RCX moves to `x` for the loop: RCX is the probe's.
+            dynasm!(e.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(x) ; mov Rq(x), rcx);
+            e.rcx_in = Some(x);
+        } else {
+            // RCX's home holds its guest value at the loop's head (see `loop_back`).
+            e.save_rcx();
+        }
         e.rcx_borrowed = l.keep_rcx;
         loop_head = e.a.offset().0;
     }
+    let tu = match &looped {
+        Some(l) if l.rcx_in.is_some() => &l.renamed[..],
+        _ => tu,
+    };
 
     let mut rip_map = Vec::with_capacity(tu.len());
     let mut ended = false;
@@ -2258,7 +2280,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     for m in std::mem::take(&mut e.misses) {
         // Every miss comes from a probe, which put RCX's guest value aside.
         dynasm!(e.a ; .arch x64 ; =>m.label);
-        e.load_rcx();
+        match e.rcx_in {
+            Some(x) => dynasm!(e.a ; .arch x64 ; mov rcx, Rq(x) ; gs mov Rq(x), QWORD [scratch_off(2)]),
+            None => e.load_rcx(),
+        }
         e.unspill(&m.scratch);
         if m.flags_pushed {
             dynasm!(e.a ; .arch x64 ; popfq);
@@ -2268,7 +2293,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
     let guest_bytes = (last.next_ip().wrapping_sub(rip)) as usize;
     let Emitter { a, exits, counts, .. } = e;
     let code = a.finalize().map_err(|_| 0usize)?;
-    let treatment = tu
+    let treatment = original
         .iter()
         .map(|(i, p)| match p {
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
@@ -2280,7 +2305,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Stop => Treatment::Callout,
         })
         .collect();
-    Ok(Ccf { code, entry, guest: tu.iter().map(|(i, _)| *i).collect(), treatment, guest_bytes, counts, exits, rip_map })
+    Ok(Ccf { code, entry, guest: original.iter().map(|(i, _)| *i).collect(), treatment, guest_bytes, counts, exits, rip_map })
 }
 
 /// A loop TU: 64-bit code whose conditional branch at the end goes back to
@@ -2292,9 +2317,17 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
 /// iteration, the most of its memory traffic (the CPU kernel's sieve, an
 /// amd64 boot's decompressor). 32-bit code keeps no guest state in its
 /// scratch registers: nothing to hoist there.
+///
+/// RCX, which the probe needs, is renamed where the body names it only
+/// explicitly: the guest's RCX lives in `rcx_in` (another register no
+/// instruction names, spilled too) for the whole loop, and the body is
+/// `renamed`. Otherwise a body that names RCX gives it back and takes it
+/// again around each probe.
 struct LoopPlan {
     pair: [u8; 2],
     keep_rcx: bool,
+    rcx_in: Option<u8>,
+    renamed: Vec<(Instruction, Plan)>,
 }
 
 fn plan_loop(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, info: &mut InstructionInfoFactory) -> Option<LoopPlan> {
@@ -2325,7 +2358,22 @@ fn plan_loop(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, info: &mut Instru
     }
     let mut free = SCRATCH_ORDER.iter().copied().filter(|&r| named & (1 << r) == 0);
     let pair = [free.next()?, free.next()?];
-    Some(LoopPlan { pair, keep_rcx: named & (1 << 1) == 0 })
+    if named & (1 << 1) == 0 {
+        return Some(LoopPlan { pair, keep_rcx: true, rcx_in: None, renamed: Vec::new() });
+    }
+    let plain = Some(LoopPlan { pair, keep_rcx: false, rcx_in: None, renamed: Vec::new() });
+    let Some(x) = free.next() else { return plain };
+    let mut renamed = Vec::with_capacity(tu.len());
+    for &(insn, plan) in tu {
+        let mut copy = insn;
+        substitute_gpr(&mut copy, 1, x);
+        let implicit = info.info(&copy).used_registers().iter().any(|u| gpr_number(u.register()) == Some(1));
+        if implicit || Encoder::new(64).encode(&copy, copy.ip()).is_err() {
+            return plain;
+        }
+        renamed.push((copy, plan));
+    }
+    Some(LoopPlan { pair, keep_rcx: true, rcx_in: Some(x), renamed })
 }
 
 fn mask_rip(rip: u64, mode: Mode) -> u64 {

@@ -1537,10 +1537,11 @@ fn kicks_in_a_loop_of_chained_tus_keep_results_exact() {
 /// A loop of one TU with memory accesses (a loop TU: its scratch
 /// registers spilled once, the back edge jumping past the spills), walking
 /// across pages so that its probes miss in mid-loop, then faulting on a
-/// page that is not there: with the loop's counter in RCX, in another
-/// register (RCX kept borrowed throughout), and naming R10 and R11 (other
-/// scratch registers), every register, the fault and memory are the
-/// interpreter's.
+/// page that is not there: with the loop's counter in RCX (renamed for the
+/// loop), in another register (RCX kept borrowed throughout), naming R10
+/// and R11 (other scratch registers), and shifting by CL (RCX named
+/// implicitly: given back around each probe), every register, the fault
+/// and memory are the interpreter's.
 #[test]
 fn loop_tus_match_the_interpreter() {
     const ROUNDS: u32 = 700; // 700 * 16 bytes: three pages and a bit
@@ -1555,25 +1556,34 @@ fn loop_tus_match_the_interpreter() {
                 a.mov(qword_ptr(rsi + 8), rbx).unwrap();
                 a.xor(byte_ptr(rsi + 3), al).unwrap();
             }
-            _ => {
+            2 => {
                 a.add(r11, qword_ptr(rsi)).unwrap();
                 a.mov(qword_ptr(rsi + 8), r10).unwrap();
                 a.lea(r10, qword_ptr(r10 + r11 * 2)).unwrap();
             }
+            _ => {
+                a.mov(ecx, dword_ptr(rsi)).unwrap();
+                a.shl(eax, cl).unwrap();
+                a.add(dword_ptr(rsi + 8), eax).unwrap();
+                a.add(eax, ecx).unwrap();
+            }
         }
         a.add(rsi, 16).unwrap();
     };
-    for variant in 0..3 {
+    for variant in 0..4 {
         // The counter: RCX in variant 0, EDX otherwise.
         let counter = if variant == 0 { ecx } else { edx };
         let mut a = CodeAssembler::new(64).unwrap();
         let mut top = a.create_label();
         a.mov(rsi, DATA).unwrap();
-        a.mov(counter, ROUNDS).unwrap();
+        // Counted down to 7, not 0: the counter's last value must come back.
+        a.mov(counter, ROUNDS + 7).unwrap();
         a.set_label(&mut top).unwrap();
         body(&mut a, variant);
         a.dec(counter).unwrap();
-        a.jnz(top).unwrap();
+        a.cmp(counter, 7).unwrap();
+        a.jne(top).unwrap();
+        a.mov(r12, rcx).unwrap(); // RCX as the loop left it
         // Again, into the page past the end of RAM: #PF in mid-loop.
         a.mov(rsi, 0x40_0000u64 - 3 * 16).unwrap();
         a.mov(counter, ROUNDS).unwrap();
@@ -1612,9 +1622,9 @@ fn loop_tus_match_the_interpreter() {
     }
 }
 
-/// A loop TU kicked out and chained again many times while it runs: each
-/// time its back edge is chained to the loop's head again, and the result
-/// is exact.
+/// A loop TU (its counter in RCX, renamed for the loop) kicked out and
+/// chained again many times while it runs: each time its back edge is
+/// chained to the loop's head again, and the result is exact.
 #[test]
 fn kicks_in_a_loop_tu_keep_results_exact() {
     const ROUNDS: u32 = 60_000_000;
@@ -1623,11 +1633,11 @@ fn kicks_in_a_loop_tu_keep_results_exact() {
     a.cli().unwrap();
     a.mov(rsi, DATA).unwrap();
     a.xor(eax, eax).unwrap();
-    a.mov(edx, ROUNDS).unwrap();
+    a.mov(ecx, ROUNDS).unwrap();
     a.set_label(&mut top).unwrap();
     a.add(eax, dword_ptr(rsi)).unwrap();
     a.add(dword_ptr(rsi + 4), eax).unwrap();
-    a.dec(edx).unwrap();
+    a.dec(ecx).unwrap();
     a.jnz(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
@@ -1652,7 +1662,7 @@ fn kicks_in_a_loop_tu_keep_results_exact() {
         sum = sum.wrapping_add(3);
         word = word.wrapping_add(sum);
     }
-    assert_eq!((regs[0] as u32, regs[2] as u32, in_memory), (sum, 0, word));
+    assert_eq!((regs[0] as u32, regs[1] as u32, in_memory), (sum, 0, word));
     assert!(kicks > 0, "no kick landed in {ROUNDS} rounds");
     assert!(rechained, "the back edge was chained again past the entry");
 }
