@@ -5,7 +5,6 @@
 //! the CCF with reason `Fault` at the guest RIP the CCF stored just before
 //! the division (`BtBlock::fault_rip`). The runtime then runs that
 //! instruction in the interpreter, which raises the guest's #DE precisely.
-//! A SIGFPE anywhere else is not ours: the default action runs.
 //!
 //! SIGSEGV, SIGBUS and SIGILL in the code cache are never a guest's doing
 //! (every guest memory access goes through the soft TLB, misaligned SSE
@@ -13,12 +12,12 @@
 //! runtime), so they are a VMM bug: the handler records the signal and the
 //! host address ([`take_host_fault`]) and resumes the thread at the
 //! host-fault exit, and the runtime reports which TU and guest instruction
-//! it was and stops the guest, instead of the process dying. The same
-//! signals anywhere else go to the action installed before ours (Rust's
-//! stack-overflow report, or the default).
+//! it was and stops the guest, instead of the process dying.
+//!
+//! Any of these signals anywhere else is not ours: the action installed
+//! before ours takes it (Rust's stack-overflow report, or the default).
 
 use std::cell::Cell;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
