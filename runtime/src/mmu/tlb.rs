@@ -75,6 +75,32 @@ impl Table {
     }
 }
 
+/// A set of table sets (indices below `TLB_SIZE`), each listed once.
+#[derive(Default)]
+struct SetList {
+    list: Vec<u16>,
+    listed: Box<[u64]>,
+}
+
+impl SetList {
+    fn insert(&mut self, i: usize) {
+        if self.listed.is_empty() {
+            self.listed = vec![0; TLB_SIZE / 64].into_boxed_slice();
+        }
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.listed[word] & bit == 0 {
+            self.listed[word] |= bit;
+            self.list.push(i as u16);
+        }
+    }
+
+    /// Empties the set, yielding what it held.
+    fn drain(&mut self) -> impl Iterator<Item = usize> + '_ {
+        self.listed.iter_mut().for_each(|w| *w = 0);
+        self.list.drain(..).map(usize::from)
+    }
+}
+
 pub struct Tlb {
     /// Indexed `[user as usize * 3 + kind as usize]`, then by
     /// `way * TLB_SIZE + (page & (TLB_SIZE-1))`.
@@ -88,6 +114,11 @@ pub struct Tlb {
     large: FxHashSet<(u64, u64)>,
     /// Which tables hold entries (`[user][kind]`): flushes skip the others.
     used: [[bool; 3]; 2],
+    /// Per table, the sets a non-global entry was filled into since the
+    /// last flush of non-global entries: all that such a flush (a CR3
+    /// write) must look at. Scanning every entry of every table cost 1.3%
+    /// of an amd64 boot's time over its 17k CR3 writes.
+    nonglobal: Box<[SetList]>,
     pub flushes: u64,
     /// `invlpg`s that dropped a single page.
     pub page_invalidations: u64,
@@ -128,7 +159,17 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         let tables = (0..6).map(|_| Table::empty()).collect();
-        Self { tables, large: FxHashSet::default(), used: [[false; 3]; 2], flushes: 0, page_invalidations: 0, generation: 0, journal: [Dropped::All; JOURNAL] }
+        let nonglobal = (0..6).map(|_| SetList::default()).collect();
+        Self {
+            tables,
+            large: FxHashSet::default(),
+            used: [[false; 3]; 2],
+            nonglobal,
+            flushes: 0,
+            page_invalidations: 0,
+            generation: 0,
+            journal: [Dropped::All; JOURNAL],
+        }
     }
 
     #[inline(always)]
@@ -173,8 +214,12 @@ impl Tlb {
             self.large.insert((lin & !(t.page_size - 1), t.page_size));
         }
         self.used[user as usize][kind as usize] = true;
-        let table = &mut self.tables[user as usize * 3 + kind as usize];
+        let t_index = user as usize * 3 + kind as usize;
+        let table = &mut self.tables[t_index];
         let i = Self::index(lin);
+        if !t.global {
+            self.nonglobal[t_index].insert(i);
+        }
         // The displaced entry goes to the second way (over this page's
         // entry there, if any: a page is in one way at most).
         if !table.maps(i, page) {
@@ -205,9 +250,21 @@ impl Tlb {
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
         self.record(if keep_global { Dropped::NonGlobal } else { Dropped::All });
-        self.retain(|e| keep_global && e.global);
-        if !keep_global {
+        if keep_global {
+            // Non-global entries are only ever in the sets listed.
+            for (table, sets) in self.tables.iter_mut().zip(self.nonglobal.iter_mut()) {
+                for i in sets.drain() {
+                    for at in [i, TLB_SIZE + i] {
+                        if table.phys_pages[at] != u64::MAX && !table.globals[at] {
+                            table.clear(at);
+                        }
+                    }
+                }
+            }
+        } else {
+            self.retain(|_| false);
             self.large.clear();
+            self.nonglobal.iter_mut().for_each(|sets| sets.drain().for_each(drop));
         }
     }
 
@@ -320,6 +377,30 @@ mod tests {
         assert!(t.lookup(0x2000, Access::Read, false).is_none());
         t.invalidate_page(0x1000);
         assert!(t.lookup(0x1000, Access::Read, false).is_none());
+    }
+
+    /// A CR3 write's flush looks only at the sets non-global entries went
+    /// into: across many sets, both ways, every table, and after a flush
+    /// whose sets were emptied, it leaves exactly the global entries.
+    #[test]
+    fn a_flush_of_non_global_entries_finds_them_all() {
+        let mut t = Tlb::new();
+        let pages: Vec<u64> = (0..3000u64).map(|k| k.wrapping_mul(0x9e37_79b9) & 0xffff_f000).collect();
+        for round in 0..3 {
+            for (k, &page) in pages.iter().enumerate() {
+                let global = (k + round) % 3 == 0;
+                let kind = [Access::Read, Access::Write, Access::Execute][k % 3];
+                t.fill(page, kind, k % 2 == 0, &Translation { phys: page, global, page_size: 0x1000 }, 0x1_0000_0000 + page);
+            }
+            t.flush(true);
+            for table in t.tables.iter() {
+                for at in 0..TABLE_ENTRIES {
+                    assert!(table.phys_pages[at] == u64::MAX || table.globals[at], "round {round}: a non-global entry at {at}");
+                }
+            }
+            let kept = t.tables.iter().map(|table| table.globals.iter().filter(|&&g| g).count()).sum::<usize>();
+            assert!(kept > 0, "round {round}: global entries stay");
+        }
     }
 
     #[test]
