@@ -101,7 +101,7 @@ pub struct BtStats {
     /// CCFs entered from the dispatcher.
     pub entries: u64,
     /// CCF exits to the dispatcher by reason, in `ExitReason` order: next,
-    /// interpret, indirect, fault.
+    /// interpret, indirect, fault, host fault.
     pub exits: [u64; 5],
     pub lookups_hit: u64,
     pub lookups_miss: u64,

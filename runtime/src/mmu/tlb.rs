@@ -76,17 +76,17 @@ impl Table {
 }
 
 /// A set of table sets (indices below `TLB_SIZE`), each listed once.
-#[derive(Default)]
 struct SetList {
     list: Vec<u16>,
-    listed: Box<[u64]>,
+    listed: [u64; TLB_SIZE / 64],
 }
 
 impl SetList {
+    fn new() -> Self {
+        SetList { list: Vec::new(), listed: [0; TLB_SIZE / 64] }
+    }
+
     fn insert(&mut self, i: usize) {
-        if self.listed.is_empty() {
-            self.listed = vec![0; TLB_SIZE / 64].into_boxed_slice();
-        }
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         if self.listed[word] & bit == 0 {
             self.listed[word] |= bit;
@@ -96,7 +96,7 @@ impl SetList {
 
     /// Empties the set, yielding what it held.
     fn drain(&mut self) -> impl Iterator<Item = usize> + '_ {
-        self.listed.iter_mut().for_each(|w| *w = 0);
+        self.listed = [0; TLB_SIZE / 64];
         self.list.drain(..).map(usize::from)
     }
 }
@@ -159,7 +159,7 @@ impl Default for Tlb {
 impl Tlb {
     pub fn new() -> Self {
         let tables = (0..6).map(|_| Table::empty()).collect();
-        let nonglobal = (0..6).map(|_| SetList::default()).collect();
+        let nonglobal = (0..6).map(|_| SetList::new()).collect();
         Self {
             tables,
             large: FxHashSet::default(),
