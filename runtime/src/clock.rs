@@ -102,6 +102,9 @@ struct Watch {
 const QUIET: Duration = Duration::from_micros(20);
 /// Off-CPU time shorter than this stays visible (the measurement's own cost).
 const SLACK: Duration = Duration::from_micros(10);
+/// A vCPU that looks at a due deadline later than this after it, with no
+/// look in between, was kept from running: the rest is hidden.
+const LATE: Duration = Duration::from_millis(1);
 
 fn cpu_time_ns(clock: libc::clockid_t) -> u64 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -155,15 +158,31 @@ impl GuestClock {
     /// marks this instant as seen. Every guest-visible read goes through
     /// here, so no stall can fall between a check and the read it guards.
     fn read(&self) -> Instant {
+        self.read_due(None)
+    }
+
+    /// [`Self::read`], for the vCPU checking whether `deadline` (guest
+    /// time) has come: when it looks more than [`LATE`] after the deadline
+    /// and had not looked since before it, it was kept from running (a
+    /// stall the CPU-time clock cannot see, such as a hypervisor's, or a
+    /// host that woke it late from a halt). That time is hidden as far as
+    /// the guest has not seen it, so the timer fires at most `LATE` behind
+    /// and no run of missed periodic ticks piles up: ticks delivered in a
+    /// burst leave the guest's jiffies behind its TSC for a while, and
+    /// Linux's clocksource watchdog then calls the TSC unstable.
+    fn read_due(&self, deadline: Option<Instant>) -> Instant {
         let now = Instant::now();
+        // Host time since the guest last saw the clock, left to hide.
+        let mut unseen = now.saturating_duration_since(self.last_observed());
         if let Some(w) = self.lock_watch().as_mut() {
             // Only time after the latest read can be hidden: the guest's
             // clock never goes backwards.
-            let mut unseen = now.saturating_duration_since(w.last.max(self.last_observed()));
+            let mut unseen_here = now.saturating_duration_since(w.last.max(self.last_observed()));
             // The previous look's own cost first (the VMM's work).
-            let owed = std::mem::take(&mut w.owed).min(unseen);
+            let owed = std::mem::take(&mut w.owed).min(unseen_here);
             self.steal(owed);
-            unseen -= owed;
+            unseen_here -= owed;
+            unseen = unseen.saturating_sub(owed);
             // A stall leaves a gap between two reads: reads close together
             // (a guest polling a port) have none to look for. Looking costs
             // a system call, 7 to 15 us on a VM host; looked at every 20 us
@@ -174,14 +193,23 @@ impl GuestClock {
                 let cpu = cpu_time_ns(w.cpu_clock);
                 let wall = now.saturating_duration_since(w.last);
                 let ran = Duration::from_nanos(cpu.saturating_sub(w.cpu_ns));
-                let hide = wall.saturating_sub(ran + owed + SLACK).min(unseen);
+                let hide = wall.saturating_sub(ran + owed + SLACK).min(unseen_here);
                 if !hide.is_zero() {
                     tracing::debug!(target: "clock", ?wall, ?ran, ?hide, "host stall hidden from the guest");
                     self.steal(hide);
+                    unseen = unseen.saturating_sub(hide);
                 }
                 w.last = now;
                 w.cpu_ns = cpu;
                 w.owed = now.elapsed();
+            }
+        }
+        if let Some(deadline) = deadline {
+            let guest = now.checked_sub(self.stolen()).unwrap_or(now);
+            let late = guest.saturating_duration_since(deadline).min(unseen).saturating_sub(LATE);
+            if !late.is_zero() {
+                tracing::debug!(target: "clock", ?late, "late look at a deadline hidden from the guest");
+                self.steal(late);
             }
         }
         let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
@@ -201,6 +229,14 @@ impl GuestClock {
     /// The guest's "now", as a host `Instant` shifted back by the stolen time.
     pub fn now(&self) -> Instant {
         let now = self.read();
+        now.checked_sub(self.stolen()).unwrap_or(now)
+    }
+
+    /// The guest's "now", read by the vCPU to see whether `deadline` has
+    /// come: a look that comes late is not shown to the guest (see
+    /// [`Self::read_due`]).
+    pub fn now_due(&self, deadline: Option<Instant>) -> Instant {
+        let now = self.read_due(deadline);
         now.checked_sub(self.stolen()).unwrap_or(now)
     }
 
@@ -289,6 +325,40 @@ mod tests {
         // microseconds, not the 20 ms rest.)
         assert!(c.stolen() - before < Duration::from_millis(2), "the rest was hidden: {:?}", c.stolen() - before);
         assert!(t3 - t2 >= Duration::from_millis(20));
+    }
+
+    /// A vCPU kept from looking at its deadline (here by work the stall
+    /// watch does not see) finds the timer due at most `LATE` behind: a
+    /// periodic timer does not fall several periods behind at once.
+    #[test]
+    fn a_late_look_at_a_deadline_is_hidden() {
+        let c = GuestClock::new();
+        let deadline = c.now() + Duration::from_millis(2);
+        spin(Duration::from_millis(30));
+        let t = c.now_due(Some(deadline));
+        assert!(t >= deadline, "the deadline has come");
+        assert!(t - deadline <= LATE + Duration::from_millis(1), "the guest saw {:?} of lateness", t - deadline);
+        assert!(c.stolen() >= Duration::from_millis(20), "{:?}", c.stolen());
+        // A look before the deadline hides nothing.
+        let before = c.stolen();
+        let t = c.now_due(Some(c.now() + Duration::from_secs(1)));
+        assert_eq!(c.stolen(), before);
+        assert!(t >= deadline);
+    }
+
+    /// What the guest saw after a deadline stays seen: only the time since
+    /// its last look can be hidden, and its clock never goes backwards.
+    #[test]
+    fn a_late_look_hides_only_what_the_guest_has_not_seen() {
+        let c = GuestClock::new();
+        let deadline = c.now() + Duration::from_millis(1);
+        spin(Duration::from_millis(15));
+        let seen = c.now();
+        spin(Duration::from_millis(15));
+        let t = c.now_due(Some(deadline));
+        assert!(t >= seen, "the clock went back");
+        assert!(t - seen <= LATE + Duration::from_millis(1), "{:?}", t - seen);
+        assert!(seen - deadline >= Duration::from_millis(10), "the seen lateness stays: {:?}", seen - deadline);
     }
 
     /// Reads in quick succession (a guest polling the PIT) never pay for a

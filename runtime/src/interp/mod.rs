@@ -242,7 +242,7 @@ impl Vcpu {
             // and whenever the kicker took translated code out of a loop.
             let kicked = self.bt.as_ref().is_some_and(|bt| bt.kicked());
             let poll = kicked || blocks.is_multiple_of(TIME_POLL_BLOCKS) || crate::clock::host_tsc() >= due_tsc;
-            let now = poll.then(|| self.clock.now());
+            let now = poll.then(|| self.clock.now_due(deadline));
             let due = now.is_some_and(|now| deadline.is_some_and(|d| now >= d));
             if due || events.is_raised() {
                 events.take();
@@ -284,6 +284,8 @@ impl Vcpu {
                     events.wait(timeout);
                 }
                 self.clock.rested();
+                // Woken late (a busy host): the lateness is not the guest's.
+                self.clock.now_due(deadline);
                 self.service_devices();
                 deadline = self.platform.next_deadline();
                 due_tsc = self.publish_deadline(deadline);
