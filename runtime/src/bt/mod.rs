@@ -359,8 +359,8 @@ impl Bt {
     fn unpatch(&mut self, incoming: &[(u32, u8)]) {
         for &(src, stub) in incoming {
             if let Some(Some(s)) = self.tus.get(src as usize) {
-                let at = s.base.wrapping_add(s.exits[stub as usize].offset);
-                self.arena.patch(at, &templates::UNCHAINED_JUMP);
+                let (at, rel) = s.exits[stub as usize].link();
+                self.arena.patch(s.base.wrapping_add(at), &rel.to_le_bytes());
                 self.stats.unchained += 1;
             }
         }
@@ -405,14 +405,15 @@ impl Bt {
         if exit.reason != ExitReason::Next || exit.rip != d.key.rip {
             return;
         }
-        let at = s.base.wrapping_add(exit.offset);
+        // The displacement of the stub's jump, or of the branch to it.
+        let at = s.base.wrapping_add(exit.link().0);
         // A loop's back edge goes past its own TU's entry (`ExitSite::chain_to`).
         let to = match exit.chain_to {
             Some(off) if src == dst => s.base.wrapping_add(off),
             _ => d.entry,
         };
-        let Some(jump) = translate::chain_jump(at as u64, to as u64) else { return };
-        if !self.arena.patch(at, &jump) {
+        let Ok(rel) = i32::try_from((to as i64).wrapping_sub(at as i64 + 4)) else { return };
+        if !self.arena.patch(at, &rel.to_le_bytes()) {
             return;
         }
         self.stats.chained += 1;
@@ -903,8 +904,15 @@ impl Vcpu {
         bt.arena.patch(base, &ccf.code);
         // Every TU has at most two Next stubs (a TU ends at its first
         // control transfer); the kick handler knows them all.
-        let stubs: Vec<*const u8> =
-            ccf.exits.iter().filter(|e| e.reason == ExitReason::Next).map(|e| base.wrapping_add(e.offset)).collect();
+        let stubs: Vec<(*const u8, i32)> = ccf
+            .exits
+            .iter()
+            .filter(|e| e.reason == ExitReason::Next)
+            .map(|e| {
+                let (at, rel) = e.link();
+                (base.wrapping_add(at), rel)
+            })
+            .collect();
         if stubs.len() > 2 {
             tracing::error!(target: "translator", rip = format_args!("{:#x}", key.rip), "a TU with {} chainable exits cannot be kicked: interpreted", stubs.len());
             bt.free_slots[class].push(base);
@@ -956,7 +964,8 @@ impl Vcpu {
     /// Loads the guest registers into the block, runs the CCF at `entry`
     /// (of code size `bits`), and takes the registers back: R8..R15 only
     /// from 64-bit code, since 32-bit CCFs borrow them as scratch without
-    /// saving them (the guest's values stay in `cpu.regs`).
+    /// saving them (the guest's values stay in `cpu.regs`), except the one
+    /// that holds guest RSP there.
     fn enter_ccf(&mut self, entry: *const u8, bits: u32) {
         let user = self.user();
         let (tlb_read, tlb_write) = (self.tlb.table_addr(Access::Read, user), self.tlb.table_addr(Access::Write, user));
@@ -969,7 +978,9 @@ impl Vcpu {
             b.regs.gpr[tlb::R32_READ_TABLE as usize] = tlb_read;
             b.regs.gpr[tlb::R32_WRITE_TABLE as usize] = tlb_write;
             b.regs.gpr[tlb::R32_INDEX_MASK as usize] = tlb::INDEX_MASK;
-            b.regs.gpr[tlb::R32_PAGE_MASK as usize] = tlb::PAGE_MASK;
+            b.regs.gpr[tlb::R32_PAGE_SHIFT as usize] = tlb::PAGE_SHIFT;
+            // Guest RSP rides in a host register of its own too.
+            b.regs.gpr[tlb::R32_RSP as usize] = self.cpu.regs.gpr[4];
         }
         b.regs.rip = self.cpu.regs.rip;
         let f = self.cpu.regs.rflags;
@@ -1007,6 +1018,9 @@ impl Vcpu {
         let b = &*bt.block;
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);
+        if bits == 32 {
+            self.cpu.regs.gpr[4] = b.regs.gpr[btvmm_translator::abi::tlb::R32_RSP as usize];
+        }
         self.cpu.regs.rip = b.regs.rip;
         let virt = (rflags::IF * b.vif as u64) | (rflags::DF * b.vdf as u64);
         self.cpu.regs.rflags =

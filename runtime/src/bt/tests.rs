@@ -333,6 +333,79 @@ fn selector_reads_and_push_rsp_match_the_interpreter() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// In 32-bit CCFs guest ESP lives in a host register of its own
+/// (`tlb::R32_RSP`): every form that names it (IDENT arithmetic, `lea`,
+/// memory operands based on it or storing it, `push esp`, push and pop of
+/// memory, call and ret, enter's frame and leave) gives the interpreter's
+/// registers and memory, and a page fault in the middle of a run of stack
+/// operations reports the ESP of the faulting instruction.
+#[test]
+fn esp_in_its_own_register_matches_the_interpreter() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    let mut func = a.create_label();
+    let mut after = a.create_label();
+    let (pd, pt) = (0x30_0000u64, 0x30_1000u64);
+    paging_on(&mut a, pd);
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.mov(esi, 5).unwrap();
+    a.mov(ebx, DATA as u32).unwrap();
+    a.mov(dword_ptr(ebx + 0x100), 12).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.push(esp).unwrap();
+    a.pop(eax).unwrap();
+    a.sub(esp, 8).unwrap();
+    a.mov(dword_ptr(esp + 4), eax).unwrap();
+    a.mov(dword_ptr(ebx + 0x104), esp).unwrap();
+    a.mov(ecx, dword_ptr(esp + 4)).unwrap();
+    a.lea(esp, dword_ptr(esp + 8)).unwrap();
+    a.push(dword_ptr(ebx + 0x100)).unwrap();
+    a.pop(dword_ptr(ebx + 0x108)).unwrap();
+    a.sub(esp, dword_ptr(ebx + 0x100)).unwrap();
+    a.add(esp, 12).unwrap();
+    a.mov(edx, esp).unwrap();
+    a.call(func).unwrap();
+    a.add(edi, eax).unwrap();
+    a.dec(esi).unwrap();
+    a.jnz(top).unwrap();
+    a.jmp(after).unwrap();
+    a.set_label(&mut func).unwrap();
+    a.push(ebp).unwrap();
+    a.mov(ebp, esp).unwrap();
+    a.sub(esp, 16).unwrap();
+    a.mov(dword_ptr(ebp - 4), esp).unwrap();
+    a.add(eax, dword_ptr(ebp - 4)).unwrap();
+    a.leave().unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut after).unwrap();
+    // Pops up to an unmapped page: the third one faults, with ESP as it
+    // was before it.
+    a.mov(esp, (DATA + 0x2ff8) as u32).unwrap();
+    a.pop(eax).unwrap();
+    a.pop(ecx).unwrap();
+    a.pop(edx).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        page_tables(&v, pd, pt, |page| page);
+        v.mem.write_u32(pt + ((DATA + 0x3000) >> 12) * 4, 0);
+        v.mem.write_u32(DATA + 0x2ff8, 0x1111_1111);
+        v.mem.write_u32(DATA + 0x2ffc, 0x2222_2222);
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        let r = v.cpu.regs.gpr;
+        assert_eq!(r[4] & 0xffff_ffff, DATA + 0x3000, "ESP before the faulting pop ({bt:?})");
+        assert_eq!(r[1] & 0xffff_ffff, 0x2222_2222, "{bt:?}");
+        let mut data = vec![0u8; 0x1000];
+        v.mem.read(DATA, &mut data);
+        seen.push((r[..8].to_vec(), v.cpu.regs.rip, data));
+    }
+    assert!(seen[0] == seen[1], "registers or memory differ: {:x?} / {:x?}", seen[0].0, seen[1].0);
+}
+
 /// scas and cmps without rep run in the CCF: i386 Linux's strcmp
 /// (`lodsb; scasb; jne; test al, al; jne`, 1.7M callouts of a boot) and a
 /// cmpsd walk, forwards and with DF set backwards, leave the interpreter's
@@ -1453,6 +1526,53 @@ fn a_chained_loop_is_kicked_out_when_a_timer_is_due() {
     assert!(landed > 0, "no kick landed in the loop");
 }
 
+/// Loops whose back edge is a conditional branch chained straight to the
+/// loop's head (`ExitSite::branch`), in 32-bit code and in a 64-bit loop
+/// TU, spinning forever: a kick turns the branch back onto its exit stub,
+/// so the timer is serviced.
+#[test]
+fn a_loop_on_a_chained_conditional_branch_is_kicked_out() {
+    for bits in [32, 64] {
+        let (exit, landed) = within_a_minute(move || {
+            let mut a = CodeAssembler::new(bits).unwrap();
+            let mut top = a.create_label();
+            a.cli().unwrap();
+            a.set_label(&mut top).unwrap();
+            if bits == 64 {
+                a.mov(rsi, DATA).unwrap();
+                a.add(rbx, qword_ptr(rsi)).unwrap();
+                a.cmp(rax, 1).unwrap();
+            } else {
+                a.cmp(eax, 1).unwrap();
+            }
+            a.jne(top).unwrap();
+            a.hlt().unwrap();
+            let code = a.assemble(CODE).unwrap();
+            let at = std::time::Instant::now() + std::time::Duration::from_millis(50);
+            let machine = Box::new(TestMachine { stop_at: Some(at), ..Default::default() });
+            let mut v = if bits == 64 {
+                let mut v = vcpu64(&code);
+                v.platform = machine;
+                v
+            } else {
+                let mem = Arc::new(GuestMemory::new(4 << 20).expect("memory"));
+                mem.write(CODE, &code);
+                let mut v = Vcpu::new(mem, machine);
+                v.cpu.set_flat_protected32(CODE as u32);
+                v
+            };
+            v.enable_bt(64 << 20).expect("translator");
+            let exit = v.run(&EventSignal::new(), None);
+            let b = v.bt.as_ref().expect("translator on");
+            let branches = b.tus.iter().flatten().flat_map(|t| t.exits.iter()).filter(|e| e.branch.is_some()).count();
+            assert!(branches > 0, "{bits}-bit: no exit chained through its branch");
+            (exit, b.stats.kicks_landed)
+        });
+        assert_eq!(exit, VmExit::Stopped, "{bits}-bit");
+        assert!(landed > 0, "{bits}-bit: no kick landed in the loop");
+    }
+}
+
 /// A guest that leaves compiled code now and then (a port write after a
 /// chained loop of some microseconds) is serviced at its first pass
 /// through the dispatcher after a timer is due: passing through, it is
@@ -1650,11 +1770,13 @@ fn kicks_in_a_loop_tu_keep_results_exact() {
         // The back edge as the last kick left it: chained to the loop's head.
         let tu = b.tus.iter().flatten().find(|t| t.exits.iter().any(|e| e.chain_to.is_some())).expect("a loop TU");
         let back = tu.exits.iter().find(|e| e.chain_to.is_some()).expect("its back edge");
-        // SAFETY: the stub lies within the TU's published code, which is
-        // mapped readable for as long as the engine lives.
-        let jump = unsafe { std::slice::from_raw_parts(tu.base.wrapping_add(back.offset), 5) }.to_vec();
-        let head = tu.base as u64 + back.chain_to.unwrap() as u64;
-        let rechained = jump == btvmm_translator::translate::chain_jump(tu.base as u64 + back.offset as u64, head).unwrap();
+        // (The branch itself, retargeted: `ExitSite::link`.)
+        let at = tu.base.wrapping_add(back.link().0);
+        // SAFETY: the displacement lies within the TU's published code,
+        // which is mapped readable for as long as the engine lives.
+        let rel = unsafe { std::slice::from_raw_parts(at, 4) }.to_vec();
+        let head = tu.base as i64 + back.chain_to.unwrap() as i64;
+        let rechained = rel == ((head - (at as i64 + 4)) as i32).to_le_bytes();
         (v.cpu.regs.gpr, v.mem.read_u64(DATA + 4) as u32, b.stats.kicks_landed, rechained)
     });
     let (mut sum, mut word) = (0u32, 0u32);
