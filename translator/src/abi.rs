@@ -193,10 +193,9 @@ pub struct BtBlock {
     pub ldtr_sel: u64,
     pub tr_sel: u64,
     /// The guest RIP of the instruction that may take a host fault next
-    /// (a division), stored just before it, and where the fault handler
-    /// sends the host to leave the CCF.
+    /// (a division), stored just before it. (The fault handler finds the
+    /// exit to send the host to by the code cache range it faulted in.)
     pub fault_rip: u64,
-    pub fault_exit: u64,
     /// The masks of the flag-free soft-TLB probe's `pext`s: the index bits
     /// of a linear address, and the page bits ([`tlb::INDEX_MASK`],
     /// [`tlb::PAGE_MASK`]).
@@ -287,7 +286,6 @@ impl Default for BtBlock {
             ldtr_sel: 0,
             tr_sel: 0,
             fault_rip: 0,
-            fault_exit: 0,
             tlb_masks: [tlb::INDEX_MASK, tlb::PAGE_MASK],
             ibtc: [[[IBTC_EMPTY, 0]; IBTC_ENTRIES]; 2],
             fpu_area: 0,
@@ -334,8 +332,7 @@ impl BtBlock {
     pub const OFF_LDTR_SEL: usize = Self::OFF_IDTR_LIMIT + 8;
     pub const OFF_TR_SEL: usize = Self::OFF_LDTR_SEL + 8;
     pub const OFF_FAULT_RIP: usize = Self::OFF_TR_SEL + 8;
-    pub const OFF_FAULT_EXIT: usize = Self::OFF_FAULT_RIP + 8;
-    pub const OFF_TLB_MASKS: usize = Self::OFF_FAULT_EXIT + 8;
+    pub const OFF_TLB_MASKS: usize = Self::OFF_FAULT_RIP + 8;
     pub const OFF_IBTC: usize = Self::OFF_TLB_MASKS + 16;
     pub const OFF_FPU_AREA: usize = Self::OFF_IBTC + 2 * IBTC_ENTRIES * 16;
 
@@ -485,7 +482,6 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, idtr_limit), BtBlock::OFF_IDTR_LIMIT);
         assert_eq!(offset_of!(BtBlock, tr_sel), BtBlock::OFF_TR_SEL);
         assert_eq!(offset_of!(BtBlock, fault_rip), BtBlock::OFF_FAULT_RIP);
-        assert_eq!(offset_of!(BtBlock, fault_exit), BtBlock::OFF_FAULT_EXIT);
         assert_eq!(offset_of!(BtBlock, tlb_masks), BtBlock::OFF_TLB_MASKS);
         assert_eq!(offset_of!(BtBlock, ibtc), BtBlock::OFF_IBTC);
         assert_eq!(offset_of!(BtBlock, fpu_area), BtBlock::OFF_FPU_AREA);

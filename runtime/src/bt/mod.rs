@@ -1003,7 +1003,6 @@ impl Vcpu {
         b.budget = CHAIN_BUDGET;
         b.target = entry as u64;
         b.exit_stub = bt.exit;
-        b.fault_exit = bt.fault_exits.guest as u64;
         // The guest's SSE state is loaded by the first CCF that needs it,
         // and saved back to its area by the exit.
         b.fpu_area = self.fpu.area_ptr() as u64;
