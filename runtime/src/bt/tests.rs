@@ -406,6 +406,93 @@ fn esp_in_its_own_register_matches_the_interpreter() {
     assert!(seen[0] == seen[1], "registers or memory differ: {:x?} / {:x?}", seen[0].0, seen[1].0);
 }
 
+/// The arithmetic flags put aside around an IBTC lookup (`lahf`/`seto`,
+/// back by `sahf`) come back whole, OF included, across a return, an
+/// indirect jump through a register, a call through memory, a jump to
+/// another page and a rep string operation, and pushf's image carries
+/// them: each leg's flags, pushed, are the interpreter's.
+#[test]
+fn flags_live_across_indirect_branches_match_the_interpreter() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let (mut func, mut far_back) = (a.create_label(), a.create_label());
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    a.mov(ebx, (DATA + 0x800) as u32).unwrap();
+    a.mov(ebp, 16).unwrap();
+    // Flag patterns: OF SF AF set by 0x7f + 1; CF by 0xff + 1 (ZF PF AF);
+    // OF and CF by 0x80 + 0x80; none (ZF off) by 1 + 1.
+    for (x, y) in [(0x7fu32, 1u32), (0xff, 1), (0x80, 0x80), (1, 1)] {
+        a.mov(eax, x).unwrap();
+        a.mov(ecx, (DATA + 0x900) as u32).unwrap();
+        a.mov(dword_ptr(ecx), 0).unwrap();
+        a.add(al, y as i32).unwrap();
+        a.call(func).unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(ebx)).unwrap();
+        a.add(ebx, 4).unwrap();
+        // EDX = the instruction after `jmp edx`: pop (1) + lea (3) + mov
+        // (5) + add (2) + jmp (2) bytes past the popped address.
+        let mut here = a.create_label();
+        a.call(here).unwrap();
+        a.set_label(&mut here).unwrap();
+        a.pop(edx).unwrap();
+        a.lea(edx, dword_ptr(edx + 13)).unwrap();
+        a.mov(eax, x).unwrap();
+        a.add(al, y as i32).unwrap();
+        a.jmp(edx).unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(ebx)).unwrap();
+        a.add(ebx, 4).unwrap();
+        a.mov(eax, x).unwrap();
+        a.mov(dword_ptr(ecx), (CODE + 0x2000) as u32).unwrap();
+        a.add(al, y as i32).unwrap();
+        a.call(dword_ptr(ecx)).unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(ebx)).unwrap();
+        a.add(ebx, 4).unwrap();
+        a.mov(esi, (DATA + 0xa00) as u32).unwrap();
+        a.mov(edi, (DATA + 0xb00) as u32).unwrap();
+        a.mov(eax, x).unwrap();
+        a.mov(ecx, 3).unwrap();
+        a.add(al, y as i32).unwrap();
+        a.rep().movsd().unwrap();
+        a.pushfd().unwrap();
+        a.pop(dword_ptr(ebx)).unwrap();
+        a.add(ebx, 4).unwrap();
+    }
+    a.mov(eax, 0x7f).unwrap();
+    a.add(al, 1).unwrap();
+    a.jmp((CODE + 0x3000) as u64).unwrap();
+    a.set_label(&mut far_back).unwrap();
+    a.pushfd().unwrap();
+    a.pop(dword_ptr(ebx)).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut func).unwrap();
+    a.ret().unwrap();
+    let assembled = a.assemble_options(CODE, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let code = assembled.inner.code_buffer.clone();
+    // A function in another page that returns at once, and, in a third
+    // page, a jump back.
+    let mut far = CodeAssembler::new(32).unwrap();
+    far.ret().unwrap();
+    let far = far.assemble(CODE + 0x2000).unwrap();
+    let mut jump = CodeAssembler::new(32).unwrap();
+    jump.jmp(assembled.label_ip(&far_back).unwrap()).unwrap();
+    let jump = jump.assemble(CODE + 0x3000).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(CODE + 0x2000, &far);
+        v.mem.write(CODE + 0x3000, &jump);
+        run(&mut v);
+        let mut pushed = vec![0u8; 17 * 4];
+        v.mem.read(DATA + 0x800, &mut pushed);
+        seen.push(pushed);
+    }
+    assert_eq!(seen[0], seen[1]);
+    let first = u32::from_le_bytes(seen[1][..4].try_into().unwrap());
+    assert_eq!(first & 0x8d5, 0x890, "OF SF AF after 0x7f + 1 came back across a return: {first:#x}");
+}
+
 /// scas and cmps without rep run in the CCF: i386 Linux's strcmp
 /// (`lodsb; scasb; jne; test al, al; jne`, 1.7M callouts of a boot) and a
 /// cmpsd walk, forwards and with DF set backwards, leave the interpreter's
