@@ -79,6 +79,9 @@ pub struct GuestClock {
     /// When (host ns since `origin`) the clock was last read: time before
     /// that may have been seen by the guest and can no longer be hidden.
     observed_ns: AtomicU64,
+    /// `stolen_ns` as of that read: what was hidden since then came out of
+    /// the time the guest has not seen.
+    stolen_at_look: AtomicU64,
     /// The vCPU thread's CPU time, watched for stalls.
     watch: Mutex<Option<Watch>>,
 }
@@ -102,8 +105,9 @@ struct Watch {
 const QUIET: Duration = Duration::from_micros(20);
 /// Off-CPU time shorter than this stays visible (the measurement's own cost).
 const SLACK: Duration = Duration::from_micros(10);
-/// A vCPU that looks at a due deadline later than this after it, with no
-/// look in between, was kept from running: the rest is hidden.
+/// A vCPU that looks at a due deadline later than this after it (and
+/// after the guest's last look at the clock) was kept from checking it:
+/// the rest is hidden.
 const LATE: Duration = Duration::from_millis(1);
 
 fn cpu_time_ns(clock: libc::clockid_t) -> u64 {
@@ -125,7 +129,13 @@ impl GuestClock {
     /// the host TSC rate (a few milliseconds), before any guest runs.
     pub fn new() -> Self {
         tsc_per_ns_q32();
-        Self { stolen_ns: AtomicU64::new(0), origin: Instant::now(), observed_ns: AtomicU64::new(0), watch: Mutex::new(None) }
+        Self {
+            stolen_ns: AtomicU64::new(0),
+            origin: Instant::now(),
+            observed_ns: AtomicU64::new(0),
+            stolen_at_look: AtomicU64::new(0),
+            watch: Mutex::new(None),
+        }
     }
 
     /// Starts watching the calling thread (the vCPU) for stalls: from now
@@ -162,22 +172,24 @@ impl GuestClock {
     }
 
     /// [`Self::read`], for the vCPU checking whether `deadline` (guest
-    /// time) has come: when it looks more than [`LATE`] after the deadline
-    /// and had not looked since before it, it was kept from running (a
-    /// stall the CPU-time clock cannot see, such as a hypervisor's, or a
-    /// host that woke it late from a halt). That time is hidden as far as
-    /// the guest has not seen it, so the timer fires at most `LATE` behind
-    /// and no run of missed periodic ticks piles up: ticks delivered in a
-    /// burst leave the guest's jiffies behind its TSC for a while, and
-    /// Linux's clocksource watchdog then calls the TSC unstable.
+    /// time) has come: time past the deadline that the guest has not seen
+    /// (since the later of the deadline and its last look at the clock),
+    /// beyond [`LATE`], is hidden. The vCPU was kept from checking: a
+    /// stall the CPU-time clock cannot see (a hypervisor's), a host that
+    /// woke it late from a halt, or a kick that came late while compiled
+    /// code kept running (whose extra run is then hidden too). So the timer
+    /// fires at most `LATE` behind and no run of missed periodic ticks
+    /// piles up: ticks delivered in a burst leave the guest's jiffies
+    /// behind its TSC for a while, and Linux's clocksource watchdog then
+    /// calls the TSC unstable.
     fn read_due(&self, deadline: Option<Instant>) -> Instant {
         let now = Instant::now();
         // Host time since the guest last saw the clock, left to hide.
-        let mut unseen = now.saturating_duration_since(self.last_observed());
+        let mut unseen = self.unseen(now);
         if let Some(w) = self.lock_watch().as_mut() {
             // Only time after the latest read can be hidden: the guest's
             // clock never goes backwards.
-            let mut unseen_here = now.saturating_duration_since(w.last.max(self.last_observed()));
+            let mut unseen_here = now.saturating_duration_since(w.last).min(unseen);
             // The previous look's own cost first (the VMM's work).
             let owed = std::mem::take(&mut w.owed).min(unseen_here);
             self.steal(owed);
@@ -214,7 +226,15 @@ impl GuestClock {
         }
         let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
         self.observed_ns.fetch_max(ns, Ordering::Relaxed);
+        self.stolen_at_look.store(self.stolen_ns.load(Ordering::Relaxed), Ordering::Relaxed);
         now
+    }
+
+    /// Host time up to `now` that the guest has not seen and that is not
+    /// hidden yet: since its last look, less what was hidden since.
+    fn unseen(&self, now: Instant) -> Duration {
+        let hidden = self.stolen_ns.load(Ordering::Relaxed).saturating_sub(self.stolen_at_look.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.last_observed()).saturating_sub(Duration::from_nanos(hidden))
     }
 
     fn last_observed(&self) -> Instant {
@@ -266,8 +286,7 @@ impl GuestClock {
     /// as translating guest code), as far as the guest has not seen it:
     /// its clock never goes backwards.
     pub fn hide(&self, d: Duration) {
-        let unseen = Instant::now().saturating_duration_since(self.last_observed());
-        self.steal(d.min(unseen));
+        self.steal(d.min(self.unseen(Instant::now())));
     }
 
     /// Hides `d` of host time from the guest.
@@ -361,7 +380,27 @@ mod tests {
         assert!(seen - deadline >= Duration::from_millis(10), "the seen lateness stays: {:?}", seen - deadline);
     }
 
-    /// Reads in quick succession (a guest polling the PIT) never pay for a
+    /// Hiding is bounded by what the guest has not seen, less what was
+    /// hidden already: two hides (translation work, then a late look at a
+    /// deadline) of the same unseen stretch take it once, and the clock
+    /// never goes back.
+    #[test]
+    fn hides_of_one_unseen_stretch_take_it_once() {
+        let c = GuestClock::new();
+        let t0 = c.now();
+        spin(Duration::from_millis(10));
+        c.hide(Duration::from_secs(1));
+        c.hide(Duration::from_secs(1));
+        let t1 = c.now_due(Some(t0));
+        assert!(t1 >= t0, "the clock went back by {:?}", t0 - t1);
+        let t2 = c.now();
+        spin(Duration::from_millis(10));
+        c.hide(Duration::from_secs(1));
+        let t3 = c.now_due(Some(t2));
+        assert!(t3 >= t2, "the clock went back by {:?}", t2 - t3);
+    }
+
+    /// Reads in quick succession    /// Reads in quick succession (a guest polling the PIT) never pay for a
     /// look at the CPU-time clock: they leave no gap a stall could hide in.
     #[test]
     fn reads_close_together_do_not_look_for_stalls() {

@@ -136,7 +136,8 @@ pub const UNCHAINED_JUMP: [u8; CHAIN_JUMP_BYTES] = [0xe9, 0, 0, 0, 0];
 /// An exit stub: leaves the CCF for the dispatcher with `reason`, at guest
 /// `rip`, naming itself as `site` (see `BtBlock::exit_site`). It opens with a
 /// 5-byte `jmp rel32` that falls through to the next instruction; chaining
-/// patches it to jump straight to the CCF of `rip`.
+/// patches it to jump straight to the CCF of `rip` (or, for a stub a
+/// conditional branch lands on, retargets the branch: `ExitSite::link`).
 pub fn exit_stub(rip: u64, reason: ExitReason, site: u32) -> Vec<u8> {
     let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
     a.extend(UNCHAINED_JUMP);

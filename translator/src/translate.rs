@@ -17,8 +17,9 @@
 //!   nothing of it has happened yet. Guest code can therefore only ever
 //!   touch guest RAM through a CCF.
 //! - **CONTROL**: direct jumps and conditional branches end the TU in exit
-//!   stubs that chaining later patches into direct jumps to the next CCF;
-//!   indirect ones look in the IBTC first.
+//!   stubs that chaining later patches into direct jumps to the next CCF
+//!   (a conditional branch whose stub follows it is retargeted itself:
+//!   `ExitSite::branch`); indirect ones look in the IBTC first.
 //! - Stack instructions, single and `rep` string instructions and
 //!   divisions run inline too, through the same probe (see `plan_insn`);
 //!   everything else (system instructions, what the probe cannot cover)
@@ -500,7 +501,7 @@ fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
     if !ok || insn.encoding() != iced_x86::EncodingKind::Legacy || insn.has_lock_prefix() {
         return false;
     }
-    // XMM and general registers only (not RSP, which lives in the block).
+    // XMM and general registers only (not RSP, which host RSP does not hold).
     let used = info.info(insn);
     let regs_ok = used.used_registers().iter().all(|u| {
         let r = u.register();
@@ -1027,8 +1028,6 @@ impl Emitter {
         }
     }
 
-    /// Whether host register `r` holds guest state: R8..R15 do not in
-    /// 32-bit code (the dispatcher takes only the low eight back from it).
     /// The host register guest RSP lives in, in 32-bit code
     /// ([`tlb::R32_RSP`]); 64-bit code keeps it in the block.
     fn resident_rsp(&self) -> Option<u8> {
@@ -1048,6 +1047,10 @@ impl Emitter {
         }
     }
 
+    /// Whether host register `r` holds a guest value a scratch borrowing
+    /// must keep: R8..R15 do not in 32-bit code (the dispatcher takes only
+    /// the low eight back from it, and guest ESP in R9, which
+    /// `pick_scratch` never hands out there).
     fn holds_guest(&self, r: u8) -> bool {
         self.mode.bits == 64 || r < 8
     }
@@ -1115,8 +1118,9 @@ impl Emitter {
         }
     }
 
-    /// IDENT: the instruction itself, with guest RSP through a scratch
-    /// register if it names RSP.
+    /// IDENT: the instruction itself; guest RSP, if it names it, as its
+    /// host register in 32-bit code, or through a scratch register loaded
+    /// from and stored back to the block in 64-bit code.
     fn ident(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         let uses_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP))
             || (insn.op0_kind() == OpKind::Memory || insn.op1_kind() == OpKind::Memory)
@@ -2517,47 +2521,34 @@ mod tests {
         }
     }
 
-    /// Host instructions in a CCF that may touch host RSP: only the
-    /// pushfq/popfq around a probe, never nested, and the call of the SSE
-    /// load routine (which returns).
+    /// Host instructions in a CCF that may touch host RSP: only the call
+    /// of the SSE load routine (which returns). Flags are put aside in the
+    /// block, never pushed.
     fn check_host_code(ccf: &Ccf, what: &str) {
         let mut info = InstructionInfoFactory::new();
         let mut d = Decoder::with_ip(64, &ccf.code, 0, DecoderOptions::NONE);
-        let mut depth = 0i32;
         for i in &mut d {
             assert!(!i.is_invalid(), "{what}: invalid host code at {:#x}", i.ip());
-            let drop_flags = i.mnemonic() == Mnemonic::Lea
-                && i.op0_register() == Register::RSP
-                && i.memory_base() == Register::RSP
-                && i.memory_displacement64() == 8;
             let fpu_enter = i.mnemonic() == Mnemonic::Call
                 && i.segment_prefix() == Register::GS
                 && i.memory_displacement64() == BtBlock::OFF_FPU_ENTER as u64;
-            match i.mnemonic() {
-                Mnemonic::Pushfq => depth += 1,
-                Mnemonic::Popfq => depth -= 1,
-                _ if drop_flags => depth -= 1,
-                _ if fpu_enter => {}
-                _ => {
-                    let writes_rsp = info.info(&i).used_registers().iter().any(|u| {
-                        u.register().full_register() == Register::RSP
-                            && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
-                    });
-                    assert!(!writes_rsp, "{what}: host code writes RSP: {i} at {:#x}", i.ip());
-                    // Memory is touched only through GS (the block) or a
-                    // probed scratch register, never through guest registers
-                    // with a segment of the guest's.
-                    if i.op_count() > 0 && (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Memory) && i.mnemonic() != Mnemonic::Lea {
-                        assert!(
-                            i.segment_prefix() == Register::GS || i.memory_displacement64() < 0x1_0000 || i.memory_base() != Register::None,
-                            "{what}: absolute memory access {i}"
-                        );
-                    }
-                }
+            if fpu_enter {
+                continue;
             }
-            // Out-of-line miss paths pop what the main line pushed, so only
-            // nesting is checked in this straight-line reading.
-            assert!(depth <= 1, "{what}: nested pushfq at {:#x}", i.ip());
+            let writes_rsp = info.info(&i).used_registers().iter().any(|u| {
+                u.register().full_register() == Register::RSP
+                    && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
+            });
+            assert!(!writes_rsp, "{what}: host code writes RSP: {i} at {:#x}", i.ip());
+            // Memory is touched only through GS (the block) or a probed
+            // scratch register, never through guest registers with a
+            // segment of the guest's.
+            if i.op_count() > 0 && (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Memory) && i.mnemonic() != Mnemonic::Lea {
+                assert!(
+                    i.segment_prefix() == Register::GS || i.memory_displacement64() < 0x1_0000 || i.memory_base() != Register::None,
+                    "{what}: absolute memory access {i}"
+                );
+            }
         }
     }
 

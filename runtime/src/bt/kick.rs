@@ -72,6 +72,10 @@ impl KickMap {
     /// Follows the code cache's chunks: `views` are (executable start,
     /// length, writable start); maps of chunks no longer there are dropped.
     pub fn sync(&mut self, views: &[(usize, usize, *mut u8)]) {
+        // The kick handler walks the chunk list: no kick lands while it
+        // changes (one sent meanwhile lands after, outside compiled code,
+        // and is sent again).
+        let _held = KicksHeld::new();
         self.chunks.retain(|c| views.iter().any(|&(rx, len, rw)| rx == c.rx && len == c.len && rw == c.rw));
         for &(rx, len, rw) in views {
             if !self.chunks.iter().any(|c| c.rx == rx) {
@@ -131,6 +135,32 @@ impl KickMap {
                 unsafe { std::ptr::copy_nonoverlapping(unchained.as_ptr(), c.rw.add(off - 1), unchained.len()) };
             }
         }
+    }
+}
+
+/// Holds kicks (`SIGURG`) off the calling thread until dropped.
+struct KicksHeld(libc::sigset_t);
+
+impl KicksHeld {
+    fn new() -> Self {
+        // SAFETY: both sets are valid places for the calls to fill in;
+        // pthread_sigmask only changes this thread's signal mask.
+        unsafe {
+            let mut urg: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut urg);
+            libc::sigaddset(&mut urg, libc::SIGURG);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &urg, &mut old);
+            KicksHeld(old)
+        }
+    }
+}
+
+impl Drop for KicksHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `new` saved, on the same thread (the
+        // guard lives only within `sync`).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
     }
 }
 
@@ -290,5 +320,39 @@ fn kick_loop(s: &Shared, pid: libc::pid_t, tid: libc::pid_t) {
         if !s.pending.load(Ordering::Relaxed) {
             last = ns();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urg_blocked() -> bool {
+        // SAFETY: `now` is a valid place for the current mask; a null new
+        // set only reads it.
+        unsafe {
+            let mut now: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut now);
+            libc::sigismember(&now, libc::SIGURG) == 1
+        }
+    }
+
+    /// While the kick map changes shape no kick can land in its handler
+    /// (which walks the chunk list): SIGURG is held off, and let through
+    /// again after.
+    #[test]
+    fn kicks_are_held_off_while_the_map_changes() {
+        assert!(!urg_blocked());
+        {
+            let _held = KicksHeld::new();
+            assert!(urg_blocked());
+        }
+        assert!(!urg_blocked());
+        let mut budget = 0u64;
+        let mut map = KickMap::new(&mut budget);
+        let mut code = vec![0u8; 4096];
+        map.sync(&[(code.as_ptr() as usize, code.len(), code.as_mut_ptr())]);
+        assert!(!urg_blocked());
+        assert_eq!(map.chunks.len(), 1);
     }
 }

@@ -973,7 +973,8 @@ impl Vcpu {
         let b = &mut *bt.block;
         b.regs.gpr = self.cpu.regs.gpr;
         if bits == 32 {
-            // No guest registers above R7: the probe's constants ride there.
+            // No guest registers above R7: the probe's constants ride there,
+            // and guest RSP.
             use btvmm_translator::abi::tlb;
             b.regs.gpr[tlb::R32_READ_TABLE as usize] = tlb_read;
             b.regs.gpr[tlb::R32_WRITE_TABLE as usize] = tlb_write;
