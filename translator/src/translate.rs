@@ -213,6 +213,10 @@ enum Plan {
     Branch(ConditionCode, u64),
     /// push of a register or an immediate.
     Push,
+    /// push of a segment register: its selector, from the block, written
+    /// as 16 bits at the bottom of the slot (the rest is left as it was,
+    /// as recent CPUs and the interpreter do).
+    PushSeg,
     /// pop into a register.
     Pop,
     /// leave: RSP = RBP, then pop RBP.
@@ -631,6 +635,7 @@ fn plan_stack(insn: &Instruction, mode: Mode) -> Option<Plan> {
     let plan = match insn.mnemonic() {
         Mnemonic::Push if matches!(width, 2 | 4 | 8) => match insn.op0_kind() {
             OpKind::Register if !rsp_reg(insn.op0_register()) && insn.op0_register().is_gpr() => Plan::Push,
+            OpKind::Register if insn.op0_register().is_segment_register() => Plan::PushSeg,
             // push rsp pushes RSP from before the push.
             OpKind::Register if rsp_reg(insn.op0_register()) && width == natural => Plan::Push,
             OpKind::Memory if width == natural && insn.memory_size().size() == natural as usize && mem_operand_ok(insn, mode) => {
@@ -1542,22 +1547,24 @@ impl Emitter {
     fn push_mem(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
         self.mem_with(insn, info, MemBody::Value)?;
         self.release();
-        self.push_from_block(insn, size, info, scratch_off(VALUE_SLOT));
+        self.push_from_block(insn, size, size, info, scratch_off(VALUE_SLOT));
         Ok(())
     }
 
     /// A push of the value at block offset `off` (guest RSP for `push rsp`,
-    /// which pushes RSP from before the push; a value read from memory),
-    /// through a third scratch register: stored below RSP, then RSP moved.
-    fn push_from_block(&mut self, insn: &Instruction, size: i32, info: &mut InstructionInfoFactory, off: i32) {
+    /// which pushes RSP from before the push; a value read from memory; a
+    /// segment selector), through a third scratch register: its low
+    /// `stored` bytes written at the bottom of the `size`-byte slot below
+    /// RSP, then RSP moved.
+    fn push_from_block(&mut self, insn: &Instruction, size: i32, stored: i32, info: &mut InstructionInfoFactory, off: i32) {
         let scratch = pick_scratch(insn, info, 3, self.mode.bits);
         let s2 = scratch[2];
         if self.holds_guest(s2) {
             dynasm!(self.a ; .arch x64 ; gs mov QWORD [scratch_off(2)], Rq(s2));
         }
         dynasm!(self.a ; .arch x64 ; gs mov Rq(s2), QWORD [off]);
-        let miss = self.stack_slot(&scratch[..2], -size, size, true);
-        self.store(scratch[0], scratch[1], size, Ok(s2));
+        let miss = self.stack_slot(&scratch[..2], -size, stored, true);
+        self.store(scratch[0], scratch[1], stored, Ok(s2));
         self.move_rsp(scratch[0], -size);
         self.unspill(&scratch);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
@@ -2301,11 +2308,17 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                         // The value stored is RSP from before the push.
                         e.push(insn, Ok(r), size, &mut info);
                     } else if value == Ok(RSP) {
-                        e.push_from_block(insn, size, &mut info, BtBlock::off_gpr(4) as i32);
+                        e.push_from_block(insn, size, size, &mut info, BtBlock::off_gpr(4) as i32);
                     } else {
                         e.push(insn, value, size, &mut info);
                     }
                 }
+                e.counts.mem += 1;
+            }
+            Plan::PushSeg => {
+                let size = -insn.stack_pointer_increment();
+                let off = (BtBlock::OFF_SEG_SEL + seg_index(insn.op0_register()) * 8) as i32;
+                e.push_from_block(insn, size, 2, &mut info, off);
                 e.counts.mem += 1;
             }
             Plan::Pop => {
@@ -2409,7 +2422,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
             Plan::Sse if !has_memory_operand(i) => Treatment::Ident,
             Plan::Sse => Treatment::Mem,
-            Plan::Mem | Plan::Push | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepString | Plan::DivideMem => Treatment::Mem,
+            Plan::Mem | Plan::Push | Plan::PushSeg | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepString | Plan::DivideMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
             Plan::Stop => Treatment::Callout,
