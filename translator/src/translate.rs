@@ -829,7 +829,8 @@ struct Miss {
     label: DynamicLabel,
     rip: u64,
     scratch: Vec<u8>,
-    /// The guest flags are on the host stack (pushf's sequence): pop them.
+    /// The guest flags were put aside in the block (`save_flags`: pushf's
+    /// image, a rep string operation) and clobbered since: restore them.
     flags_saved: bool,
 }
 
@@ -1829,7 +1830,7 @@ impl Emitter {
     /// rep stos and rep movs (see `Plan::RepString`): checks, a probe of
     /// each operand's page, then the host's own instruction on the host
     /// addresses, the index registers' guest values moved by the length
-    /// after. The flags are kept on the stack throughout.
+    /// after. The flags are put aside in the block throughout.
     fn rep_string(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
         let size = insn.memory_size().size() as i32;
         let wide = self.mode.bits == 64;
