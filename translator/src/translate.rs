@@ -238,6 +238,11 @@ enum Plan {
     /// block slot, every scratch register is given back, and the division
     /// runs on the slot as `Divide` does (a #DE finds the guest's registers).
     DivideMem,
+    /// bt/bts/btr/btc of memory with a register bit offset, which reaches
+    /// beyond the operand: the address moved by the offset's whole
+    /// operands, the probe there, then the host's instruction with the
+    /// offset reduced to a bit of that operand.
+    BitMem,
     /// lods/stos without a rep prefix: one access at [R]SI or [R]DI, which
     /// then moves by the operand size, down if the virtual DF is set.
     StringOne,
@@ -417,12 +422,19 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     {
         return Plan::Stop;
     }
-    // bt/bts/btr/btc with a register bit offset address memory beyond the operand.
+    // bt/bts/btr/btc with a register bit offset address memory beyond the
+    // operand: inline where the address has the code's own width (64-bit
+    // code keeps RSP in the block, so not through RSP there).
     if matches!(m, Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc)
         && insn.op0_kind() == OpKind::Memory
         && insn.op1_kind() == OpKind::Register
     {
-        return Plan::Stop;
+        let (base, index) = (insn.memory_base(), insn.memory_index());
+        let addr = if base != Register::None { base } else { index };
+        let width_ok = addr == Register::None || matches!(addr, Register::RIP | Register::EIP) || addr.size() as u32 * 8 == mode.bits;
+        let names_rsp = [base, index, insn.op1_register()].iter().any(|&r| gpr_number(r) == Some(RSP));
+        let ok = mem_operand_ok(insn, mode) && width_ok && !(names_rsp && mode.bits == 64);
+        return if ok { Plan::BitMem } else { Plan::Stop };
     }
     if mode.sse && sse_inline(insn, mode, info) {
         return Plan::Sse;
@@ -1348,6 +1360,65 @@ impl Emitter {
             }
             self.unspill_one(r, 2);
         }
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
+        Ok(())
+    }
+
+    /// bt/bts/btr/btc of memory with a register bit offset (`Plan::BitMem`),
+    /// as the interpreter computes it: the offset, sign-extended from the
+    /// operand size, moves the address by whole operands (offset >> 3,
+    /// rounded down to the operand size) and selects a bit of the operand
+    /// there (offset mod its bits). The arithmetic clobbers the flags, so
+    /// they are put aside around it; the probe and the host's instruction
+    /// (on the host address, with the reduced offset, which moves nothing)
+    /// then run on the guest's flags.
+    fn bit_mem(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) -> Result<(), Unencodable> {
+        let size = insn.memory_size().size() as i32;
+        let write = insn.mnemonic() != Mnemonic::Bt;
+        let off = insn.op1_register();
+        let n = gpr_number(off).ok_or(Unencodable)?;
+        let scratch = pick_scratch(insn, info, 3, self.mode.bits);
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        // The rewritten instruction first: if it cannot be encoded, nothing
+        // has been emitted yet.
+        let mut body = *insn;
+        body.set_memory_base(GPR64[s0 as usize]);
+        body.set_memory_index(GPR64[s1 as usize]);
+        body.set_memory_index_scale(1);
+        body.set_memory_displacement64(0);
+        body.set_memory_displ_size(0);
+        body.set_segment_prefix(Register::None);
+        body.set_op1_register(gpr_sized(s2, off.size()));
+        let mut enc = Encoder::new(64);
+        enc.encode(&body, 0).map_err(|_| Unencodable)?;
+        let body = enc.take_buffer();
+        self.release();
+        self.spill(&scratch);
+        self.save_flags();
+        self.address(insn, s0, self.resident_rsp())?;
+        // The guest's offset register, as 32-bit code has it in ESP's case.
+        let n = if n == RSP { self.resident_rsp().ok_or(Unencodable)? } else { n };
+        match size {
+            2 => dynasm!(self.a ; .arch x64 ; movsx Rq(s2), Rw(n)),
+            4 => dynasm!(self.a ; .arch x64 ; movsxd Rq(s2), Rd(n)),
+            _ => dynasm!(self.a ; .arch x64 ; mov Rq(s2), Rq(n)),
+        }
+        dynasm!(self.a
+            ; .arch x64
+            ; mov Rq(s1), Rq(s2)
+            ; sar Rq(s1), 3
+            ; and Rq(s1), -size
+            ; add Rq(s0), Rq(s1)
+            ; and Rd(s2), size * 8 - 1
+        );
+        if self.mode.bits != 64 {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s0), Rd(s0));
+        }
+        self.add_segment_base(s0, s1, seg_index(insn.memory_segment()));
+        self.restore_flags(1);
+        let miss = self.probe(s0, s1, size, write, false, false);
+        self.bytes(&body);
+        self.unspill(&scratch);
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
         Ok(())
     }
@@ -2381,6 +2452,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.divide_mem(insn, &mut info).map_err(|_| k)?;
                 e.counts.mem += 1;
             }
+            Plan::BitMem => {
+                e.bit_mem(insn, &mut info).map_err(|_| k)?;
+                e.counts.mem += 1;
+            }
             Plan::Virtual(op) => {
                 e.virtual_op(insn, op, &mut info).map_err(|_| k)?;
                 e.counts.sensitive += 1;
@@ -2423,7 +2498,15 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Nothing | Plan::Ident | Plan::Divide => Treatment::Ident,
             Plan::Sse if !has_memory_operand(i) => Treatment::Ident,
             Plan::Sse => Treatment::Mem,
-            Plan::Mem | Plan::Push | Plan::PushSeg | Plan::Pop | Plan::Leave | Plan::StringOne | Plan::RepString | Plan::DivideMem => Treatment::Mem,
+            Plan::Mem
+            | Plan::Push
+            | Plan::PushSeg
+            | Plan::Pop
+            | Plan::Leave
+            | Plan::StringOne
+            | Plan::RepString
+            | Plan::DivideMem
+            | Plan::BitMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
             Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
             Plan::Stop => Treatment::Callout,

@@ -537,6 +537,62 @@ fn pushes_of_segment_registers_match_the_interpreter() {
     assert!(seen[0] == seen[1], "{:x?} / {:x?}", seen[0], seen[1]);
 }
 
+/// bt/bts/btr/btc of memory with a register bit offset run in the CCF
+/// (i386 Linux's `variable_test_bit` and friends, 75k callouts of a
+/// boot): offsets negative, past the operand, at 16, 32 bits and through
+/// ESP, each with the guest's flags around it, leave the interpreter's
+/// registers, flags and memory.
+#[test]
+fn bit_tests_of_memory_by_register_match_the_interpreter() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(ebx, (DATA + 0x800) as u32).unwrap();
+    a.mov(esp, (DATA + 0xf00) as u32).unwrap();
+    a.mov(edi, (DATA + 0xc00) as u32).unwrap();
+    a.mov(edx, 0xffff_ffc0u32).unwrap();
+    a.set_label(&mut top).unwrap();
+    // Flags before: OF SF AF set (0x7f + 1), which bt must leave alone.
+    a.mov(eax, 0x7f).unwrap();
+    a.add(al, 1).unwrap();
+    a.bt(dword_ptr(ebx + 4), edx).unwrap();
+    a.pushfd().unwrap();
+    a.pop(dword_ptr(edi)).unwrap();
+    a.bts(dword_ptr(ebx), edx).unwrap();
+    a.pushfd().unwrap();
+    a.pop(dword_ptr(edi + 4)).unwrap();
+    a.btr(word_ptr(ebx + 2), dx).unwrap();
+    a.pushfd().unwrap();
+    a.pop(dword_ptr(edi + 8)).unwrap();
+    a.btc(dword_ptr(esp + 8), edx).unwrap();
+    a.pushfd().unwrap();
+    a.pop(dword_ptr(edi + 12)).unwrap();
+    a.add(edi, 16).unwrap();
+    a.add(edx, 13).unwrap();
+    a.cmp(edx, 0x60).unwrap();
+    a.jl(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        for k in 0..0x200u64 {
+            v.mem.write_u32(DATA + 0x700 + 4 * k, (k as u32).wrapping_mul(0x9e37_79b9));
+        }
+        run(&mut v);
+        let mut data = vec![0u8; 0x1000];
+        v.mem.read(DATA, &mut data);
+        if let Some(b) = v.bt.as_ref() {
+            let left: u64 = [iced_x86::Mnemonic::Bt, iced_x86::Mnemonic::Bts, iced_x86::Mnemonic::Btr, iced_x86::Mnemonic::Btc]
+                .iter()
+                .map(|m| b.stats.callouts.get(m).copied().unwrap_or(0))
+                .sum();
+            assert!(left <= 4, "bit tests left to the runtime: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags, data));
+    }
+    assert!(seen[0] == seen[1], "registers {:x?} / {:x?}, flags {:#x} / {:#x}", seen[0].0, seen[1].0, seen[0].1, seen[1].1);
+}
+
 /// scas and cmps without rep run in the CCF: i386 Linux's strcmp
 /// (`lodsb; scasb; jne; test al, al; jne`, 1.7M callouts of a boot) and a
 /// cmpsd walk, forwards and with DF set backwards, leave the interpreter's
