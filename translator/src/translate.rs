@@ -431,7 +431,8 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     {
         let (base, index) = (insn.memory_base(), insn.memory_index());
         let addr = if base != Register::None { base } else { index };
-        let width_ok = addr == Register::None || matches!(addr, Register::RIP | Register::EIP) || addr.size() as u32 * 8 == mode.bits;
+        // (An EIP-relative operand, 64-bit code's 67h form, wraps at 4 GiB.)
+        let width_ok = addr == Register::None || addr == Register::RIP || (addr != Register::EIP && addr.size() as u32 * 8 == mode.bits);
         let names_rsp = [base, index, insn.op1_register()].iter().any(|&r| gpr_number(r) == Some(RSP));
         let ok = mem_operand_ok(insn, mode) && width_ok && !(names_rsp && mode.bits == 64);
         return if ok { Plan::BitMem } else { Plan::Stop };
