@@ -26,10 +26,11 @@
 //!   ends the TU with an exit that runs the instruction in the shared Rust
 //!   semantics, or becomes inline code over the virtual state.
 //!
-//! The probe is flag-free (`pext`, `lea`, `jrcxz`), so arithmetic flags
-//! stay in host RFLAGS throughout; only the IBTC lookup and pushf's image
-//! clobber them, and save them first where liveness inside the TU says they
-//! are needed. A miss always leaves them as they were, since the
+//! The probe is flag-free (`pext` or `shrx`, `lea`, `jrcxz`), so arithmetic
+//! flags stay in host RFLAGS throughout; only the IBTC lookup, pushf's
+//! image, a rep string operation and a bit test's address arithmetic
+//! clobber them, and put them aside in the block first (`save_flags`),
+//! back where liveness inside the TU says they are needed. A miss always leaves them as they were, since the
 //! instruction may fault and the guest sees its flags in the exception
 //! frame.
 //!
@@ -50,7 +51,7 @@ use crate::abi::{seg, tlb, BtBlock, ExitReason, IBTC_HASH, IBTC_SET_BITS, IBTC_W
 // The IBTC lookups emitted here try the two ways of a set.
 const _: () = assert!(IBTC_WAYS == 2);
 use crate::classify::{classify, Class};
-use crate::templates::{exit_stub, CHAIN_JUMP_BYTES, UNCHAINED_JUMP};
+use crate::templates::{exit_stub, UNCHAINED_JUMP};
 
 /// The most guest instructions one TU holds.
 pub const MAX_TU_INSNS: usize = 12;
@@ -1283,10 +1284,7 @@ impl Emitter {
         if let Some(code) = modrm {
             body.set_code(code);
         }
-        body.set_memory_base(GPR64[s0 as usize]);
-        body.set_memory_displacement64(0);
-        body.set_memory_displ_size(0);
-        body.set_segment_prefix(Register::None);
+        on_host_address(&mut body, s0);
         // The host address is s0 + s1 after the probe (the addend in s1),
         // which the rewritten instruction takes as base and index; an
         // encoding without an index takes it folded into s0.
@@ -1383,12 +1381,9 @@ impl Emitter {
         // The rewritten instruction first: if it cannot be encoded, nothing
         // has been emitted yet.
         let mut body = *insn;
-        body.set_memory_base(GPR64[s0 as usize]);
+        on_host_address(&mut body, s0);
         body.set_memory_index(GPR64[s1 as usize]);
         body.set_memory_index_scale(1);
-        body.set_memory_displacement64(0);
-        body.set_memory_displ_size(0);
-        body.set_segment_prefix(Register::None);
         body.set_op1_register(gpr_sized(s2, off.size()));
         let mut enc = Encoder::new(64);
         enc.encode(&body, 0).map_err(|_| Unencodable)?;
@@ -2201,6 +2196,16 @@ fn pick_scratch(insn: &Instruction, info: &mut InstructionInfoFactory, count: us
     out
 }
 
+/// Points `insn`'s memory operand at the host address in register `s0`
+/// (the linear address, probed; the caller adds the addend as the index):
+/// no displacement, no segment.
+fn on_host_address(insn: &mut Instruction, s0: u8) {
+    insn.set_memory_base(GPR64[s0 as usize]);
+    insn.set_memory_displacement64(0);
+    insn.set_memory_displ_size(0);
+    insn.set_segment_prefix(Register::None);
+}
+
 /// Replaces every use of guest RSP (any width) in `insn` by host register `s`.
 fn substitute_rsp(insn: &mut Instruction, s: u8) {
     substitute_gpr(insn, RSP, s);
@@ -2588,15 +2593,6 @@ fn mask_rip(rip: u64, mode: Mode) -> u64 {
     if mode.bits == 64 { rip } else { rip & 0xffff_ffff }
 }
 
-/// The patchable jump of an exit stub, pointed at `target` (both offsets in
-/// one address space): chaining.
-pub fn chain_jump(stub_addr: u64, target: u64) -> Option<[u8; CHAIN_JUMP_BYTES]> {
-    let rel = target.wrapping_sub(stub_addr + CHAIN_JUMP_BYTES as u64) as i64;
-    let rel = i32::try_from(rel).ok()?;
-    let mut b = [0xe9, 0, 0, 0, 0];
-    b[1..].copy_from_slice(&rel.to_le_bytes());
-    Some(b)
-}
 
 
 

@@ -13,7 +13,7 @@
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-use btvmm_translator::abi::{ibtc_index, ibtc_table, IBTC_ENTRIES, IBTC_WAYS, rflags, seg, BtBlock, ExitReason, IBTC_EMPTY};
+use btvmm_translator::abi::{ibtc_index, ibtc_table, IBTC_ENTRIES, IBTC_WAYS, rflags, seg, tlb, BtBlock, ExitReason, IBTC_EMPTY};
 use btvmm_translator::templates;
 use btvmm_translator::translate::{self, Ccf, ExitSite, Mode, Outcome, MAX_TU_INSNS};
 
@@ -975,7 +975,6 @@ impl Vcpu {
         if bits == 32 {
             // No guest registers above R7: the probe's constants ride there,
             // and guest RSP.
-            use btvmm_translator::abi::tlb;
             b.regs.gpr[tlb::R32_READ_TABLE as usize] = tlb_read;
             b.regs.gpr[tlb::R32_WRITE_TABLE as usize] = tlb_write;
             b.regs.gpr[tlb::R32_INDEX_MASK as usize] = tlb::INDEX_MASK;
@@ -1019,7 +1018,7 @@ impl Vcpu {
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);
         if bits == 32 {
-            self.cpu.regs.gpr[4] = b.regs.gpr[btvmm_translator::abi::tlb::R32_RSP as usize];
+            self.cpu.regs.gpr[4] = b.regs.gpr[tlb::R32_RSP as usize];
         }
         self.cpu.regs.rip = b.regs.rip;
         let virt = (rflags::IF * b.vif as u64) | (rflags::DF * b.vdf as u64);
