@@ -212,6 +212,78 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
     }
 }
 
+/// The site entries of 32-bit CCFs (copies of soft-TLB entries that each
+/// memory access checks first) forget what the TLB forgets: a read site
+/// sees a page remapped by `invlpg` and remapped back by a CR3 write, and
+/// a write site whose page became code takes the slow path again, which
+/// drops the stale translation. Each pass runs the same TUs, so the same
+/// sites, which earlier passes filled.
+#[test]
+fn site_entries_forget_dropped_mappings() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const L: u64 = DATA; // mapped to P1, then P2, then P1 again
+    const P1: u64 = DATA + 0x2000;
+    const P2: u64 = DATA + 0x3000;
+    const W: u64 = DATA + 0x4000;
+    const X: u64 = DATA + 0x5000; // written, then run, then rewritten
+    const STACK: u64 = 0x28_0000;
+    let pte = |page: u64| (PT + (page >> 12) * 4) as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let (mut body, mut top, mut poke) = (a.create_label(), a.create_label(), a.create_label());
+    a.cli().unwrap();
+    a.mov(esp, STACK as u32).unwrap();
+    paging_on(&mut a, PD);
+    a.xor(esi, esi).unwrap();
+    a.call(body).unwrap();
+    a.mov(dword_ptr(pte(L)), (P2 | 3) as u32).unwrap();
+    a.invlpg(byte_ptr(L as u32)).unwrap();
+    a.call(body).unwrap();
+    a.mov(dword_ptr(pte(L)), (P1 | 3) as u32).unwrap();
+    a.mov(eax, cr3).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.call(body).unwrap();
+    // nop; inc eax; inc eax; ret, written twice through one site, then run.
+    a.mov(edi, X as u32).unwrap();
+    a.mov(eax, 0xc340_4090u32 as i32).unwrap();
+    a.call(poke).unwrap();
+    a.call(poke).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.call(X).unwrap();
+    a.mov(ebx, eax).unwrap();
+    // nop; nop; inc eax; ret, through the same site: X now holds code.
+    a.mov(eax, 0xc340_9090u32 as i32).unwrap();
+    a.call(poke).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.call(X).unwrap();
+    a.shl(ebx, 4).unwrap();
+    a.add(ebx, eax).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut body).unwrap();
+    a.mov(ecx, 10).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(eax, dword_ptr(L as u32)).unwrap();
+    a.add(esi, eax).unwrap();
+    a.mov(dword_ptr(W as u32), esi).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut poke).unwrap();
+    a.mov(dword_ptr(edi), eax).unwrap();
+    a.ret().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        page_tables(&v, PD, PT, |page| if page == L { P1 } else { page });
+        v.mem.write_u32(P1, 1);
+        v.mem.write_u32(P2, 100);
+        run(&mut v);
+        assert_eq!(v.cpu.regs.gpr[6] & 0xffff_ffff, 10 + 1000 + 10, "reads after invlpg and a CR3 write ({bt:?})");
+        assert_eq!(v.mem.read_u32(W), 1020, "{bt:?}");
+        assert_eq!(v.cpu.regs.gpr[3] & 0xffff_ffff, 0x21, "the rewritten code ran ({bt:?})");
+    }
+}
+
 /// Integer SSE runs in the CCF on the guest's XMM registers (loaded into
 /// the host's by the first SSE instruction, saved back at the exit): a
 /// loop of SHA-256-like shuffles, adds and memory operands gives the
