@@ -256,6 +256,12 @@ enum Plan {
     /// otherwise (a count of 0, a longer or page-crossing operand, a miss)
     /// the runtime runs it.
     RepString,
+    /// repe/repne cmps and scas at the natural address size: the host's
+    /// own instruction over the elements that lie in the operands' pages
+    /// (both with entries, virtual DF clear), then the flags it left
+    /// decide: it ended (the condition, or the count) or the runtime runs
+    /// the rest from there.
+    RepCompare,
     /// An integer or logical SSE instruction, on the guest's XMM registers
     /// (loaded into the host's first: see `BtBlock::fpu_enter`), with its
     /// memory operand, if any, rewritten as MEM does (16-byte operands of
@@ -387,6 +393,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     }
     if plan_rep_string(insn, mode) {
         return Plan::RepString;
+    }
+    if plan_rep_compare(insn, mode) {
+        return Plan::RepCompare;
     }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
@@ -580,6 +589,23 @@ fn plan_rep_string(insn: &Instruction, mode: Mode) -> bool {
         _ => false,
     };
     operands_ok && insn.has_rep_prefix() && usable(seg::ES)
+}
+
+/// repe/repne cmps and scas (one of the two prefixes) with the natural
+/// address size, through usable segments.
+fn plan_rep_compare(insn: &Instruction, mode: Mode) -> bool {
+    use Mnemonic as M;
+    let si = if mode.bits == 64 { OpKind::MemorySegRSI } else { OpKind::MemorySegESI };
+    let di = if mode.bits == 64 { OpKind::MemoryESRDI } else { OpKind::MemoryESEDI };
+    let usable = |segment: usize| mode.seg_usable_mask & (1 << segment) != 0;
+    let operands_ok = match insn.mnemonic() {
+        M::Scasb | M::Scasw | M::Scasd | M::Scasq => insn.op1_kind() == di,
+        M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => {
+            insn.op0_kind() == si && insn.op1_kind() == di && usable(seg_index(insn.memory_segment()))
+        }
+        _ => false,
+    };
+    operands_ok && insn.has_rep_prefix() != insn.has_repne_prefix() && usable(seg::ES)
 }
 
 /// lods and stos without rep, with the natural address size, through a
@@ -2042,6 +2068,141 @@ impl Emitter {
         }
     }
 
+    /// repe/repne cmps and scas (see `Plan::RepCompare`). The run covers
+    /// the elements that lie in the page of each operand's first one; each
+    /// operand's host address minus its index register's guest value is
+    /// subtracted again after with `lea`, and RCX gets back what was left
+    /// out of the run with `lea`, so the flags stay as the instruction left
+    /// them. If it ended (its condition, or the count), they are its
+    /// result; otherwise the runtime runs the rest, from the registers as
+    /// they are.
+    fn rep_compare(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        use Mnemonic as M;
+        let size = insn.memory_size().size() as i32;
+        let wide = self.mode.bits == 64;
+        let cmps = matches!(insn.mnemonic(), M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq);
+        let scratch = pick_scratch(insn, info, if cmps { 4 } else { 3 }, self.mode.bits);
+        let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
+        self.save_flags();
+        self.spill(&scratch);
+        // RCX (the count) is put aside first: every miss path takes it back.
+        self.save_rcx();
+        self.rcx_borrowed = true;
+        let miss = self.a.new_dynamic_label();
+        dynasm!(self.a
+            ; .arch x64
+            ; gs cmp BYTE [BtBlock::OFF_VDF as i32], 0
+            ; jne =>miss
+        );
+        // s2: the elements this run covers, at most the count.
+        if wide {
+            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; mov Rq(s2), rcx);
+        } else {
+            dynasm!(self.a ; .arch x64 ; test ecx, ecx ; jz =>miss ; mov Rd(s2), ecx);
+        }
+        let mut misses = vec![miss];
+        // Each operand's host address minus its index register's guest
+        // value: in s3 for the source (cmps), in s0 for ES:[RDI].
+        let mut operands = Vec::new();
+        if cmps {
+            operands.push((6u8, seg_index(insn.memory_segment()), scratch[3]));
+        }
+        operands.push((7u8, seg::ES, s0));
+        for &(index, segment, host) in &operands {
+            if wide {
+                dynasm!(self.a ; .arch x64 ; mov Rq(host), Rq(index));
+            } else {
+                dynasm!(self.a ; .arch x64 ; mov Rd(host), Rd(index));
+            }
+            self.add_segment_base(host, s1, segment);
+            // The whole elements from the first to the end of its page.
+            dynasm!(self.a
+                ; .arch x64
+                ; mov Rd(s1), Rd(host)
+                ; and Rd(s1), 0xfff
+                ; neg Rq(s1)
+                ; add Rq(s1), 0x1000
+            );
+            if size > 1 {
+                dynasm!(self.a ; .arch x64 ; shr Rq(s1), size.trailing_zeros() as i8 ; jz =>miss);
+            }
+            dynasm!(self.a ; .arch x64 ; cmp Rq(s2), Rq(s1) ; cmova Rq(s2), Rq(s1));
+            misses.push(self.probe(host, s1, size, false, false, true));
+            // The probe took RCX back from where it still is.
+            self.rcx_borrowed = true;
+            self.index_delta(host, index, s1);
+        }
+        // s1: the count left out of this run; RCX: the run.
+        if wide {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s1), rcx ; sub Rq(s1), Rq(s2) ; mov rcx, Rq(s2) ; add rdi, Rq(s0) ; neg Rq(s0));
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s1), ecx ; sub Rd(s1), Rd(s2) ; mov ecx, Rd(s2) ; mov edi, edi ; add rdi, Rq(s0) ; neg Rq(s0));
+        }
+        if cmps {
+            let s3 = scratch[3];
+            if !wide {
+                dynasm!(self.a ; .arch x64 ; mov esi, esi);
+            }
+            dynasm!(self.a ; .arch x64 ; add rsi, Rq(s3) ; neg Rq(s3));
+        }
+        let repne = insn.has_repne_prefix();
+        match (cmps, repne, size) {
+            (true, false, 1) => dynasm!(self.a ; .arch x64 ; repe cmpsb),
+            (true, false, 2) => dynasm!(self.a ; .arch x64 ; repe cmpsw),
+            (true, false, 4) => dynasm!(self.a ; .arch x64 ; repe cmpsd),
+            (true, false, _) => dynasm!(self.a ; .arch x64 ; repe cmpsq),
+            (true, true, 1) => dynasm!(self.a ; .arch x64 ; repne cmpsb),
+            (true, true, 2) => dynasm!(self.a ; .arch x64 ; repne cmpsw),
+            (true, true, 4) => dynasm!(self.a ; .arch x64 ; repne cmpsd),
+            (true, true, _) => dynasm!(self.a ; .arch x64 ; repne cmpsq),
+            (false, false, 1) => dynasm!(self.a ; .arch x64 ; repe scasb),
+            (false, false, 2) => dynasm!(self.a ; .arch x64 ; repe scasw),
+            (false, false, 4) => dynasm!(self.a ; .arch x64 ; repe scasd),
+            (false, false, _) => dynasm!(self.a ; .arch x64 ; repe scasq),
+            (false, true, 1) => dynasm!(self.a ; .arch x64 ; repne scasb),
+            (false, true, 2) => dynasm!(self.a ; .arch x64 ; repne scasw),
+            (false, true, 4) => dynasm!(self.a ; .arch x64 ; repne scasd),
+            (false, true, _) => dynasm!(self.a ; .arch x64 ; repne scasq),
+        }
+        // Back to guest values, flag-free.
+        dynasm!(self.a ; .arch x64 ; lea rdi, [rdi + Rq(s0)]);
+        if cmps {
+            dynasm!(self.a ; .arch x64 ; lea rsi, [rsi + Rq(scratch[3])]);
+        }
+        if wide {
+            dynasm!(self.a ; .arch x64 ; lea rcx, [rcx + Rq(s1)]);
+        } else {
+            // An index that wrapped at 4 GiB keeps only its low half.
+            dynasm!(self.a ; .arch x64 ; mov edi, edi ; lea ecx, [rcx + Rq(s1)]);
+            if cmps {
+                dynasm!(self.a ; .arch x64 ; mov esi, esi);
+            }
+        }
+        let (done, rest) = (self.a.new_dynamic_label(), self.a.new_dynamic_label());
+        if repne {
+            dynasm!(self.a ; .arch x64 ; je =>done);
+        } else {
+            dynasm!(self.a ; .arch x64 ; jne =>done);
+        }
+        // Neither the condition nor the count ended it: RCX's guest value
+        // is where the miss path takes it from, and the runtime goes on.
+        dynasm!(self.a ; .arch x64 ; jrcxz =>done);
+        self.rcx_home = false;
+        self.save_rcx();
+        dynasm!(self.a ; .arch x64 ; jmp =>rest ; =>done);
+        // RCX holds the guest's count as the instruction left it (its home
+        // does not, on this path), the flags its result.
+        self.rcx_borrowed = false;
+        self.rcx_home = false;
+        self.unspill(&scratch);
+        for label in misses {
+            self.misses.push(Miss { label, rip: insn.ip(), scratch: scratch.clone(), flags_saved: true });
+        }
+        // The rest goes on with the flags of the last comparison: if its
+        // first element faults, they are what the exception frame holds.
+        self.misses.push(Miss { label: rest, rip: insn.ip(), scratch, flags_saved: false });
+    }
+
     /// For a rep string operand at [`segment`:index register `index`] of
     /// RCX elements of `size` bytes: jumps to `miss` unless the operand
     /// lies in one page, then probes that page, leaving the first byte's
@@ -2518,6 +2679,10 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.rep_string(insn, &mut info);
                 e.counts.mem += 1;
             }
+            Plan::RepCompare => {
+                e.rep_compare(insn, &mut info);
+                e.counts.mem += 1;
+            }
             Plan::Divide => {
                 e.divide(insn, insn).map_err(|_| k)?;
                 e.counts.ident += 1;
@@ -2579,6 +2744,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             | Plan::Leave
             | Plan::StringOne
             | Plan::RepString
+            | Plan::RepCompare
             | Plan::DivideMem
             | Plan::BitMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,

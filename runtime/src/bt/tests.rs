@@ -212,6 +212,160 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
     }
 }
 
+/// repe/repne cmps and scas run as the host's instruction over what lies
+/// in the operands' pages, the runtime finishing what goes on past them:
+/// each case leaves every register and the flags as the interpreter does,
+/// stopping on the condition or on the count, in one page or across two,
+/// with a count of 0, an element across the page end, DF set, and in
+/// 64-bit code the quadword forms. (i386 Linux's strstr and strlen handed
+/// 145k of them a boot to the runtime.)
+#[test]
+fn rep_compares_match_the_interpreter() {
+    const A: u64 = DATA;
+    const B: u64 = DATA + 0x3000;
+    const OUT: u64 = DATA + 0x6000;
+    #[derive(Clone, Copy)]
+    enum Op {
+        Cmps(u32, bool),
+        Scas(u32, bool),
+    }
+    // (operation (size, repne), rsi, rdi, rcx, rax, DF)
+    let cases: &[(Op, u64, u64, u64, u64, bool)] = &[
+        (Op::Cmps(1, false), A, B, 0x20, 0, false),
+        (Op::Cmps(1, false), A + 0x11, B + 0x11, 0x20, 0, false),
+        (Op::Cmps(1, false), A + 0xff0, B + 0xff0, 0x40, 0, false),
+        (Op::Cmps(1, false), A + 0xffc, B + 0xffc, 0x40, 0, false),
+        (Op::Cmps(1, false), A, B, 0, 0, false),
+        (Op::Cmps(1, true), A, B, 0x20, 0, false),
+        (Op::Cmps(4, false), A + 0x500, B + 0x500, 0x30, 0, false),
+        (Op::Cmps(4, false), A + 0xffe, B + 0xffe, 2, 0, false),
+        (Op::Cmps(2, false), A + 0xf00, B + 0xf00, 0x200, 0, false),
+        (Op::Scas(1, true), 0, A + 0x20, u32::MAX as u64, 0, false),
+        (Op::Scas(1, true), 0, A + 0xfe0, u32::MAX as u64, 0, false),
+        (Op::Scas(4, false), 0, A + 0x500, 20, 0x1122_3344, false),
+        (Op::Scas(2, true), 0, A + 0x600, 100, 0xbeef, false),
+        (Op::Scas(1, true), 0, A + 0x40, 10, 0x7, true),
+        (Op::Scas(1, false), 0, A + 0x500, 0x100, 0x44, false),
+    ];
+    let prepare = |v: &Vcpu| {
+        let mut a: Vec<u8> = (0..0x2000u32).map(|i| (i * 7 % 251) as u8).collect();
+        a[0x40] = 0;
+        a[0x1010] = 0;
+        for k in 0..16 {
+            a[0x500 + 4 * k..0x504 + 4 * k].copy_from_slice(&0x1122_3344u32.to_le_bytes());
+        }
+        a[0x620..0x622].copy_from_slice(&0xbeefu16.to_le_bytes());
+        let mut b = a.clone();
+        for at in [0x10, 0xffa, 0x1008, 0x520, 0x1080] {
+            b[at] ^= 1;
+        }
+        v.mem.write(A, &a);
+        v.mem.write(B, &b);
+    };
+    for bits in [32u32, 64] {
+        let mut a = CodeAssembler::new(bits).unwrap();
+        if bits == 64 {
+            a.mov(rsp, DATA + 0x7f00).unwrap();
+        } else {
+            a.mov(esp, DATA as u32 + 0x7f00).unwrap();
+        }
+        for (k, &(op, rsi_v, rdi_v, rcx_v, rax_v, df)) in cases.iter().enumerate() {
+            let out = OUT + k as u64 * 0x48;
+            if bits == 64 {
+                a.mov(rsi, rsi_v).unwrap();
+                a.mov(rdi, rdi_v).unwrap();
+                a.mov(rcx, rcx_v).unwrap();
+                a.mov(rax, rax_v).unwrap();
+            } else {
+                a.mov(esi, rsi_v as u32).unwrap();
+                a.mov(edi, rdi_v as u32).unwrap();
+                a.mov(ecx, rcx_v as u32).unwrap();
+                a.mov(eax, rax_v as u32).unwrap();
+            }
+            // Flags of their own before each case (count 0 keeps them).
+            a.add(al, 0x7fu32 as i32).unwrap();
+            if df {
+                a.std().unwrap();
+            }
+            match op {
+                Op::Cmps(size, repne) => {
+                    let p = if repne { a.repne() } else { a.repe() };
+                    match size {
+                        1 => p.cmpsb().unwrap(),
+                        2 => p.cmpsw().unwrap(),
+                        _ => p.cmpsd().unwrap(),
+                    }
+                }
+                Op::Scas(size, repne) => {
+                    let p = if repne { a.repne() } else { a.repe() };
+                    match size {
+                        1 => p.scasb().unwrap(),
+                        2 => p.scasw().unwrap(),
+                        _ => p.scasd().unwrap(),
+                    }
+                }
+            }
+            a.cld().unwrap();
+            if bits == 64 {
+                a.mov(rbx, out).unwrap();
+                for (n, r) in [rax, rcx, rdx, rsi, rdi].into_iter().enumerate() {
+                    a.mov(qword_ptr(rbx + 8 * n as i32), r).unwrap();
+                }
+                a.pushfq().unwrap();
+                a.pop(qword_ptr(rbx + 0x40)).unwrap();
+            } else {
+                for (n, r) in [eax, ecx, edx, esi, edi].into_iter().enumerate() {
+                    a.mov(dword_ptr(out as u32 + 8 * n as u32), r).unwrap();
+                }
+                a.pushfd().unwrap();
+                a.pop(dword_ptr(out as u32 + 0x40)).unwrap();
+            }
+        }
+        if bits == 64 {
+            // The quadword forms.
+            a.mov(rsi, A + 0x500).unwrap();
+            a.mov(rdi, B + 0x500).unwrap();
+            a.mov(rcx, 0x10u64).unwrap();
+            a.repe().cmpsq().unwrap();
+            a.mov(rbx, rcx).unwrap();
+            a.mov(rdi, A + 0x500).unwrap();
+            a.mov(rax, 0x1122_3344_1122_3344u64).unwrap();
+            a.mov(rcx, 0x20u64).unwrap();
+            a.repe().scasq().unwrap();
+            a.mov(rdx, rdi).unwrap();
+        }
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let mut seen = Vec::new();
+        for bt in [false, true] {
+            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            prepare(&v);
+            if bt {
+                v.enable_bt(64 << 20).expect("translator");
+            }
+            run(&mut v);
+            let mut out = vec![0u8; cases.len() * 0x48];
+            v.mem.read(OUT, &mut out);
+            if let Some(b) = v.bt.as_ref() {
+                use iced_x86::Mnemonic as M;
+                let left: u64 = [M::Cmpsb, M::Cmpsw, M::Cmpsd, M::Cmpsq, M::Scasb, M::Scasw, M::Scasd, M::Scasq]
+                    .iter()
+                    .map(|m| b.stats.callouts.get(m).copied().unwrap_or(0))
+                    .sum();
+                // A count of 0, an element across the page end, DF set, and
+                // the two that go on into the next page.
+                assert_eq!(left, 5, "{bits}-bit: {:?}", b.stats.callouts);
+            }
+            seen.push((out, v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags));
+        }
+        for (k, case) in seen[0].0.chunks(0x48).zip(seen[1].0.chunks(0x48)).enumerate() {
+            assert_eq!(case.0, case.1, "{bits}-bit case {k}: interpreter / translator");
+        }
+        assert_eq!(seen[0].1, seen[1].1, "{bits}-bit: registers at the end");
+        assert_eq!(seen[0].2, seen[1].2, "{bits}-bit: flags at the end");
+    }
+}
+
 /// The site entries of 32-bit CCFs (copies of soft-TLB entries that each
 /// memory access checks first) forget what the TLB forgets: a read site
 /// sees a page remapped by `invlpg` and remapped back by a CR3 write, and
@@ -1321,6 +1475,48 @@ fn a_fault_in_translated_code_keeps_dead_flags() {
     }
 }
 
+/// A repe cmps that runs into a page without a mapping faults there with
+/// the registers and flags its finished comparisons left (the CCF ran the
+/// ones in the first page, the runtime the rest): the exception frame
+/// shows them, not the flags from before the instruction. (Found by the
+/// hostile kernel: the rest first ran with the flags put back.)
+#[test]
+fn a_rep_compare_faulting_in_its_next_page_keeps_its_flags() {
+    use crate::cpu::{cr0, cr4, rflags};
+    const END: u32 = 0x40_0000; // the end of the one 4 MiB page
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(esi, END - 16).unwrap();
+    a.mov(edi, DATA as u32 + 0x800).unwrap();
+    // Both pages into the soft TLB first.
+    a.mov(eax, dword_ptr(esi)).unwrap();
+    a.mov(eax, dword_ptr(edi)).unwrap();
+    a.mov(ecx, 0x20).unwrap();
+    a.or(eax, 1).unwrap();
+    a.stc().unwrap(); // CF set, ZF clear: what the comparisons change
+    a.repe().cmpsb().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write_u32(DATA, 0x83); // one 4 MiB page, identity
+        v.mem.write(END as u64 - 16, &[0x42; 16]);
+        v.mem.write(DATA + 0x800, &[0x42; 32]);
+        v.cpu.cr3 = DATA;
+        v.cpu.cr4 |= cr4::PSE;
+        v.cpu.cr0 |= cr0::PG;
+        v.cpu.update_mode();
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        let r = &v.cpu.regs;
+        assert_eq!((r.gpr[1] as u32, r.gpr[6] as u32, r.gpr[7] as u32), (0x10, END, DATA as u32 + 0x810), "{bt:?}");
+        assert_eq!(r.rflags & (rflags::CF | rflags::ZF), rflags::ZF, "the last comparison's flags ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            assert_eq!(b.stats.callouts.get(&iced_x86::Mnemonic::Cmpsb), Some(&1), "only the rest: {:?}", b.stats.callouts);
+        }
+    }
+}
+
 /// A division by zero runs natively in the CCF; the host's SIGFPE becomes
 /// the guest's #DE at the div, with nothing of it done.
 #[test]
@@ -1615,10 +1811,12 @@ fn rep_stos_and_movs_match_the_interpreter() {
     }
 }
 
-/// rep stos and rep movs through a segment with a base, in 32-bit code,
-/// with EDI wrapping past 4 GiB while the linear range stays in one page:
-/// EDI ends as a 32-bit value (it kept the carry in its upper half, where
-/// a move to 64-bit mode would see it), as under the interpreter.
+/// rep stos, rep movs and repe cmps through a segment with a base, in
+/// 32-bit code, with EDI wrapping past 4 GiB while the linear range stays
+/// in one page: EDI ends as a 32-bit value (it kept the carry in its upper
+/// half, where a move to 64-bit mode would see it), as under the
+/// interpreter; then repe scas there stops at the first dword the copy
+/// wrote.
 #[test]
 fn rep_string_ops_through_a_segment_base_wrap_edi() {
     let mut a = CodeAssembler::new(32).unwrap();
@@ -1635,6 +1833,17 @@ fn rep_string_ops_through_a_segment_base_wrap_edi() {
     a.mov(edi, 0xffff_ff80u32).unwrap();
     a.mov(ecx, 0x40).unwrap();
     a.rep().movsd().unwrap();
+    a.mov(esi, DATA as u32).unwrap();
+    a.mov(edi, 0xffff_ff80u32).unwrap();
+    a.mov(ecx, 0x40).unwrap();
+    a.repe().cmpsd().unwrap();
+    a.mov(edx, edi).unwrap();
+    a.mov(edi, 0xffff_ff00u32).unwrap();
+    a.mov(ecx, 0x80).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.repe().scasd().unwrap();
+    a.pushfd().unwrap();
+    a.pop(eax).unwrap();
     a.dec(ebx).unwrap();
     a.jnz(top).unwrap();
     a.hlt().unwrap();
@@ -1651,11 +1860,13 @@ fn rep_string_ops_through_a_segment_base_wrap_edi() {
             use iced_x86::Mnemonic as M;
             let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
             assert!(handed_on(M::Stosd) <= 1 && handed_on(M::Movsd) <= 1, "{:?}", b.stats.callouts);
+            assert!(handed_on(M::Cmpsd) <= 1 && handed_on(M::Scasd) <= 1, "{:?}", b.stats.callouts);
         }
         results.push((v.cpu.regs.gpr, out));
     }
     assert_eq!(results[0].0[5], 0, "EDI after the stores wrapped to 0");
-    assert_eq!(results[0].0[7], 0x80, "EDI after the copy wrapped to 0x80");
+    assert_eq!(results[0].0[2], 0x80, "EDI after the compare wrapped to 0x80");
+    assert_eq!(results[0].0[7], 0xffff_ff84, "the scan stopped after the first copied dword");
     assert!(results[0] == results[1], "{:x?} vs {:x?}", results[0].0, results[1].0);
 }
 
