@@ -857,8 +857,7 @@ struct SecondWay {
     /// The probe's site entry (`tlb::site`), for a probe that
     /// looked there first: then `at` is jumped to on a site miss, looks in
     /// both ways and copies the entry found to the site before the jump
-    /// back to `hit`, just past the site hit's read of the addend, with
-    /// the addend in `s1`.
+    /// back to `hit`, which reads the addend from the site.
     site: Option<usize>,
 }
 
@@ -1516,10 +1515,7 @@ impl Emitter {
                 ; =>hit
                 ; mov Rq(s1), QWORD [Rq(table) + tlb::site_addend(site) as i32]
             );
-            // A site miss comes back with the addend in s1.
-            let filled = self.a.new_dynamic_label();
-            dynasm!(self.a ; .arch x64 ; =>filled);
-            self.second_ways.push(SecondWay { at: second, hit: filled, miss, s0, s1, size, write, site: Some(site) });
+            self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write, site: Some(site) });
         } else {
             self.table_probe(s0, s1, size, write, hit, second);
             self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write, site: None });
@@ -1620,8 +1616,8 @@ impl Emitter {
                     ; =>copy
                     ; mov rcx, QWORD [Rq(table) + Rq(s1) * 8]
                     ; mov QWORD [Rq(table) + tlb::site_tag(site) as i32], rcx
-                    ; mov Rq(s1), QWORD [Rq(table) + Rq(s1) * 8 + tlb::OFF_ADDEND as i32]
-                    ; mov QWORD [Rq(table) + tlb::site_addend(site) as i32], Rq(s1)
+                    ; mov rcx, QWORD [Rq(table) + Rq(s1) * 8 + tlb::OFF_ADDEND as i32]
+                    ; mov QWORD [Rq(table) + tlb::site_addend(site) as i32], rcx
                     ; jmp =>hit
                 );
                 continue;
