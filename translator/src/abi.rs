@@ -426,29 +426,6 @@ pub mod tlb {
     pub const fn stored_tag(page: u64) -> u64 {
         !page
     }
-    /// Site entries (32-bit CCFs): each memory access of a CCF has one of
-    /// `SITES` (tag, addend) pairs after the addends, a copy of the entry
-    /// it last hit, checked before the table's own. Their loads do not
-    /// depend on the address, so a hit waits for no index and no dependent
-    /// load. Sites are shared by CCFs (a site number is a hash), and the
-    /// runtime empties each one that a dropped mapping may have been copied
-    /// to: the tags lie together, so that scan is short.
-    pub const SITES: usize = 512;
-    /// Where site `k`'s tag lies in a table, and its addend.
-    pub const fn site_tag(k: usize) -> usize {
-        2 * OFF_ADDEND + k * 8
-    }
-    pub const fn site_addend(k: usize) -> usize {
-        2 * OFF_ADDEND + (SITES + k) * 8
-    }
-    /// An empty site's tag: the page at 2^63 (complemented), which no
-    /// address of 32-bit code (below 4 GiB, zero-extended) can lie in.
-    pub const EMPTY_SITE_TAG: u64 = stored_tag(1 << 63);
-    /// The site a TU's `n`th probe uses: TUs translated one after another
-    /// (a loop's, mostly) take different ones.
-    pub const fn site(tu_id: u32, n: u32) -> usize {
-        (tu_id as usize * 8 + n as usize) & (SITES - 1)
-    }
     /// The bits of a linear address that index the table (page number mod
     /// `ENTRIES`, in place), and the page bits.
     pub const INDEX_MASK: u64 = ((ENTRIES - 1) << 12) as u64;

@@ -14,8 +14,9 @@
 //!   in the soft TLB inline, and the instruction runs on the host address.
 //!   A miss (unmapped page, MMIO, a code page being written, a page-crossing
 //!   access) leaves the CCF so the instruction is interpreted, precisely:
-//!   nothing of it has happened yet. Guest code can therefore only ever
-//!   touch guest RAM through a CCF.
+//!   nothing of it has happened yet (but for a rep compare that ran to a
+//!   page's end: the runtime goes on from the registers it left). Guest
+//!   code can therefore only ever touch guest RAM through a CCF.
 //! - **CONTROL**: direct jumps and conditional branches end the TU in exit
 //!   stubs that chaining later patches into direct jumps to the next CCF
 //!   (a conditional branch whose stub follows it is retargeted itself:
@@ -30,12 +31,10 @@
 //! flags stay in host RFLAGS throughout; only the IBTC lookup, pushf's
 //! image, a rep string operation and a bit test's address arithmetic
 //! clobber them, and put them aside in the block first (`save_flags`),
-//! back where liveness inside the TU says they are needed. A miss always leaves them as they were, since the
-//! instruction may fault and the guest sees its flags in the exception
-//! frame. In 32-bit code each probe first checks its own site entry
-//! (`tlb::site_tag`), a copy of the entry it last hit whose loads wait for
-//! no index; a site miss looks in the table out of line and copies the
-//! entry it finds to the site.
+//! back where liveness inside the TU says they are needed. A miss leaves
+//! them as they were before the instruction (a rep compare's rest, as its
+//! last comparison left them), since the instruction may fault and the
+//! guest sees its flags in the exception frame.
 //!
 //! Scratch registers hold guest values in 64-bit code: a TU spills the ones
 //! it borrows to the block and gives them back before it ends. A TU that
@@ -831,9 +830,6 @@ struct Emitter {
     /// The scratch registers of a loop TU (`LoopPlan`): every memory access
     /// borrows these, spilled once at the entry.
     loop_pair: Option<[u8; 2]>,
-    /// Probes emitted so far, which numbers their site entries
-    /// (`tlb::site`).
-    sites: u32,
     /// The register holding the guest's RCX in a loop TU that renamed it
     /// (`LoopPlan::rcx_in`; its own guest value in scratch slot 2).
     rcx_in: Option<u8>,
@@ -854,11 +850,6 @@ struct SecondWay {
     size: i32,
     /// Which table (see `Emitter::entry`).
     write: bool,
-    /// The probe's site entry (`tlb::site`), for a probe that
-    /// looked there first: then `at` is jumped to on a site miss, looks in
-    /// both ways and copies the entry found to the site before the jump
-    /// back to `hit`, which reads the addend from the site.
-    site: Option<usize>,
 }
 
 /// How a probe reaches its soft-TLB entry (`Emitter::entry`). With `Gs`
@@ -1483,14 +1474,11 @@ impl Emitter {
     ///
     /// The entry is the table's at the index bits of the address; it maps
     /// the access if the last byte lies in the page of its tag, that is
-    /// if (last - tag) has no page bits. Every step is flag-free: `pext`
-    /// takes the index bits, `lea` subtracts (tags are kept complemented),
-    /// `pext` (`shrx` in 32-bit code) takes the page bits, `jrcxz` tests.
-    /// In 32-bit code the tables and constants stay in registers
-    /// (`tlb::R32_*`), and the probe's site entry is checked the same way
-    /// first, the table's ways out of line (`emit_second_ways`); 64-bit
-    /// code indexes the table through GS (`Mode::tlb_tables`), or reads
-    /// its address from the block.
+    /// if (last - tag) has no page bits. Both steps are flag-free: `pext`
+    /// takes the bits (`shrx` the page bits in 32-bit code), `lea`
+    /// subtracts (tags are kept complemented), `jrcxz` tests. In 32-bit code the tables and masks stay in
+    /// registers (`tlb::R32_*`); 64-bit code indexes the table through GS
+    /// (`Mode::tlb_tables`), or reads its address from the block.
     ///
     /// With `keep_rcx`, RCX stays borrowed after a hit (see `rcx_borrowed`).
     fn probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, keep_rcx: bool, fold: bool) -> DynamicLabel {
@@ -1501,39 +1489,17 @@ impl Emitter {
         if !self.rcx_borrowed {
             self.save_rcx();
         }
-        if let Entry::Reg(table) = self.entry(write) {
-            // The site entry first: its loads wait for nothing.
-            let site = tlb::site(self.id, self.sites);
-            self.sites += 1;
-            dynasm!(self.a
+        match self.entry(write) {
+            // s1 is the entry's index in the table.
+            Entry::Gs(_) => dynasm!(self.a ; .arch x64 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]),
+            Entry::Reg(_) => dynasm!(self.a ; .arch x64 ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)),
+            Entry::Ptr(table) => dynasm!(self.a
                 ; .arch x64
-                ; mov rcx, QWORD [Rq(table) + tlb::site_tag(site) as i32]
-                ; lea rcx, [rcx + Rq(s0) + size]
-                ; shrx rcx, rcx, Rq(tlb::R32_PAGE_SHIFT)
-                ; jrcxz =>hit
-                ; jmp =>second
-                ; =>hit
-                ; mov Rq(s1), QWORD [Rq(table) + tlb::site_addend(site) as i32]
-            );
-            self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write, site: Some(site) });
-        } else {
-            self.table_probe(s0, s1, size, write, hit, second);
-            self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write, site: None });
+                ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]
+                ; gs mov rcx, QWORD [table]
+                ; lea Rq(s1), [rcx + Rq(s1) * 8]
+            ),
         }
-        if fold {
-            dynasm!(self.a ; .arch x64 ; lea Rq(s0), [Rq(s0) + Rq(s1)]);
-        }
-        self.rcx_borrowed = keep_rcx;
-        if !keep_rcx {
-            self.load_rcx();
-        }
-        miss
-    }
-
-    /// The table's own look (first way) for the access of `size` bytes at
-    /// `s0`: on to `hit` with the entry's addend in `s1`, or to `second`.
-    fn table_probe(&mut self, s0: u8, s1: u8, size: i32, write: bool, hit: DynamicLabel, second: DynamicLabel) {
-        self.table_index(s0, s1, write);
         self.tag_mismatch(s0, s1, 0, size, write);
         dynasm!(self.a
             ; .arch x64
@@ -1547,21 +1513,15 @@ impl Emitter {
             Entry::Reg(table) => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(table) + Rq(s1) * 8 + addend]),
             Entry::Ptr(_) => dynasm!(self.a ; .arch x64 ; mov Rq(s1), QWORD [Rq(s1) + addend]),
         }
-    }
-
-    /// `s1` = the index (or, with `Entry::Ptr`, the address) of the entry
-    /// for the address in `s0`.
-    fn table_index(&mut self, s0: u8, s1: u8, write: bool) {
-        match self.entry(write) {
-            Entry::Gs(_) => dynasm!(self.a ; .arch x64 ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]),
-            Entry::Reg(_) => dynasm!(self.a ; .arch x64 ; pext Rq(s1), Rq(s0), Rq(tlb::R32_INDEX_MASK)),
-            Entry::Ptr(table) => dynasm!(self.a
-                ; .arch x64
-                ; gs pext Rq(s1), Rq(s0), QWORD [BtBlock::OFF_TLB_MASKS as i32]
-                ; gs mov rcx, QWORD [table]
-                ; lea Rq(s1), [rcx + Rq(s1) * 8]
-            ),
+        if fold {
+            dynasm!(self.a ; .arch x64 ; lea Rq(s0), [Rq(s0) + Rq(s1)]);
         }
+        self.second_ways.push(SecondWay { at: second, hit, miss, s0, s1, size, write });
+        self.rcx_borrowed = keep_rcx;
+        if !keep_rcx {
+            self.load_rcx();
+        }
+        miss
     }
 
     /// How a probe reaches the entry of the `write` (or read) table: see
@@ -1598,30 +1558,8 @@ impl Emitter {
         let way2 = tlb::OFF_WAY2 as i32;
         for w in std::mem::take(&mut self.second_ways) {
             let found = self.a.new_dynamic_label();
-            let SecondWay { at, hit, miss, s0, s1, size, write, site } = w;
+            let SecondWay { at, hit, miss, s0, s1, size, write } = w;
             dynasm!(self.a ; .arch x64 ; =>at);
-            if let (Some(site), Entry::Reg(table)) = (site, self.entry(write)) {
-                // A site miss: both ways, then the entry found to the site.
-                let (in_way2, copy) = (self.a.new_dynamic_label(), self.a.new_dynamic_label());
-                self.table_index(s0, s1, write);
-                self.tag_mismatch(s0, s1, 0, size, write);
-                dynasm!(self.a ; .arch x64 ; jrcxz =>copy);
-                self.tag_mismatch(s0, s1, way2, size, write);
-                dynasm!(self.a
-                    ; .arch x64
-                    ; jrcxz =>in_way2
-                    ; jmp =>miss
-                    ; =>in_way2
-                    ; lea Rq(s1), [Rq(s1) + tlb::ENTRIES as i32]
-                    ; =>copy
-                    ; mov rcx, QWORD [Rq(table) + Rq(s1) * 8]
-                    ; mov QWORD [Rq(table) + tlb::site_tag(site) as i32], rcx
-                    ; mov rcx, QWORD [Rq(table) + Rq(s1) * 8 + tlb::OFF_ADDEND as i32]
-                    ; mov QWORD [Rq(table) + tlb::site_addend(site) as i32], rcx
-                    ; jmp =>hit
-                );
-                continue;
-            }
             self.tag_mismatch(s0, s1, way2, size, write);
             // The entry: its address, or its index, in the second way.
             let step = if matches!(self.entry(write), Entry::Ptr(_)) { way2 } else { tlb::ENTRIES as i32 };
@@ -2486,7 +2424,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, sites: 0, rcx_in: None, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 

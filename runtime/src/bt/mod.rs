@@ -973,7 +973,6 @@ impl Vcpu {
         let b = &mut *bt.block;
         b.regs.gpr = self.cpu.regs.gpr;
         if bits == 32 {
-            self.tlb.sites_in_use(user);
             // No guest registers above R7: the probe's constants ride there,
             // and guest RSP.
             b.regs.gpr[tlb::R32_READ_TABLE as usize] = tlb_read;

@@ -212,6 +212,59 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
     }
 }
 
+/// An access that starts in one page and ends in the next, whose entry
+/// the soft TLB holds (the same instruction hit it before), is the
+/// runtime's: it reads and writes each byte in its own page's mapping,
+/// never below the next page's host page. (A per-access copy of the last
+/// entry hit, checked on the last byte only, took the bytes below it: of
+/// another physical page here; below guest RAM, host memory.)
+#[test]
+fn an_access_across_a_page_end_keeps_to_each_pages_mapping() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const LOW: u64 = DATA + 0x1000; // mapped to LOW_PHYS
+    const HIGH: u64 = DATA + 0x2000; // mapped to HIGH_PHYS
+    const LOW_PHYS: u64 = DATA + 0x8000;
+    const HIGH_PHYS: u64 = DATA + 0x5000; // HIGH_PHYS - 0x1000 is another page
+    let mut a = CodeAssembler::new(32).unwrap();
+    let (mut read, mut write) = (a.create_label(), a.create_label());
+    a.cli().unwrap();
+    a.mov(esp, 0x28_0000u32).unwrap();
+    paging_on(&mut a, PD);
+    // Twice in HIGH (the first fills the TLB), then across into it.
+    for at in [HIGH + 0x10, HIGH + 0x10, HIGH - 2] {
+        a.mov(ebx, at as u32).unwrap();
+        a.call(read).unwrap();
+        a.push(eax).unwrap();
+        a.mov(edx, 0x4444_4444).unwrap();
+        a.call(write).unwrap();
+    }
+    a.pop(esi).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut read).unwrap();
+    a.mov(eax, dword_ptr(ebx)).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut write).unwrap();
+    a.mov(dword_ptr(ebx), edx).unwrap();
+    a.ret().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        page_tables(&v, PD, PT, |page| match page {
+            LOW => LOW_PHYS,
+            HIGH => HIGH_PHYS,
+            _ => page,
+        });
+        v.mem.write(LOW_PHYS, &[0x11; 0x1000]);
+        v.mem.write(HIGH_PHYS, &[0x22; 0x1000]);
+        v.mem.write(HIGH_PHYS - 0x1000, &[0x33; 0x1000]);
+        run(&mut v);
+        assert_eq!(v.cpu.regs.gpr[6] as u32, 0x2222_1111, "the read across ({bt:?})");
+        assert_eq!(v.mem.read_u32(LOW_PHYS + 0xffe) & 0xffff, 0x4444, "the write across, below ({bt:?})");
+        assert_eq!(v.mem.read_u32(HIGH_PHYS - 4), 0x3333_3333, "the page below HIGH's host page ({bt:?})");
+    }
+}
+
 /// repe/repne cmps and scas run as the host's instruction over what lies
 /// in the operands' pages, the runtime finishing what goes on past them:
 /// each case leaves every register and the flags as the interpreter does,
@@ -366,14 +419,13 @@ fn rep_compares_match_the_interpreter() {
     }
 }
 
-/// The site entries of 32-bit CCFs (copies of soft-TLB entries that each
-/// memory access checks first) forget what the TLB forgets: a read site
-/// sees a page remapped by `invlpg` and remapped back by a CR3 write, and
-/// a write site whose page became code takes the slow path again, which
-/// drops the stale translation. Each pass runs the same TUs, so the same
-/// sites, which earlier passes filled.
+/// Translated memory accesses forget what the soft TLB forgets: a read
+/// in a loop sees a page remapped by `invlpg` and remapped back by a CR3
+/// write, and a write whose page became code takes the slow path again,
+/// which drops the stale translation. Each pass runs the same TUs, which
+/// earlier passes left with the pages' entries.
 #[test]
-fn site_entries_forget_dropped_mappings() {
+fn translated_accesses_forget_dropped_mappings() {
     const PD: u64 = 0x30_0000;
     const PT: u64 = 0x30_1000;
     const L: u64 = DATA; // mapped to P1, then P2, then P1 again
@@ -397,7 +449,7 @@ fn site_entries_forget_dropped_mappings() {
     a.mov(eax, cr3).unwrap();
     a.mov(cr3, eax).unwrap();
     a.call(body).unwrap();
-    // nop; inc eax; inc eax; ret, written twice through one site, then run.
+    // nop; inc eax; inc eax; ret, written twice by one instruction, then run.
     a.mov(edi, X as u32).unwrap();
     a.mov(eax, 0xc340_4090u32 as i32).unwrap();
     a.call(poke).unwrap();
@@ -405,7 +457,7 @@ fn site_entries_forget_dropped_mappings() {
     a.xor(eax, eax).unwrap();
     a.call(X).unwrap();
     a.mov(ebx, eax).unwrap();
-    // nop; nop; inc eax; ret, through the same site: X now holds code.
+    // nop; nop; inc eax; ret, by the same instruction: X now holds code.
     a.mov(eax, 0xc340_9090u32 as i32).unwrap();
     a.call(poke).unwrap();
     a.xor(eax, eax).unwrap();

@@ -498,8 +498,7 @@ impl Vcpu {
         if let Some(w) = self.code.code_pages.get_mut(p / 64) {
             if *w & (1 << (p % 64)) == 0 {
                 *w |= 1 << (p % 64);
-                let host = self.mem.host_base() as u64 + page;
-                self.tlb.protect_code_page(page, host);
+                self.tlb.protect_code_page(page);
             }
         }
     }

@@ -9,12 +9,10 @@
 //! decoded or translated code, so such writes take the slow path, which
 //! invalidates the code.
 
-use std::cell::UnsafeCell;
-
 use rustc_hash::FxHashSet;
 use super::{Access, Translation};
 
-use btvmm_translator::abi::tlb::{empty_tag, stored_tag, EMPTY_SITE_TAG, SITES};
+use btvmm_translator::abi::tlb::{empty_tag, stored_tag};
 
 pub const TLB_SIZE: usize = btvmm_translator::abi::tlb::ENTRIES;
 
@@ -42,10 +40,6 @@ struct Table {
     /// `stored_tag(page)`: the page complemented.
     tags: [u64; TABLE_ENTRIES],
     addends: [u64; TABLE_ENTRIES],
-    /// The site entries (`btvmm_translator::abi::tlb::site_tag`): copies
-    /// of entries, which 32-bit CCFs write as well as read.
-    site_tags: UnsafeCell<[u64; SITES]>,
-    site_addends: UnsafeCell<[u64; SITES]>,
     phys_pages: [u64; TABLE_ENTRIES],
     globals: [bool; TABLE_ENTRIES],
 }
@@ -55,8 +49,6 @@ impl Table {
         Table {
             tags: std::array::from_fn(|i| stored_tag(empty_tag(i % TLB_SIZE))),
             addends: [0; TABLE_ENTRIES],
-            site_tags: UnsafeCell::new([EMPTY_SITE_TAG; SITES]),
-            site_addends: UnsafeCell::new([0; SITES]),
             phys_pages: [u64::MAX; TABLE_ENTRIES],
             globals: [false; TABLE_ENTRIES],
         }
@@ -80,29 +72,6 @@ impl Table {
     /// Whether the entry at `at` maps linear page `page`.
     fn maps(&self, at: usize, page: u64) -> bool {
         self.tags[at] == stored_tag(page)
-    }
-
-    /// Empties the site entries for which `drop` holds, given (page, host
-    /// page): a site may hold a copy of any entry the table ever had.
-    fn clear_sites(&mut self, drop: impl Fn(u64, u64) -> bool) {
-        let addends = self.site_addends.get_mut();
-        for (tag, addend) in self.site_tags.get_mut().iter_mut().zip(addends.iter()) {
-            if *tag != EMPTY_SITE_TAG {
-                let page = !*tag;
-                if drop(page, page.wrapping_add(*addend)) {
-                    *tag = EMPTY_SITE_TAG;
-                }
-            }
-        }
-    }
-
-    /// Empties the site entries that map `page` (a branch-free pass over
-    /// the tags: `invlpg` runs it tens of thousands of times a boot).
-    fn clear_sites_of(&mut self, page: u64) {
-        let want = stored_tag(page);
-        for tag in self.site_tags.get_mut().iter_mut() {
-            *tag = if *tag == want { EMPTY_SITE_TAG } else { *tag };
-        }
     }
 }
 
@@ -150,9 +119,6 @@ pub struct Tlb {
     /// write) must look at. Scanning every entry of every table cost 1.3%
     /// of an amd64 boot's time over its 17k CR3 writes.
     nonglobal: Box<[SetList]>,
-    /// Which tables 32-bit CCFs have run with since their site entries
-    /// were last emptied (`[user][kind]`): only those may hold copies.
-    sites_used: [[bool; 3]; 2],
     pub flushes: u64,
     /// `invlpg`s that dropped a single page.
     pub page_invalidations: u64,
@@ -199,7 +165,6 @@ impl Tlb {
             large: FxHashSet::default(),
             used: [[false; 3]; 2],
             nonglobal,
-            sites_used: [[false; 3]; 2],
             flushes: 0,
             page_invalidations: 0,
             generation: 0,
@@ -233,23 +198,6 @@ impl Tlb {
     /// Host address of the table translated code probes for `kind` at this privilege.
     pub fn table_addr(&self, kind: Access, user: bool) -> u64 {
         self.table(kind, user) as *const Table as u64
-    }
-
-    /// A 32-bit CCF is about to run with this privilege's read and write
-    /// tables: their site entries may fill.
-    pub fn sites_in_use(&mut self, user: bool) {
-        self.sites_used[user as usize][Access::Read as usize] = true;
-        self.sites_used[user as usize][Access::Write as usize] = true;
-    }
-
-    /// Empties the site entries of every table that may have some for
-    /// which `drop` holds (see `Table::clear_sites`); with `all`, forgets
-    /// that they were in use.
-    fn clear_sites(&mut self, all: bool, drop: impl Fn(u64, u64) -> bool) {
-        for (table, used) in self.tables.iter_mut().zip(self.sites_used.iter_mut().flatten()).filter(|(_, used)| **used) {
-            table.clear_sites(&drop);
-            *used &= !all;
-        }
     }
 
     /// The entry for `lin`, if cached (for its physical page).
@@ -302,8 +250,6 @@ impl Tlb {
     pub fn flush(&mut self, keep_global: bool) {
         self.flushes += 1;
         self.record(if keep_global { Dropped::NonGlobal } else { Dropped::All });
-        // Sites do not know which of their pages are global: all go.
-        self.clear_sites(true, |_, _| true);
         if keep_global {
             // Non-global entries are only ever in the sets listed.
             for (table, sets) in self.tables.iter_mut().zip(self.nonglobal.iter_mut()) {
@@ -349,15 +295,11 @@ impl Tlb {
         if let Some((base, size)) = large {
             self.large.remove(&(base, size));
             self.record(Dropped::Large(base, size));
-            self.clear_sites(false, |page, _| page & !(size - 1) == base);
             self.retain(|e| e.tag & !(size - 1) != base);
             return;
         }
         let page = lin & !0xfff;
         self.record(Dropped::Page(page));
-        for (table, _) in self.tables.iter_mut().zip(self.sites_used.iter().flatten()).filter(|(_, used)| **used) {
-            table.clear_sites_of(page);
-        }
         let i = Self::index(lin);
         for table in self.tables.iter_mut() {
             for at in [i, TLB_SIZE + i] {
@@ -368,19 +310,14 @@ impl Tlb {
         }
     }
 
-    /// Drops every write entry for a physical page that now holds code
-    /// (at `host_page` in the host).
-    pub fn protect_code_page(&mut self, phys_page: u64, host_page: u64) {
+    /// Drops every write entry for a physical page that now holds code.
+    pub fn protect_code_page(&mut self, phys_page: u64) {
         for user in [false, true] {
-            let t_index = user as usize * 3 + Access::Write as usize;
-            let table = &mut self.tables[t_index];
+            let table = &mut self.tables[user as usize * 3 + Access::Write as usize];
             for at in 0..TABLE_ENTRIES {
                 if table.phys_pages[at] == phys_page {
                     table.clear(at);
                 }
-            }
-            if self.sites_used[user as usize][Access::Write as usize] {
-                table.clear_sites(|_, host| host == host_page);
             }
         }
     }
@@ -395,8 +332,6 @@ mod tests {
         use btvmm_translator::abi::tlb;
         assert_eq!(std::mem::offset_of!(Table, tags), 0);
         assert_eq!(std::mem::offset_of!(Table, addends), tlb::OFF_ADDEND);
-        assert_eq!(std::mem::offset_of!(Table, site_tags), tlb::site_tag(0));
-        assert_eq!(std::mem::offset_of!(Table, site_addends), tlb::site_addend(0));
         assert!(TLB_SIZE.is_power_of_two());
         assert_eq!(tlb::OFF_WAY2, TLB_SIZE * 8);
         // What a probe reads for a filled entry: the complemented page at
@@ -496,60 +431,6 @@ mod tests {
         assert!(t.lookup(0xffff_8000_0020_1000, Access::Read, false).is_some());
     }
 
-    /// Site entries are copies a CCF makes of entries (written here as a
-    /// CCF writes them, through the table's address): each drop empties
-    /// the copies of what it dropped, wherever the entry itself went, and
-    /// keeps the rest.
-    #[test]
-    fn drops_empty_the_site_copies_of_what_they_drop() {
-        use btvmm_translator::abi::tlb;
-        let large = Translation { phys: 0x40_0000, global: false, page_size: 0x40_0000 };
-        let small = Translation { phys: 0x5000, global: true, page_size: 0x1000 };
-        // Sites 0..3 copy: a piece of a 4 MiB page, a small page, another
-        // small page (through the write table), an unrelated small page.
-        let copy = |t: &mut Tlb| {
-            t.sites_in_use(false);
-            let pages = [(0x80_3000u64, 0x7000_0000_3000u64), (0x1000, 0x7000_0000_5000), (0x2000, 0x7000_0000_6000), (0x9000, 0x7000_0000_9000)];
-            for (k, (page, host)) in pages.into_iter().enumerate() {
-                let kind = if k == 2 { Access::Write } else { Access::Read };
-                let base = t.table_addr(kind, false) as *mut u8;
-                // SAFETY: both offsets lie in the table (the layout test
-                // checks them); nothing else refers to it here.
-                unsafe {
-                    *(base.add(tlb::site_tag(k)) as *mut u64) = stored_tag(page);
-                    *(base.add(tlb::site_addend(k)) as *mut u64) = host - page;
-                }
-            }
-        };
-        let live = |t: &Tlb| -> Vec<bool> {
-            (0..4)
-                .map(|k| {
-                    let kind = if k == 2 { Access::Write } else { Access::Read };
-                    let base = t.table_addr(kind, false) as *const u8;
-                    // SAFETY: as above.
-                    unsafe { *(base.add(tlb::site_tag(k)) as *const u64) != EMPTY_SITE_TAG }
-                })
-                .collect()
-        };
-        let mut t = Tlb::new();
-        t.fill(0x80_3000, Access::Read, false, &large, 0x7000_0000_3000);
-        t.fill(0x1000, Access::Read, false, &small, 0x7000_0000_5000);
-        copy(&mut t);
-        assert_eq!(live(&t), [true; 4]);
-        t.invalidate_page(0x1234);
-        assert_eq!(live(&t), [true, false, true, true], "invlpg of a small page");
-        t.invalidate_page(0xb0_0000);
-        assert_eq!(live(&t), [false, false, true, true], "invlpg in the large page");
-        t.protect_code_page(0x6000, 0x7000_0000_6000);
-        assert_eq!(live(&t), [false, false, false, true], "the page under the write site holds code");
-        copy(&mut t);
-        t.flush(true);
-        assert_eq!(live(&t), [false; 4], "a CR3 write (sites do not know which pages are global)");
-        copy(&mut t);
-        t.flush_all();
-        assert_eq!(live(&t), [false; 4]);
-    }
-
     /// An invlpg between cached large pages (a vmalloc page of a 64-bit
     /// kernel, between its direct map and its text) drops that one page:
     /// the large pages' pieces stay. (It flushed everything: a region
@@ -599,7 +480,7 @@ mod tests {
         let mut t = Tlb::new();
         t.fill(0x5000, Access::Write, false, &Translation { phys: 0x3000, global: false, page_size: 0x1000 }, 0xb000);
         t.fill(0x5000, Access::Read, false, &Translation { phys: 0x3000, global: false, page_size: 0x1000 }, 0xb000);
-        t.protect_code_page(0x3000, 0xb000);
+        t.protect_code_page(0x3000);
         assert!(t.lookup(0x5000, Access::Write, false).is_none());
         assert!(t.lookup(0x5000, Access::Read, false).is_some());
     }
