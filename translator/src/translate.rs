@@ -1922,6 +1922,29 @@ impl Emitter {
         self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
     }
 
+    /// The start of a rep string instruction's inline code: the flags put
+    /// aside, `scratch` spilled, RCX (the count) put aside first, since
+    /// every miss path takes it back. Jumps to the returned label (a miss,
+    /// for the runtime) with the virtual DF set or a count of 0.
+    fn rep_prologue(&mut self, scratch: &[u8]) -> DynamicLabel {
+        self.save_flags();
+        self.spill(scratch);
+        self.save_rcx();
+        self.rcx_borrowed = true;
+        let miss = self.a.new_dynamic_label();
+        dynasm!(self.a
+            ; .arch x64
+            ; gs cmp BYTE [BtBlock::OFF_VDF as i32], 0
+            ; jne =>miss
+        );
+        if self.mode.bits == 64 {
+            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss);
+        } else {
+            dynasm!(self.a ; .arch x64 ; test ecx, ecx ; jz =>miss);
+        }
+        miss
+    }
+
     /// rep stos and rep movs (see `Plan::RepString`): checks, a probe of
     /// each operand's page, then the host's own instruction on the host
     /// addresses, the index registers' guest values moved by the length
@@ -1932,21 +1955,11 @@ impl Emitter {
         let movs = matches!(insn.mnemonic(), Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq);
         let scratch = pick_scratch(insn, info, if movs { 3 } else { 2 }, self.mode.bits);
         let (s0, s1) = (scratch[0], scratch[1]);
-        self.save_flags();
-        self.spill(&scratch);
-        // RCX (the count) is put aside first: every miss path takes it back.
-        self.save_rcx();
-        self.rcx_borrowed = true;
-        let miss = self.a.new_dynamic_label();
-        dynasm!(self.a
-            ; .arch x64
-            ; gs cmp BYTE [BtBlock::OFF_VDF as i32], 0
-            ; jne =>miss
-        );
+        let miss = self.rep_prologue(&scratch);
         if wide {
-            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; cmp rcx, 0x1000 / size ; ja =>miss);
+            dynasm!(self.a ; .arch x64 ; cmp rcx, 0x1000 / size ; ja =>miss);
         } else {
-            dynasm!(self.a ; .arch x64 ; test ecx, ecx ; jz =>miss ; cmp ecx, 0x1000 / size ; ja =>miss);
+            dynasm!(self.a ; .arch x64 ; cmp ecx, 0x1000 / size ; ja =>miss);
         }
         let mut misses = vec![miss];
         // Each operand's host address minus its index register's guest
@@ -2017,22 +2030,12 @@ impl Emitter {
         let cmps = matches!(insn.mnemonic(), M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq);
         let scratch = pick_scratch(insn, info, if cmps { 4 } else { 3 }, self.mode.bits);
         let (s0, s1, s2) = (scratch[0], scratch[1], scratch[2]);
-        self.save_flags();
-        self.spill(&scratch);
-        // RCX (the count) is put aside first: every miss path takes it back.
-        self.save_rcx();
-        self.rcx_borrowed = true;
-        let miss = self.a.new_dynamic_label();
-        dynasm!(self.a
-            ; .arch x64
-            ; gs cmp BYTE [BtBlock::OFF_VDF as i32], 0
-            ; jne =>miss
-        );
+        let miss = self.rep_prologue(&scratch);
         // s2: the elements this run covers, at most the count.
         if wide {
-            dynasm!(self.a ; .arch x64 ; test rcx, rcx ; jz =>miss ; mov Rq(s2), rcx);
+            dynasm!(self.a ; .arch x64 ; mov Rq(s2), rcx);
         } else {
-            dynasm!(self.a ; .arch x64 ; test ecx, ecx ; jz =>miss ; mov Rd(s2), ecx);
+            dynasm!(self.a ; .arch x64 ; mov Rd(s2), ecx);
         }
         let mut misses = vec![miss];
         // Each operand's host address minus its index register's guest
