@@ -315,7 +315,8 @@ impl BtBlock {
     /// The scratch slot holding RSP from before an indirect branch.
     pub const SLOT_OLD_RSP: usize = 4;
     /// The scratch slot the SSE load routine keeps RAX in (a division's
-    /// divisor uses it too: each only within one instruction's code).
+    /// divisor uses it too, and a rep compare's fourth scratch register:
+    /// each only within one instruction's code).
     pub const SLOT_FPU: usize = 3;
     pub const OFF_HOST_RSP: usize = Self::OFF_SCRATCH + Self::SCRATCH_SLOTS * 8;
     pub const OFF_TARGET: usize = Self::OFF_HOST_RSP + 8;

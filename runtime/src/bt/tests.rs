@@ -215,9 +215,8 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
 /// An access that starts in one page and ends in the next, whose entry
 /// the soft TLB holds (the same instruction hit it before), is the
 /// runtime's: it reads and writes each byte in its own page's mapping,
-/// never below the next page's host page. (A per-access copy of the last
-/// entry hit, checked on the last byte only, took the bytes below it: of
-/// another physical page here; below guest RAM, host memory.)
+/// never below the next page's host page, which is another physical
+/// page's here (below guest RAM it would be host memory).
 #[test]
 fn an_access_across_a_page_end_keeps_to_each_pages_mapping() {
     const PD: u64 = 0x30_0000;
@@ -299,6 +298,8 @@ fn rep_compares_match_the_interpreter() {
         (Op::Scas(2, true), 0, A + 0x600, 100, 0xbeef, false),
         (Op::Scas(1, true), 0, A + 0x40, 10, 0x7, true),
         (Op::Scas(1, false), 0, A + 0x500, 0x100, 0x44, false),
+        // Equal bytes up to and past the end of the destination's page.
+        (Op::Cmps(1, false), A + 0x700, B + 0x1fe0, 0x40, 0, false),
     ];
     let prepare = |v: &Vcpu| {
         let mut a: Vec<u8> = (0..0x2000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -308,12 +309,14 @@ fn rep_compares_match_the_interpreter() {
             a[0x500 + 4 * k..0x504 + 4 * k].copy_from_slice(&0x1122_3344u32.to_le_bytes());
         }
         a[0x620..0x622].copy_from_slice(&0xbeefu16.to_le_bytes());
+        a[0x700..0x780].fill(0x5a);
         let mut b = a.clone();
         for at in [0x10, 0xffa, 0x1008, 0x520, 0x1080] {
             b[at] ^= 1;
         }
         v.mem.write(A, &a);
         v.mem.write(B, &b);
+        v.mem.write(B + 0x1fe0, &[0x5a; 0x80]);
     };
     for bits in [32u32, 64] {
         let mut a = CodeAssembler::new(bits).unwrap();
@@ -321,6 +324,10 @@ fn rep_compares_match_the_interpreter() {
             a.mov(rsp, DATA + 0x7f00).unwrap();
         } else {
             a.mov(esp, DATA as u32 + 0x7f00).unwrap();
+        }
+        // Every page the cases touch into the soft TLB first.
+        for page in [A, A + 0x1000, B, B + 0x1000, B + 0x2000] {
+            a.mov(edx, dword_ptr(page as u32)).unwrap();
         }
         for (k, &(op, rsi_v, rdi_v, rcx_v, rax_v, df)) in cases.iter().enumerate() {
             let out = OUT + k as u64 * 0x48;
@@ -336,7 +343,8 @@ fn rep_compares_match_the_interpreter() {
                 a.mov(eax, rax_v as u32).unwrap();
             }
             // Flags of their own before each case (count 0 keeps them).
-            a.add(al, 0x7fu32 as i32).unwrap();
+            a.mov(edx, 1).unwrap();
+            a.add(dl, 0x7fu32 as i32).unwrap();
             if df {
                 a.std().unwrap();
             }
@@ -405,9 +413,11 @@ fn rep_compares_match_the_interpreter() {
                     .iter()
                     .map(|m| b.stats.callouts.get(m).copied().unwrap_or(0))
                     .sum();
-                // A count of 0, an element across the page end, DF set, and
-                // the two that go on into the next page.
-                assert_eq!(left, 5, "{bits}-bit: {:?}", b.stats.callouts);
+                // The rests of the three that go on into the next page (a
+                // compare, a strlen, and one past the destination's page
+                // end), a count of 0, an element across the page end, and
+                // DF set.
+                assert_eq!(left, 6, "{bits}-bit: {:?}", b.stats.callouts);
             }
             seen.push((out, v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags));
         }
@@ -422,8 +432,8 @@ fn rep_compares_match_the_interpreter() {
 /// Translated memory accesses forget what the soft TLB forgets: a read
 /// in a loop sees a page remapped by `invlpg` and remapped back by a CR3
 /// write, and a write whose page became code takes the slow path again,
-/// which drops the stale translation. Each pass runs the same TUs, which
-/// earlier passes left with the pages' entries.
+/// which drops the stale translation. Each pass runs the same TUs, with
+/// the pages' entries that earlier passes left in the soft TLB.
 #[test]
 fn translated_accesses_forget_dropped_mappings() {
     const PD: u64 = 0x30_0000;
@@ -1867,59 +1877,68 @@ fn rep_stos_and_movs_match_the_interpreter() {
 /// 32-bit code, with EDI wrapping past 4 GiB while the linear range stays
 /// in one page: EDI ends as a 32-bit value (it kept the carry in its upper
 /// half, where a move to 64-bit mode would see it), as under the
-/// interpreter; then repe scas there stops at the first dword the copy
-/// wrote.
+/// interpreter, after whichever of movs and cmps comes last; repe scas
+/// there stops at the first dword the copy wrote.
 #[test]
 fn rep_string_ops_through_a_segment_base_wrap_edi() {
-    let mut a = CodeAssembler::new(32).unwrap();
-    let mut top = a.create_label();
-    a.cld().unwrap();
-    a.mov(ebx, 3).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.mov(edi, 0xffff_ff00u32).unwrap(); // ES:EDI = linear 0x1000
-    a.mov(ecx, 0x40).unwrap();
-    a.mov(eax, ebx).unwrap();
-    a.rep().stosd().unwrap();
-    a.mov(ebp, edi).unwrap();
-    a.mov(esi, DATA as u32).unwrap();
-    a.mov(edi, 0xffff_ff80u32).unwrap();
-    a.mov(ecx, 0x40).unwrap();
-    a.rep().movsd().unwrap();
-    a.mov(esi, DATA as u32).unwrap();
-    a.mov(edi, 0xffff_ff80u32).unwrap();
-    a.mov(ecx, 0x40).unwrap();
-    a.repe().cmpsd().unwrap();
-    a.mov(edx, edi).unwrap();
-    a.mov(edi, 0xffff_ff00u32).unwrap();
-    a.mov(ecx, 0x80).unwrap();
-    a.mov(eax, ebx).unwrap();
-    a.repe().scasd().unwrap();
-    a.pushfd().unwrap();
-    a.pop(eax).unwrap();
-    a.dec(ebx).unwrap();
-    a.jnz(top).unwrap();
-    a.hlt().unwrap();
-    let code = a.assemble(CODE).unwrap();
-    let mut results = Vec::new();
-    for bt in [None, Some(64 << 20)] {
-        let mut v = vcpu(&code, bt);
-        v.cpu.seg[seg::ES].base = 0x1100;
-        v.mem.write(DATA, &[0x5a; 0x100]);
-        run(&mut v);
-        let mut out = vec![0u8; 0x200];
-        v.mem.read(0x1000, &mut out);
-        if let Some(b) = v.bt.as_ref() {
-            use iced_x86::Mnemonic as M;
-            let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
-            assert!(handed_on(M::Stosd) <= 1 && handed_on(M::Movsd) <= 1, "{:?}", b.stats.callouts);
-            assert!(handed_on(M::Cmpsd) <= 1 && handed_on(M::Scasd) <= 1, "{:?}", b.stats.callouts);
+    for movs_last in [true, false] {
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut top = a.create_label();
+        let copy = |a: &mut CodeAssembler| {
+            a.mov(esi, DATA as u32).unwrap();
+            a.mov(edi, 0xffff_ff80u32).unwrap();
+            a.mov(ecx, 0x40).unwrap();
+            a.rep().movsd().unwrap();
+        };
+        a.cld().unwrap();
+        a.mov(ebx, 3).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(edi, 0xffff_ff00u32).unwrap(); // ES:EDI = linear 0x1000
+        a.mov(ecx, 0x40).unwrap();
+        a.mov(eax, ebx).unwrap();
+        a.rep().stosd().unwrap();
+        a.mov(ebp, edi).unwrap();
+        copy(&mut a);
+        a.mov(edi, 0xffff_ff00u32).unwrap();
+        a.mov(ecx, 0x80).unwrap();
+        a.mov(eax, ebx).unwrap();
+        a.repe().scasd().unwrap();
+        a.mov(edx, edi).unwrap();
+        a.pushfd().unwrap();
+        a.pop(eax).unwrap();
+        a.mov(esi, DATA as u32).unwrap();
+        a.mov(edi, 0xffff_ff80u32).unwrap();
+        a.mov(ecx, 0x40).unwrap();
+        a.repe().cmpsd().unwrap();
+        if movs_last {
+            copy(&mut a);
         }
-        results.push((v.cpu.regs.gpr, out));
+        a.dec(ebx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let mut results = Vec::new();
+        for bt in [None, Some(64 << 20)] {
+            let mut v = vcpu(&code, bt);
+            v.cpu.seg[seg::ES].base = 0x1100;
+            v.mem.write(DATA, &[0x5a; 0x100]);
+            run(&mut v);
+            let mut out = vec![0u8; 0x200];
+            v.mem.read(0x1000, &mut out);
+            if let Some(b) = v.bt.as_ref() {
+                use iced_x86::Mnemonic as M;
+                let handed_on = |m| b.stats.callouts.get(&m).copied().unwrap_or(0);
+                assert!(handed_on(M::Stosd) <= 1 && handed_on(M::Movsd) <= 2, "{:?}", b.stats.callouts);
+                assert!(handed_on(M::Cmpsd) <= 1 && handed_on(M::Scasd) <= 1, "{:?}", b.stats.callouts);
+            }
+            results.push((v.cpu.regs.gpr, out));
+        }
+        let last = if movs_last { "the copy" } else { "the compare" };
+        assert_eq!(results[0].0[5], 0, "EDI after the stores wrapped to 0");
+        assert_eq!(results[0].0[2], 0xffff_ff84, "the scan stopped after the first copied dword");
+        assert_eq!(results[0].0[7], 0x80, "EDI after {last} wrapped to 0x80");
+        assert!(results[0] == results[1], "{last} last: {:x?} vs {:x?}", results[0].0, results[1].0);
     }
-    assert_eq!(results[0].0[5], 0, "EDI after the stores wrapped to 0");
-    assert_eq!(results[0].0[2], 0x80, "EDI after the compare wrapped to 0x80");
-    assert_eq!(results[0].0[7], 0xffff_ff84, "the scan stopped after the first copied dword");
-    assert!(results[0] == results[1], "{:x?} vs {:x?}", results[0].0, results[1].0);
 }
 
 /// 64-bit probes reach the soft TLB's tables through GS (`Mode::tlb_tables`)
