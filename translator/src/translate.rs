@@ -90,6 +90,32 @@ pub struct Mode {
     pub tlb_tables: Option<[i32; 2]>,
 }
 
+impl Mode {
+    /// What an IBTC entry's tag holds besides the RIP: in 32-bit code, the
+    /// fields a kernel's own code changes as it runs (which data segments
+    /// have a base and are usable, the stack size, SSE), above the 32-bit
+    /// RIP, so TUs of such modes share one table. (i386 Linux runs with and
+    /// without its per-CPU FS base: emptying the table at every such
+    /// change cleared it 42k times while 21 shell commands ran.) 64-bit
+    /// code has no bits to spare: its table is emptied at a mode change.
+    pub fn ibtc_tag(&self) -> u64 {
+        if self.bits != 32 {
+            return 0;
+        }
+        let fields = self.seg_base_mask as u64 | (self.seg_usable_mask as u64) << 8 | ((self.stack_bits == 32) as u64) << 16 | (self.sse as u64) << 17;
+        fields << 32
+    }
+
+    /// What the IBTC's entries must all share, beyond what their tags
+    /// hold (`ibtc_tag`): a change of it empties the table.
+    pub fn ibtc_context(&self) -> Mode {
+        if self.bits != 32 {
+            return *self;
+        }
+        Mode { seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, sse: false, ..*self }
+    }
+}
+
 /// How the instructions of a TU were translated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -936,7 +962,7 @@ impl Emitter {
             ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
             ; jc =>miss
             ; gs mov QWORD [scratch_off(0)], rcx
-            ; mov rcx, QWORD rip as i64
+            ; mov rcx, QWORD (rip | self.mode.ibtc_tag()) as i64
             // Either way of the set.
             ; gs cmp rcx, QWORD [entry]
             ; je =>way0
@@ -1035,6 +1061,14 @@ impl Emitter {
             // An indirect transfer counts against the chain budget.
             ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
             ; jc =>miss
+        );
+        let tag = self.mode.ibtc_tag();
+        if tag != 0 {
+            // The mode's bits above the 32-bit target (`Mode::ibtc_tag`).
+            dynasm!(self.a ; .arch x64 ; ror Rq(t), 32 ; or Rq(t), (tag >> 32) as i32 ; ror Rq(t), 32);
+        }
+        dynasm!(self.a
+            ; .arch x64
             ; imul Rd(tmp), Rd(t), IBTC_HASH as i32
             ; shr Rd(tmp), 32 - IBTC_SET_BITS as i8
             ; shl Rd(tmp), set_shift

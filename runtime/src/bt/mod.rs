@@ -459,7 +459,8 @@ impl Bt {
     }
 
     /// Enters `rip`'s TU (`id`, entered at `entry`, its code in linear
-    /// `pages`) in IBTC table `t`: in the first way of its set, the
+    /// `pages`; `rip` with its mode's `Mode::ibtc_tag`, which the set's
+    /// index ignores) in IBTC table `t`: in the first way of its set, the
     /// entries there moving a way down and the last one out (as the soft
     /// TLB fills).
     fn fill_ibtc(&mut self, t: usize, rip: u64, entry: *const u8, id: u32, pages: [u64; 2], global: bool) {
@@ -684,7 +685,8 @@ impl Vcpu {
         let t = ibtc_table(mode.cpl0);
         if let Some(bt) = self.bt.as_mut() {
             let set = ibtc_index(rip);
-            if let Some(i) = (set..set + IBTC_WAYS).find(|&i| bt.block.ibtc[t][i][0] == rip) {
+            let tagged = rip | mode.ibtc_tag();
+            if let Some(i) = (set..set + IBTC_WAYS).find(|&i| bt.block.ibtc[t][i][0] == tagged) {
                 let (entry, id) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i]);
                 bt.stats.lookups_hit += 1;
                 bt.stats.ibtc_hits += 1;
@@ -735,7 +737,7 @@ impl Vcpu {
                 // otherwise left for the dispatcher every pass): its entry
                 // goes with either page's mapping.
                 if let Some((pages, global)) = code {
-                    bt.fill_ibtc(t, tu.key.rip, entry, id, pages, global);
+                    bt.fill_ibtc(t, tu.key.rip | mode.ibtc_tag(), entry, id, pages, global);
                 }
                 self.enter_ccf(entry, mode.bits);
             }
@@ -748,10 +750,11 @@ impl Vcpu {
     /// after any mapping change, and the table drops the entries whose code
     /// mapping went since it was last brought up to date (all of them after
     /// a full flush, those of non-global pages after a CR3 write, those in
-    /// the page of an `invlpg`), or everything if the mode changed or it
-    /// fell too far behind.
+    /// the page of an `invlpg`), or everything if the mode changed beyond
+    /// what entries' tags tell apart (`Mode::ibtc_context`) or it fell too
+    /// far behind.
     fn sync_with_tlb(&mut self, mode: Mode) {
-        let rest = (mode, self.cpu.seg[seg::CS].base, self.cpu.cpl);
+        let rest = (mode.ibtc_context(), self.cpu.seg[seg::CS].base, self.cpu.cpl);
         let tlb = &self.tlb;
         let Some(bt) = self.bt.as_mut() else { return };
         bt.check_page2_chains(tlb.generation);
