@@ -1048,8 +1048,10 @@ impl Emitter {
     }
 
     /// Looks the guest RIP in register `t` up in the IBTC (using `tmp`,
-    /// clobbering the flags): on a hit, the CCF entry is in gs:[target] and
-    /// `t` is clobbered; on a miss, jumps to the returned label.
+    /// clobbering the flags): on a hit, the CCF entry is in gs:[target];
+    /// on a miss, jumps to the returned label. Either way `t` is clobbered
+    /// (it holds the tag: `Mode::ibtc_tag`), and the block's RIP, stored
+    /// before, is the target.
     fn ibtc_lookup(&mut self, t: u8, tmp: u8) -> DynamicLabel {
         let miss = self.a.new_dynamic_label();
         let found = self.a.new_dynamic_label();

@@ -213,33 +213,42 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
 }
 
 /// IBTC entries of 32-bit code carry the data-segment part of their
-/// mode in their tags: a function reached through `call reg` under a
-/// zero FS base and under a non-zero one runs each mode's own translation
-/// (an fs-relative read finds its own base), and going back to the first
-/// mode finds its entries still there: no IBTC miss. (The table was
+/// mode in their tags: a function in another page, reached through `call
+/// reg` and jumping back to a tail that returns, under a zero FS base and
+/// under a non-zero one, runs each mode's own translation (an fs-relative
+/// read finds its own base), and going back to the first mode finds its
+/// entries still there: no IBTC miss, for the call, the return or the
+/// jump between pages. (The table was
 /// emptied at every such change: i386 Linux runs with and without its
 /// per-CPU FS base, 42k times while 21 shell commands ran.)
 #[test]
 fn ibtc_entries_of_modes_differing_in_segment_bases_coexist() {
     let mut a = CodeAssembler::new(32).unwrap();
+    const FUNC: u64 = CODE + 0x1800;
+    const TAIL: u64 = CODE + 0x800;
     let mut top = a.create_label();
     a.mov(esp, 0x28_0000u32).unwrap();
     a.xor(esi, esi).unwrap();
     a.mov(ecx, 50).unwrap();
     a.set_label(&mut top).unwrap();
-    a.mov(ebx, CODE as u32 + 0x800).unwrap();
+    a.mov(ebx, FUNC as u32).unwrap();
     a.call(ebx).unwrap();
     a.dec(ecx).unwrap();
     a.jnz(top).unwrap();
     a.hlt().unwrap();
     let mut code = a.assemble(CODE).unwrap();
+    let mut t = CodeAssembler::new(32).unwrap();
+    t.add(esi, eax).unwrap();
+    t.ret().unwrap();
+    let tail = t.assemble(TAIL).unwrap();
     let mut f = CodeAssembler::new(32).unwrap();
     f.mov(eax, dword_ptr(0x100).fs()).unwrap();
-    f.add(esi, eax).unwrap();
-    f.ret().unwrap();
-    let func_code = f.assemble(CODE + 0x800).unwrap();
-    code.resize(0x800, 0x90);
-    code.extend(func_code);
+    f.jmp(TAIL).unwrap();
+    let func = f.assemble(FUNC).unwrap();
+    code.resize((TAIL - CODE) as usize, 0x90);
+    code.extend(tail);
+    code.resize((FUNC - CODE) as usize, 0x90);
+    code.extend(func);
     let mut seen = Vec::new();
     for bt in [None, Some(64 << 20)] {
         let mut v = vcpu(&code, bt);
@@ -253,12 +262,14 @@ fn ibtc_entries_of_modes_differing_in_segment_bases_coexist() {
             v.cpu.halted = false;
             run(&mut v);
             sums.push(v.cpu.regs.gpr[6] as u32);
-            misses.push(v.bt.as_ref().map(|b| b.stats.exits[ExitReason::Indirect as usize]));
+            misses.push(v.bt.as_ref().map(|b| [ExitReason::Indirect, ExitReason::Next].map(|r| b.stats.exits[r as usize])));
         }
         assert_eq!(sums, [50, 50_000, 50], "each mode's own FS base ({bt:?})");
         if bt.is_some() {
-            let m: Vec<u64> = misses.iter().map(|m| m.unwrap_or(0)).collect();
-            assert_eq!(m[2], m[1], "back in the first mode, its entries are still there: {m:?}");
+            let m: Vec<[u64; 2]> = misses.iter().map(|m| m.unwrap_or_default()).collect();
+            assert_eq!(m[2][0], m[1][0], "back in the first mode, its entries are still there: {m:?}");
+            // (A kick may unchain a jump in between: not one of 50 passes.)
+            assert!(m[2][1] - m[1][1] < 10, "the jumps between pages find the tail in the IBTC: {m:?}");
         }
         seen.push(sums);
     }
