@@ -106,6 +106,11 @@ impl Mode {
         fields << 32
     }
 
+    /// The IBTC tag of `rip` in this mode: the RIP with `ibtc_tag` above.
+    pub fn ibtc_key(&self, rip: u64) -> u64 {
+        rip | self.ibtc_tag()
+    }
+
     /// What the IBTC's entries must all share, beyond what their tags
     /// hold (`ibtc_tag`): a change of it empties the table.
     pub fn ibtc_context(&self) -> Mode {
@@ -962,7 +967,7 @@ impl Emitter {
             ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
             ; jc =>miss
             ; gs mov QWORD [scratch_off(0)], rcx
-            ; mov rcx, QWORD (rip | self.mode.ibtc_tag()) as i64
+            ; mov rcx, QWORD self.mode.ibtc_key(rip) as i64
             // Either way of the set.
             ; gs cmp rcx, QWORD [entry]
             ; je =>way0

@@ -459,7 +459,7 @@ impl Bt {
     }
 
     /// Enters `rip`'s TU (`id`, entered at `entry`, its code in linear
-    /// `pages`; `rip` with its mode's `Mode::ibtc_tag`, which the set's
+    /// `pages`; `rip` as its mode's `Mode::ibtc_key`, whose tag the set's
     /// index ignores) in IBTC table `t`: in the first way of its set, the
     /// entries there moving a way down and the last one out (as the soft
     /// TLB fills).
@@ -685,7 +685,7 @@ impl Vcpu {
         let t = ibtc_table(mode.cpl0);
         if let Some(bt) = self.bt.as_mut() {
             let set = ibtc_index(rip);
-            let tagged = rip | mode.ibtc_tag();
+            let tagged = mode.ibtc_key(rip);
             if let Some(i) = (set..set + IBTC_WAYS).find(|&i| bt.block.ibtc[t][i][0] == tagged) {
                 let (entry, id) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i]);
                 bt.stats.lookups_hit += 1;
@@ -737,7 +737,7 @@ impl Vcpu {
                 // otherwise left for the dispatcher every pass): its entry
                 // goes with either page's mapping.
                 if let Some((pages, global)) = code {
-                    bt.fill_ibtc(t, tu.key.rip | mode.ibtc_tag(), entry, id, pages, global);
+                    bt.fill_ibtc(t, mode.ibtc_key(tu.key.rip), entry, id, pages, global);
                 }
                 self.enter_ccf(entry, mode.bits);
             }
