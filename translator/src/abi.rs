@@ -202,9 +202,8 @@ pub struct BtBlock {
     pub tlb_masks: [u64; 2],
     /// The indirect-branch translation caches: (guest RIP, CCF entry)
     /// pairs, at [`ibtc_index`] of the RIP, one table for CPL 0 and one for
-    /// the other privileges ([`BtBlock::off_ibtc`]). Indirect branches and
-    /// jumps to another page look in their own privilege's table before
-    /// leaving for the dispatcher, which fills it, and empties it when the
+    /// the other privileges ([`BtBlock::off_ibtc`]). Indirect branches look
+    /// in their own privilege's table before leaving for the dispatcher, which fills it, and empties it when the
     /// mappings or the mode change. A guest moving between its kernel and
     /// user mode keeps both tables, where one shared table was emptied at
     /// every switch and refilled one exit at a time.

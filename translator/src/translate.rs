@@ -835,8 +835,6 @@ struct Emitter {
     a: VecAssembler<X64Relocation>,
     /// The TU's id, which its exit stubs report (`BtBlock::exit_site`).
     id: u32,
-    /// The TU's first RIP (jumps within its page are chained).
-    tu_rip: u64,
     mode: Mode,
     exits: Vec<ExitSite>,
     /// Out-of-line TLB-miss paths, emitted after the main line.
@@ -944,56 +942,13 @@ impl Emitter {
     }
 
     /// The code of a Next exit to `rip`, as exit number `index` would emit
-    /// it, and the offset of its (chainable) stub in it. A target in another
-    /// page than the TU's first looks in the IBTC first: jumps there are
-    /// never chained, since the other page's mapping may change.
-    fn next_exit_code(&self, rip: u64, index: usize) -> (Vec<u8>, usize) {
-        let site = self.site(index);
-        let stub = exit_stub(rip, ExitReason::Next, site);
-        if rip & !0xfff == self.tu_rip & !0xfff {
-            // Chained as a plain jump, loops included: a kick unchains it
-            // when the dispatcher wants control back (runtime `bt::kick`).
-            return (stub, 0);
-        }
-        let entry = (BtBlock::off_ibtc(self.mode.cpl0) + crate::abi::ibtc_index(rip) * 16) as i32;
-        let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-        let miss = a.new_dynamic_label();
-        let lookup_miss = a.new_dynamic_label();
-        let (way0, found) = (a.new_dynamic_label(), a.new_dynamic_label());
-        save_flags(&mut a);
-        dynasm!(a
-            ; .arch x64
-            // A jump through the IBTC counts against the chain budget.
-            ; gs sub DWORD [BtBlock::OFF_BUDGET as i32], 1
-            ; jc =>miss
-            ; gs mov QWORD [scratch_off(0)], rcx
-            ; mov rcx, QWORD self.mode.ibtc_key(rip) as i64
-            // Either way of the set.
-            ; gs cmp rcx, QWORD [entry]
-            ; je =>way0
-            ; gs cmp rcx, QWORD [entry + 16]
-            ; jne =>lookup_miss
-            ; gs mov rcx, QWORD [entry + 16 + 8]
-            ; jmp =>found
-            ; =>way0
-            ; gs mov rcx, QWORD [entry + 8]
-            ; =>found
-            ; gs mov QWORD [BtBlock::OFF_TARGET as i32], rcx
-            ; gs mov rcx, QWORD [scratch_off(0)]
-        );
-        restore_flags(&mut a);
-        dynasm!(a
-            ; .arch x64
-            ; gs jmp QWORD [BtBlock::OFF_TARGET as i32]
-            ; =>lookup_miss
-            ; gs mov rcx, QWORD [scratch_off(0)]
-            ; =>miss
-        );
-        restore_flags(&mut a);
-        let mut code = a.finalize().unwrap_or_default();
-        let at = code.len();
-        code.extend(stub);
-        (code, at)
+    /// it: a stub the runtime chains into a plain jump to the target's TU,
+    /// loops included (a kick unchains it when the dispatcher wants control
+    /// back: runtime `bt::kick`). A jump into another page is unchained
+    /// again when that page's mapping may change (runtime
+    /// `Bt::check_cross_chains`).
+    fn next_exit_code(&self, rip: u64, index: usize) -> Vec<u8> {
+        exit_stub(rip, ExitReason::Next, self.site(index))
     }
 
     /// The conditional branch that ends a loop TU (`LoopPlan`): taken, it
@@ -1046,8 +1001,8 @@ impl Emitter {
 
     /// A Next exit to `rip` (see `next_exit_code`).
     fn exit_next(&mut self, rip: u64) {
-        let (code, at) = self.next_exit_code(rip, self.exits.len());
-        let offset = self.a.offset().0 + at;
+        let code = self.next_exit_code(rip, self.exits.len());
+        let offset = self.a.offset().0;
         self.bytes(&code);
         self.exits.push(ExitSite { offset, rip, reason: ExitReason::Next, chain_to: None, branch: None });
     }
@@ -2468,7 +2423,7 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, tu_rip: rip, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
+    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
@@ -2565,16 +2520,17 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             Plan::Branch(cc, target) => {
                 e.counts.control += 1;
                 // jcc rel32 over the fall-through exit to the taken one.
-                let (fall, _) = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
+                let fall = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
                 let cc = cc as u8 - ConditionCode::o as u8;
                 e.bytes(&[0x0f, 0x80 + cc]);
                 let branch = e.a.offset().0;
                 e.bytes(&(fall.len() as i32).to_le_bytes());
                 e.exit_next(mask_rip(insn.next_ip(), mode));
                 e.exit_next(mask_rip(target, mode));
-                // A stub the branch lands on directly (a target in this
-                // page) is chained by retargeting the branch.
-                if let Some(x) = e.exits.last_mut().filter(|x| x.offset == branch + 4 + fall.len()) {
+                // The taken stub, which the branch lands on directly, is
+                // chained by retargeting the branch.
+                if let Some(x) = e.exits.last_mut() {
+                    debug_assert_eq!(x.offset, branch + 4 + fall.len());
                     x.branch = Some(branch);
                 }
                 ended = true;

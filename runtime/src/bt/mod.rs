@@ -83,6 +83,9 @@ struct Tu {
     rip_map: Box<[(u32, u64)]>,
     /// Exit stubs (TU id, stub index) patched to jump here.
     incoming: Vec<(u32, u8)>,
+    /// Whether jumps from other linear pages are among them (and the TU is
+    /// listed in `Bt::cross`).
+    cross_in: bool,
     /// TUs this one's stubs jump to.
     outgoing: Vec<u32>,
 }
@@ -161,6 +164,8 @@ pub struct Bt {
     /// mapping change unchains them (the dispatcher's lookup checks again).
     page2_chained: Vec<u32>,
     page2_generation: u64,
+    /// TUs that jumps from other linear pages are chained into.
+    cross: CrossChains,
     /// What the runtime knows of each of the block's IBTC tables
     /// (`BtBlock::ibtc`, indexed by `ibtc_table`).
     ibtc: [IbtcBook; 2],
@@ -168,6 +173,22 @@ pub struct Bt {
     /// `/tmp/perf-PID.map`, where every TU's code is named for `perf`
     /// (when the environment sets `BTVMM_PERF_MAP`).
     perf_map: Option<std::fs::File>,
+}
+
+/// The TUs that jumps from other linear pages are chained into. Such a
+/// jump holds as long as the mapping of its target's page does, as an IBTC
+/// entry does: it is unchained when that mapping may change (a full flush,
+/// a CR3 write for a page not mapped global, an `invlpg` of the page).
+/// Lists may name TUs removed since, or their ids' new TUs: unchaining
+/// those too costs an exit at most.
+#[derive(Default)]
+struct CrossChains {
+    /// By the target's linear page.
+    by_page: FxHashMap<u64, Vec<u32>>,
+    /// Those whose page is not mapped global.
+    nonglobal: Vec<u32>,
+    /// The TLB generation they are up to date with.
+    generation: u64,
 }
 
 /// The runtime's record of one IBTC table of the block.
@@ -248,6 +269,7 @@ impl Bt {
             pending_chain: None,
             page2_chained: Vec::new(),
             page2_generation: 0,
+            cross: CrossChains::default(),
             ibtc: [IbtcBook::new(), IbtcBook::new()],
             stats: BtStats::default(),
             perf_map: std::env::var_os("BTVMM_PERF_MAP")
@@ -385,6 +407,74 @@ impl Bt {
         }
     }
 
+    /// Unchains the jumps from other linear pages into the TUs whose page's
+    /// mapping went since the last look (TLB generations after
+    /// `cross.generation`; everything if the journal no longer reaches back).
+    fn check_cross_chains(&mut self, tlb: &crate::mmu::tlb::Tlb) {
+        if self.cross.generation == tlb.generation {
+            return;
+        }
+        let since = std::mem::replace(&mut self.cross.generation, tlb.generation);
+        if self.cross.by_page.is_empty() {
+            return;
+        }
+        let mut gone = Vec::new();
+        let mut all = false;
+        match tlb.dropped_since(since) {
+            None => all = true,
+            Some(dropped) => {
+                for d in dropped {
+                    match d {
+                        Dropped::All => all = true,
+                        Dropped::NonGlobal => gone.append(&mut self.cross.nonglobal),
+                        Dropped::Page(page) => gone.extend(self.cross.by_page.remove(&page).unwrap_or_default()),
+                        Dropped::Large(base, size) => self.cross.by_page.retain(|&page, ids| {
+                            let inside = page & !(size - 1) == base;
+                            if inside {
+                                gone.append(ids);
+                            }
+                            !inside
+                        }),
+                    }
+                    if all {
+                        break;
+                    }
+                }
+            }
+        }
+        if all {
+            gone = self.cross.by_page.drain().flat_map(|(_, ids)| ids).collect();
+            self.cross.nonglobal.clear();
+        }
+        for id in gone {
+            self.unchain_cross_into(id);
+        }
+    }
+
+    /// Unchains the jumps from other linear pages into TU `id`.
+    fn unchain_cross_into(&mut self, id: u32) {
+        let Some(Some(d)) = self.tus.get_mut(id as usize) else { return };
+        if !d.cross_in {
+            return;
+        }
+        d.cross_in = false;
+        let page = d.lin_page;
+        let incoming = std::mem::take(&mut d.incoming);
+        let (cross, same): (Vec<_>, Vec<_>) =
+            incoming.into_iter().partition(|&(src, _)| self.tus.get(src as usize).and_then(Option::as_ref).is_some_and(|s| s.lin_page != page));
+        if let Some(Some(d)) = self.tus.get_mut(id as usize) {
+            d.incoming = same;
+        }
+        self.unpatch(&cross);
+        for (src, _) in cross {
+            if let Some(Some(s)) = self.tus.get_mut(src as usize) {
+                if let Some(i) = s.outgoing.iter().position(|&d| d == id) {
+                    s.outgoing.swap_remove(i);
+                }
+            }
+        }
+    }
+
     /// An id for a new TU.
     fn next_id(&mut self) -> u32 {
         self.free_ids.pop().unwrap_or_else(|| {
@@ -394,13 +484,16 @@ impl Bt {
     }
 
     /// Patches the exit stub the last CCF left through into a jump to TU
-    /// `dst`, if both lie in one linear page (so one mapping covers them).
-    fn chain(&mut self, dst: u32) {
+    /// `dst`. A jump into another linear page is listed with that page
+    /// (whose mapping is global or not: `global`), to be unchained when the
+    /// mapping may change (`check_cross_chains`).
+    fn chain(&mut self, dst: u32, global: bool) {
         let Some((src, stub)) = self.pending_chain.take() else { return };
         let (Some(Some(s)), Some(Some(d))) = (self.tus.get(src as usize), self.tus.get(dst as usize)) else { return };
-        if s.lin_page != d.lin_page || s.key.mode != d.key.mode || s.key.cs_base != d.key.cs_base {
+        if s.key.mode != d.key.mode || s.key.cs_base != d.key.cs_base {
             return;
         }
+        let cross = s.lin_page != d.lin_page;
         let Some(exit) = s.exits.get(stub as usize) else { return };
         if exit.reason != ExitReason::Next || exit.rip != d.key.rip {
             return;
@@ -425,6 +518,13 @@ impl Bt {
             }
             if d.page2.is_some() && d.incoming.is_empty() {
                 self.page2_chained.push(dst);
+            }
+            if cross && !d.cross_in {
+                d.cross_in = true;
+                self.cross.by_page.entry(d.lin_page).or_default().push(dst);
+                if !global {
+                    self.cross.nonglobal.push(dst);
+                }
             }
             d.incoming.push((src, stub));
         }
@@ -521,6 +621,7 @@ impl Bt {
         self.free_ids.clear();
         self.pending_chain = None;
         self.page2_chained.clear();
+        self.cross = CrossChains { generation: self.cross.generation, ..Default::default() };
         self.lru.clear();
         self.clear_ibtc(0);
         self.clear_ibtc(1);
@@ -687,14 +788,14 @@ impl Vcpu {
             let set = ibtc_index(rip);
             let tagged = mode.ibtc_key(rip);
             if let Some(i) = (set..set + IBTC_WAYS).find(|&i| bt.block.ibtc[t][i][0] == tagged) {
-                let (entry, id) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i]);
+                let (entry, id, global) = (bt.block.ibtc[t][i][1] as *const u8, bt.ibtc[t].ids[i], bt.ibtc[t].global[i]);
                 bt.stats.lookups_hit += 1;
                 bt.stats.ibtc_hits += 1;
                 // Recency is sampled, as in `lookup_or_translate`.
                 if bt.stats.ibtc_hits % 8 == 0 {
                     bt.lru.promote(&id);
                 }
-                bt.chain(id);
+                bt.chain(id, global);
                 self.enter_ccf(entry, mode.bits);
                 return;
             }
@@ -728,11 +829,11 @@ impl Vcpu {
                 self.callout();
             }
             Slot::Tu(id) => {
-                bt.chain(id);
+                bt.chain(id, code.is_some_and(|(_, global)| global));
                 let Some(tu) = bt.tus[id as usize].as_ref() else { return };
                 let entry = tu.entry;
-                // Later indirect branches and jumps from other pages to
-                // here find it without the dispatcher. A TU spanning two
+                // Later indirect branches to here find it without the
+                // dispatcher. A TU spanning two
                 // pages too (a loop starting just before a page's end
                 // otherwise left for the dispatcher every pass): its entry
                 // goes with either page's mapping.
@@ -758,6 +859,7 @@ impl Vcpu {
         let tlb = &self.tlb;
         let Some(bt) = self.bt.as_mut() else { return };
         bt.check_page2_chains(tlb.generation);
+        bt.check_cross_chains(tlb);
         let t = ibtc_table(mode.cpl0);
         let book = &bt.ibtc[t];
         if book.context == rest && book.generation == tlb.generation {
@@ -957,6 +1059,7 @@ impl Vcpu {
             len: ccf.code.len(),
             rip_map: ccf.rip_map.clone().into_boxed_slice(),
             incoming: Vec::new(),
+            cross_in: false,
             outgoing: Vec::new(),
         };
         let slot = bt.tus.get_mut(id as usize)?;

@@ -217,8 +217,9 @@ fn two_pages_with_one_tlb_index_stay_in_translated_code() {
 /// reg` and jumping back to a tail that returns, under a zero FS base and
 /// under a non-zero one, runs each mode's own translation (an fs-relative
 /// read finds its own base), and going back to the first mode finds its
-/// entries still there: no IBTC miss, for the call, the return or the
-/// jump between pages. (The table was
+/// entries still there: no IBTC miss for the call or the return, and the
+/// jump between pages (chained in each mode's own TU) leaves for the
+/// dispatcher only the first time. (The table was
 /// emptied at every such change: i386 Linux runs with and without its
 /// per-CPU FS base, 42k times while 21 shell commands ran.)
 #[test]
@@ -269,7 +270,7 @@ fn ibtc_entries_of_modes_differing_in_segment_bases_coexist() {
             let m: Vec<[u64; 2]> = misses.iter().map(|m| m.unwrap_or_default()).collect();
             assert_eq!(m[2][0], m[1][0], "back in the first mode, its entries are still there: {m:?}");
             // (A kick may unchain a jump in between: not one of 50 passes.)
-            assert!(m[2][1] - m[1][1] < 10, "the jumps between pages find the tail in the IBTC: {m:?}");
+            assert!(m[2][1] - m[1][1] < 10, "the jumps between pages stay chained: {m:?}");
         }
         seen.push(sums);
     }
@@ -1259,6 +1260,134 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
         // ((((1 + 1 + 2) * 10 + 2) * 10 + 3) * 10 + 3) * 10
         assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, 42_330, "each call ran what its page mapped then ({bt:?})");
     }
+}
+
+/// A direct call into another page is chained (it no longer looks in the
+/// IBTC at every pass) and unchained when that page's mapping may change:
+/// an `invlpg` of the page, then a CR3 write to tables that map it
+/// elsewhere (non-global). Each pass runs what the page maps then.
+#[test]
+fn a_call_chained_into_another_page_follows_its_mapping() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const PD2: u64 = 0x30_2000;
+    const PT2: u64 = 0x30_3000;
+    const FUNC: u64 = CODE + 0x8000;
+    const CALLS: u32 = 50;
+    let body = |n: u8| [0xb8, n, 0, 0, 0, 0xc3]; // mov eax, n; ret
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.cli().unwrap();
+    a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+    paging_on(&mut a, PD);
+    a.xor(edi, edi).unwrap();
+    a.xor(ebp, ebp).unwrap();
+    // The same call in each pass, so a jump left chained to the old
+    // mapping's code would run it.
+    let (mut pass, mut top, mut not_first, mut next) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    a.set_label(&mut pass).unwrap();
+    a.imul_3(edi, edi, 10).unwrap();
+    a.mov(esi, CALLS).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(FUNC).unwrap();
+    a.add(edi, eax).unwrap();
+    a.dec(esi).unwrap();
+    a.jnz(top).unwrap();
+    a.test(ebp, ebp).unwrap();
+    a.jnz(not_first).unwrap();
+    a.mov(dword_ptr(PT + (FUNC >> 12) * 4), (CODE + 0xa000 + 3) as u32).unwrap();
+    a.invlpg(byte_ptr(FUNC)).unwrap();
+    a.jmp(next).unwrap();
+    a.set_label(&mut not_first).unwrap();
+    a.mov(eax, PD2 as u32).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.inc(ebp).unwrap();
+    a.cmp(ebp, 3).unwrap();
+    a.jb(pass).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        for (k, n) in [(0x9000, 1), (0xa000, 2), (0xb000, 3)] {
+            v.mem.write(CODE + k, &body(n));
+        }
+        for (pd, pt, func) in [(PD, PT, CODE + 0x9000), (PD2, PT2, CODE + 0xb000)] {
+            page_tables(&v, pd, pt, |page| if page == FUNC { func } else { page });
+        }
+        run(&mut v);
+        let calls = CALLS as u64;
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, (calls * 10 + calls * 2) * 10 + calls * 3, "each pass ran what its page mapped then ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            // Each pass chains its call once; the first two are unchained.
+            assert!(b.stats.chained >= 3 && b.stats.unchained >= 2, "{} chained, {} unchained", b.stats.chained, b.stats.unchained);
+            let left = b.stats.exits[ExitReason::Next as usize];
+            assert!(left < 40, "{left} exits to a next TU: the calls were not chained");
+        }
+    }
+}
+
+/// The same in 64-bit code through 2 MiB pages: an `invlpg` of another
+/// 4 KiB page of the large page the called function lies in drops the
+/// whole large mapping, and the chained call with it.
+#[test]
+fn a_call_chained_into_a_large_page_follows_its_mapping() {
+    const PD: u64 = 0x38_2000;
+    const FUNC: u64 = 0x30_0000;
+    const CALLS: u32 = 50;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rsp, 0x28_0000u64).unwrap();
+    a.xor(edi, edi).unwrap();
+    a.xor(ebp, ebp).unwrap();
+    let (mut pass, mut top, mut next) = (a.create_label(), a.create_label(), a.create_label());
+    a.set_label(&mut pass).unwrap();
+    a.imul_3(edi, edi, 10).unwrap();
+    a.mov(esi, CALLS).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(FUNC).unwrap();
+    a.add(edi, eax).unwrap();
+    a.dec(esi).unwrap();
+    a.jnz(top).unwrap();
+    a.test(ebp, ebp).unwrap();
+    a.jnz(next).unwrap();
+    // The second 2 MiB page now maps the 2 MiB above guest RAM's first
+    // 4 MiB.
+    a.mov(rax, 0x40_0000u64 | 0x83).unwrap();
+    a.mov(qword_ptr(PD + 8), rax).unwrap();
+    a.invlpg(byte_ptr(0x20_1000)).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.inc(ebp).unwrap();
+    a.cmp(ebp, 2).unwrap();
+    a.jb(pass).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [false, true] {
+        let mem = Arc::new(GuestMemory::new(8 << 20).expect("memory"));
+        for (at, n) in [(0x30_0000, 1u8), (0x50_0000, 2)] {
+            mem.write(at, &[0xb8, n, 0, 0, 0, 0xc3]);
+        }
+        mem.write(CODE, &code);
+        let (pml4, pdpt) = (0x38_0000u64, 0x38_1000u64);
+        mem.write_u64(pml4, pdpt | 3);
+        mem.write_u64(pdpt, PD | 3);
+        mem.write_u64(PD, 0x83);
+        mem.write_u64(PD + 8, 0x20_0000 | 0x83);
+        let mut v = Vcpu::new(mem, Box::new(NullPlatform));
+        v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
+        if bt {
+            v.enable_bt(64 << 20).expect("translator");
+        }
+        run(&mut v);
+        let calls = CALLS as u64;
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, calls * 10 + calls * 2, "each pass ran what its page mapped then (bt {bt})");
+        if let Some(b) = v.bt.as_ref() {
+            assert!(b.stats.chained >= 2 && b.stats.unchained >= 1, "{} chained, {} unchained", b.stats.chained, b.stats.unchained);
+            let left = b.stats.exits[ExitReason::Next as usize];
+            assert!(left < 30, "{left} exits to a next TU: the calls were not chained");
+        }
+        seen.push(v.cpu.regs.gpr[7]);
+    }
+    assert_eq!(seen[0], seen[1]);
 }
 
 /// A function whose first instruction crosses into the next page, called
