@@ -230,6 +230,16 @@ pub struct BtBlock {
     /// and RAX meanwhile, which those two write.
     pub saved_flags: u64,
     pub saved_rax: u64,
+    /// The guest's XCR0 (x87, SSE, and AVX where it enabled it): the
+    /// components the SSE load routine's `xrstor64` and the exit's
+    /// `xsave64` move, so VEX instructions run in CCFs on the guest's YMM
+    /// registers.
+    pub fpu_xcr0: u64,
+    /// Where the load routine keeps the registers it borrows.
+    pub fpu_tmp: [u64; 3],
+    /// 31: the `pext` mask of the low bits a 32-byte aligned address has
+    /// clear (`align16_mask`'s for 32-byte operands).
+    pub align32_mask: u64,
 }
 
 /// Entries in each table of [`BtBlock::ibtc`]: `1 << IBTC_BITS`, in sets
@@ -301,6 +311,9 @@ impl Default for BtBlock {
             seg_sel: [0; 6],
             saved_flags: 0,
             saved_rax: 0,
+            fpu_xcr0: 0,
+            fpu_tmp: [0; 3],
+            align32_mask: 31,
         }
     }
 }
@@ -313,10 +326,10 @@ impl BtBlock {
     pub const SCRATCH_SLOTS: usize = 6;
     /// The scratch slot holding RSP from before an indirect branch.
     pub const SLOT_OLD_RSP: usize = 4;
-    /// The scratch slot the SSE load routine keeps RAX in (a division's
-    /// divisor uses it too, and a rep compare's fourth scratch register:
-    /// each only within one instruction's code).
-    pub const SLOT_FPU: usize = 3;
+    /// The scratch slot of a division's divisor, a push of memory's value
+    /// and a rep compare's fourth scratch register: each only within one
+    /// instruction's code.
+    pub const SLOT_VALUE: usize = 3;
     pub const OFF_HOST_RSP: usize = Self::OFF_SCRATCH + Self::SCRATCH_SLOTS * 8;
     pub const OFF_TARGET: usize = Self::OFF_HOST_RSP + 8;
     pub const OFF_EXIT_STUB: usize = Self::OFF_TARGET + 8;
@@ -356,6 +369,9 @@ impl BtBlock {
     pub const OFF_SEG_SEL: usize = Self::OFF_ALIGN16_MASK + 8;
     pub const OFF_SAVED_FLAGS: usize = Self::OFF_SEG_SEL + 6 * 8;
     pub const OFF_SAVED_RAX: usize = Self::OFF_SAVED_FLAGS + 8;
+    pub const OFF_FPU_XCR0: usize = Self::OFF_SAVED_RAX + 8;
+    pub const OFF_FPU_TMP: usize = Self::OFF_FPU_XCR0 + 8;
+    pub const OFF_ALIGN32_MASK: usize = Self::OFF_FPU_TMP + 3 * 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -502,6 +518,9 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, seg_sel), BtBlock::OFF_SEG_SEL);
         assert_eq!(offset_of!(BtBlock, saved_flags), BtBlock::OFF_SAVED_FLAGS);
         assert_eq!(offset_of!(BtBlock, saved_rax), BtBlock::OFF_SAVED_RAX);
+        assert_eq!(offset_of!(BtBlock, fpu_xcr0), BtBlock::OFF_FPU_XCR0);
+        assert_eq!(offset_of!(BtBlock, fpu_tmp), BtBlock::OFF_FPU_TMP);
+        assert_eq!(offset_of!(BtBlock, align32_mask), BtBlock::OFF_ALIGN32_MASK);
     }
 
     /// Code addresses at any regular stride spread over the IBTC, and the

@@ -71,15 +71,19 @@ pub fn trampolines() -> Trampolines {
     for r in (0u8..16).filter(|&r| r != 4) {
         dynasm!(a ; .arch x64 ; gs mov QWORD [gpr_off(r)], Rq(r));
     }
-    // The guest's SSE state back to its area if a CCF loaded it; Rust gets
-    // its MXCSR and a clean x87 unit (FCW 0x37f, empty stack) back.
+    // The guest's SSE and AVX state back to its area if a CCF loaded it
+    // (the runtime writes what `xsave64` left out as in its initial
+    // configuration); Rust gets its MXCSR and a clean x87 unit (FCW 0x37f,
+    // empty stack) back.
     dynasm!(a
         ; .arch x64
         ; gs mov rax, QWORD [BtBlock::OFF_FPU_ENTER as i32]
         ; gs cmp rax, QWORD [BtBlock::OFF_FPU_READY as i32]
         ; jne >unloaded
-        ; gs mov rax, QWORD [BtBlock::OFF_FPU_AREA as i32]
-        ; fxsave64 [rax]
+        ; gs mov rcx, QWORD [BtBlock::OFF_FPU_AREA as i32]
+        ; gs mov eax, DWORD [BtBlock::OFF_FPU_XCR0 as i32]
+        ; mov edx, 0
+        ; xsave64 [rcx]
         ; fninit
         ; gs ldmxcsr DWORD [BtBlock::OFF_HOST_MXCSR as i32]
         ; gs mov rax, QWORD [BtBlock::OFF_FPU_LOAD as i32]
@@ -109,18 +113,23 @@ pub fn trampolines() -> Trampolines {
         ; jmp ->exit
     );
     // Called by a CCF (host RSP below the entry's): every register and
-    // flag is kept; RAX goes through the fault-RIP slot's neighbour, the
-    // spill slot `SLOT_FPU` no CCF holds anything in across this call.
+    // flag is kept (RAX, RCX and RDX go through the block's `fpu_tmp`).
     let fpu_load = a.offset().0;
-    let tmp = (BtBlock::OFF_SCRATCH + BtBlock::SLOT_FPU * 8) as i32;
+    let tmp = BtBlock::OFF_FPU_TMP as i32;
     dynasm!(a
         ; .arch x64
         ; gs mov QWORD [tmp], rax
-        ; gs mov rax, QWORD [BtBlock::OFF_FPU_AREA as i32]
-        ; fxrstor64 [rax]
+        ; gs mov QWORD [tmp + 8], rcx
+        ; gs mov QWORD [tmp + 16], rdx
+        ; gs mov rcx, QWORD [BtBlock::OFF_FPU_AREA as i32]
+        ; gs mov eax, DWORD [BtBlock::OFF_FPU_XCR0 as i32]
+        ; mov edx, 0
+        ; xrstor64 [rcx]
         ; gs mov rax, QWORD [BtBlock::OFF_FPU_READY as i32]
         ; gs mov QWORD [BtBlock::OFF_FPU_ENTER as i32], rax
         ; gs mov rax, QWORD [tmp]
+        ; gs mov rcx, QWORD [tmp + 8]
+        ; gs mov rdx, QWORD [tmp + 16]
     );
     let fpu_ready = a.offset().0;
     dynasm!(a ; .arch x64 ; ret);
@@ -202,7 +211,7 @@ mod tests {
         let hex = format!("{:X}", BtBlock::OFF_HOST_MXCSR);
         let hex = if hex.starts_with(|c: char| c.is_ascii_alphabetic()) { format!("0{hex}") } else { hex };
         let ldmxcsr = format!("ldmxcsr gs:[{hex}h]");
-        for needed in ["fxsave64 [rax]", "fninit", &ldmxcsr, "fxrstor64 [rax]"] {
+        for needed in ["xsave64 [rcx]", "fninit", &ldmxcsr, "xrstor64 [rcx]"] {
             assert!(text.contains(&needed.to_string()), "{needed}: {text:#?}");
         }
         assert_eq!(text.last().unwrap(), "ret");

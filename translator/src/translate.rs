@@ -81,6 +81,15 @@ pub struct Mode {
     /// CR0.TS clear): integer and logical ones run in the CCF, on the
     /// guest's XMM registers loaded into the host's.
     pub sse: bool,
+    /// VEX-encoded (AVX, AVX2) instructions run without a fault too (CR4.
+    /// OSXSAVE set, SSE and AVX state enabled in XCR0): the integer,
+    /// logical and move ones run in the CCF, on the guest's YMM registers
+    /// (the load routine's `xrstor64` brings their upper halves).
+    pub avx: bool,
+    /// Every SIMD floating-point exception is masked in MXCSR, so SSE and
+    /// AVX floating-point arithmetic cannot fault: it runs in the CCF too
+    /// (on the guest's MXCSR, whose flags it raises as the guest's).
+    pub fp_masked: bool,
     /// Where 64-bit code's probes find the soft TLB's tables of this
     /// privilege (read, write): their offsets from the block (the host GS
     /// base), when both lie within 2 GiB of it, so a probe indexes a table
@@ -93,7 +102,7 @@ pub struct Mode {
 impl Mode {
     /// What an IBTC entry's tag holds besides the RIP: in 32-bit code, the
     /// fields a kernel's own code changes as it runs (which data segments
-    /// have a base and are usable, the stack size, SSE), above the 32-bit
+    /// have a base and are usable, the stack size, SSE, AVX, MXCSR's masks), above the 32-bit
     /// RIP, so TUs of such modes share one table. (i386 Linux runs with and
     /// without its per-CPU FS base: emptying the table at every such
     /// change cleared it 42k times while 21 shell commands ran.) 64-bit
@@ -102,7 +111,7 @@ impl Mode {
         if self.bits != 32 {
             return 0;
         }
-        let fields = self.seg_base_mask as u64 | (self.seg_usable_mask as u64) << 8 | ((self.stack_bits == 32) as u64) << 16 | (self.sse as u64) << 17;
+        let fields = self.seg_base_mask as u64 | (self.seg_usable_mask as u64) << 8 | ((self.stack_bits == 32) as u64) << 16 | (self.sse as u64) << 17 | (self.avx as u64) << 18 | (self.fp_masked as u64) << 19;
         fields << 32
     }
 
@@ -117,7 +126,7 @@ impl Mode {
         if self.bits != 32 {
             return *self;
         }
-        Mode { seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, sse: false, ..*self }
+        Mode { seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, sse: false, avx: false, fp_masked: false, ..*self }
     }
 }
 
@@ -529,16 +538,156 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     Plan::Mem
 }
 
-/// SSE instructions that run in a CCF: legacy-encoded integer, logical,
-/// shuffle and move instructions on XMM (and general) registers, none of
-/// which reads or writes MXCSR or can raise a SIMD floating-point
-/// exception. MMX forms (the same mnemonics on MM registers), VEX forms
-/// (which would zero the upper halves the guest keeps in memory) and
-/// floating-point arithmetic stay with the runtime.
+/// SSE and AVX instructions that run in a CCF: integer, logical, shuffle,
+/// string-compare and move instructions on XMM (and general) registers,
+/// and their VEX forms on XMM and YMM registers where the guest has AVX
+/// enabled (`Mode::avx`), none of which reads or writes MXCSR or can raise
+/// a SIMD floating-point exception. MMX forms (the same mnemonics on MM
+/// registers), floating-point arithmetic, masked and non-temporal moves,
+/// gathers and EVEX forms stay with the runtime.
 fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) -> bool {
+    let ok = match insn.encoding() {
+        // (`movsd` and `movss` name the string moves too.)
+        iced_x86::EncodingKind::Legacy => {
+            legacy_sse_inline(insn.mnemonic())
+                || matches!(insn.code(), Code::Movss_xmm_xmmm32 | Code::Movss_xmmm32_xmm | Code::Movsd_xmm_xmmm64 | Code::Movsd_xmmm64_xmm)
+                || (mode.fp_masked && (legacy_fp_inline(insn.mnemonic()) || insn.code() == Code::Cmpsd_xmm_xmmm64_imm8))
+        }
+        // (`vzeroupper` in 32-bit code leaves YMM8-15 alone; the host's
+        // would clear them.)
+        iced_x86::EncodingKind::VEX => {
+            mode.avx
+                && (vex_inline(insn.mnemonic()) || (mode.fp_masked && vex_fp_inline(insn.mnemonic())))
+                && insn.cpuid_features().iter().all(|&f| host_has(f))
+                && !(mode.bits != 64 && matches!(insn.mnemonic(), Mnemonic::Vzeroupper | Mnemonic::Vzeroall))
+        }
+        _ => false,
+    };
+    if !ok || insn.has_lock_prefix() {
+        return false;
+    }
+    // XMM, YMM and general registers only (RSP only in the address, which
+    // MEM's rewrite takes from where it lives). A VEX form's destination
+    // shows as the ZMM register whose bits above it the host clears: none
+    // the guest has (its XCR0 holds no AVX-512 state).
+    let vex = insn.encoding() == iced_x86::EncodingKind::VEX;
+    let names_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
+    if names_rsp {
+        return false;
+    }
+    let used = info.info(insn);
+    let regs_ok = used.used_registers().iter().all(|u| {
+        let r = u.register();
+        r.is_xmm() || r.is_ymm() || (vex && r.is_zmm()) || r.is_gpr() || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
+    });
+    if !regs_ok {
+        return false;
+    }
+    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+    !has_mem
+        || (matches!(insn.memory_size().size(), 1 | 2 | 4 | 8 | 16 | 32)
+            && used.used_memory().len() == 1
+            && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
+}
+
+/// Whether the host runs instructions of CPUID feature `f` (of those the
+/// inline SSE and AVX instructions need).
+fn host_has(f: iced_x86::CpuidFeature) -> bool {
+    use iced_x86::CpuidFeature as F;
+    match f {
+        F::AVX => std::arch::is_x86_feature_detected!("avx"),
+        F::AVX2 => std::arch::is_x86_feature_detected!("avx2"),
+        F::AES => std::arch::is_x86_feature_detected!("aes"),
+        F::PCLMULQDQ => std::arch::is_x86_feature_detected!("pclmulqdq"),
+        F::SSE4_2 => std::arch::is_x86_feature_detected!("sse4.2"),
+        _ => false,
+    }
+}
+
+/// The VEX-encoded instructions `sse_inline` takes: the AVX and AVX2 forms
+/// of the legacy ones, and AVX's own data movement (broadcasts, lane
+/// inserts and extracts, permutes, blends, `vzeroupper`).
+fn vex_inline(m: Mnemonic) -> bool {
     use Mnemonic as M;
-    let ok = matches!(
-        insn.mnemonic(),
+    matches!(
+        m,
+        M::Vmovdqa | M::Vmovdqu | M::Vmovaps | M::Vmovups | M::Vmovapd | M::Vmovupd | M::Vmovd | M::Vmovq
+            | M::Vpxor | M::Vpor | M::Vpand | M::Vpandn | M::Vxorps | M::Vxorpd | M::Vandps | M::Vandpd
+            | M::Vandnps | M::Vandnpd | M::Vorps | M::Vorpd
+            | M::Vpaddb | M::Vpaddw | M::Vpaddd | M::Vpaddq | M::Vpsubb | M::Vpsubw | M::Vpsubd | M::Vpsubq
+            | M::Vpaddsb | M::Vpaddsw | M::Vpaddusb | M::Vpaddusw | M::Vpsubsb | M::Vpsubsw | M::Vpsubusb
+            | M::Vpsubusw | M::Vpmullw | M::Vpmulhw | M::Vpmulhuw | M::Vpmuludq | M::Vpmulld | M::Vpmaddwd
+            | M::Vpmaddubsw | M::Vpmulhrsw
+            | M::Vpsllw | M::Vpslld | M::Vpsllq | M::Vpsrlw | M::Vpsrld | M::Vpsrlq | M::Vpsraw | M::Vpsrad
+            | M::Vpsllvd | M::Vpsllvq | M::Vpsrlvd | M::Vpsrlvq | M::Vpsravd
+            | M::Vpslldq | M::Vpsrldq | M::Vpshufd | M::Vpshufhw | M::Vpshuflw | M::Vpshufb | M::Vpalignr
+            | M::Vpunpcklbw | M::Vpunpcklwd | M::Vpunpckldq | M::Vpunpcklqdq | M::Vpunpckhbw | M::Vpunpckhwd
+            | M::Vpunpckhdq | M::Vpunpckhqdq | M::Vpacksswb | M::Vpackssdw | M::Vpackuswb | M::Vpackusdw
+            | M::Vpcmpeqb | M::Vpcmpeqw | M::Vpcmpeqd | M::Vpcmpeqq | M::Vpcmpgtb | M::Vpcmpgtw | M::Vpcmpgtd
+            | M::Vpcmpgtq | M::Vpminub | M::Vpmaxub | M::Vpminsw | M::Vpmaxsw | M::Vpminud | M::Vpmaxud
+            | M::Vpminsd | M::Vpmaxsd | M::Vpminuw | M::Vpmaxuw | M::Vpminsb | M::Vpmaxsb
+            | M::Vpavgb | M::Vpavgw | M::Vpsadbw | M::Vpabsb | M::Vpabsw | M::Vpabsd | M::Vpsignb | M::Vpsignw
+            | M::Vpsignd | M::Vphaddw | M::Vphaddd | M::Vphsubw | M::Vphsubd
+            | M::Vpmovmskb | M::Vmovmskps | M::Vmovmskpd | M::Vpextrb | M::Vpextrw | M::Vpextrd | M::Vpextrq
+            | M::Vpinsrb | M::Vpinsrw | M::Vpinsrd | M::Vpinsrq | M::Vptest | M::Vtestps | M::Vtestpd
+            | M::Vpclmulqdq | M::Vaesenc | M::Vaesenclast | M::Vaesdec | M::Vaesdeclast | M::Vaesimc
+            | M::Vaeskeygenassist | M::Vshufps | M::Vshufpd | M::Vunpcklps | M::Vunpckhps | M::Vunpcklpd
+            | M::Vunpckhpd | M::Vmovhlps | M::Vmovlhps | M::Vpblendw | M::Vpblendd | M::Vpblendvb
+            | M::Vblendps | M::Vblendpd | M::Vblendvps | M::Vblendvpd
+            | M::Vpcmpistri | M::Vpcmpestri | M::Vpcmpistrm | M::Vpcmpestrm
+            | M::Vpbroadcastb | M::Vpbroadcastw | M::Vpbroadcastd | M::Vpbroadcastq | M::Vbroadcastss
+            | M::Vbroadcastsd | M::Vbroadcasti128 | M::Vbroadcastf128 | M::Vinserti128 | M::Vextracti128
+            | M::Vinsertf128 | M::Vextractf128 | M::Vperm2i128 | M::Vperm2f128 | M::Vpermq | M::Vpermd
+            | M::Vpermilps | M::Vpermilpd | M::Vpmovzxbw | M::Vpmovzxbd | M::Vpmovzxbq | M::Vpmovzxwd
+            | M::Vpmovzxwq | M::Vpmovzxdq | M::Vpmovsxbw | M::Vpmovsxbd | M::Vpmovsxbq | M::Vpmovsxwd
+            | M::Vpmovsxwq | M::Vpmovsxdq | M::Vzeroupper | M::Vzeroall | M::Vmovss | M::Vmovsd | M::Vmovhps
+            | M::Vmovlps | M::Vmovhpd | M::Vmovlpd | M::Vmovddup | M::Vmovsldup | M::Vmovshdup | M::Vlddqu
+            | M::Vinsertps | M::Vextractps
+    )
+}
+
+/// Legacy SSE floating-point arithmetic, compares and conversions, which
+/// `sse_inline` takes where MXCSR masks every exception (`Mode::fp_masked`).
+/// (`cmpsd` names the string compare too: its SSE form goes by its code.)
+fn legacy_fp_inline(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Addss | M::Addsd | M::Addps | M::Addpd | M::Subss | M::Subsd | M::Subps | M::Subpd | M::Mulss
+            | M::Mulsd | M::Mulps | M::Mulpd | M::Divss | M::Divsd | M::Divps | M::Divpd | M::Sqrtss | M::Sqrtsd
+            | M::Sqrtps | M::Sqrtpd | M::Minss | M::Minsd | M::Minps | M::Minpd | M::Maxss | M::Maxsd | M::Maxps
+            | M::Maxpd | M::Comiss | M::Comisd | M::Ucomiss | M::Ucomisd | M::Cmpss | M::Cmpps | M::Cmppd
+            | M::Cvtsi2ss | M::Cvtsi2sd | M::Cvtss2sd | M::Cvtsd2ss | M::Cvttss2si | M::Cvttsd2si | M::Cvtss2si
+            | M::Cvtsd2si | M::Cvtdq2ps | M::Cvtps2dq | M::Cvttps2dq | M::Cvtdq2pd | M::Cvtpd2dq | M::Cvttpd2dq
+            | M::Cvtps2pd | M::Cvtpd2ps | M::Roundss | M::Roundsd | M::Roundps | M::Roundpd | M::Rcpss | M::Rcpps
+            | M::Rsqrtss | M::Rsqrtps | M::Haddps | M::Haddpd | M::Hsubps | M::Hsubpd | M::Addsubps | M::Addsubpd
+            | M::Dpps | M::Dppd
+    )
+}
+
+/// The VEX forms of `legacy_fp_inline`'s instructions.
+fn vex_fp_inline(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Vaddss | M::Vaddsd | M::Vaddps | M::Vaddpd | M::Vsubss | M::Vsubsd | M::Vsubps | M::Vsubpd
+            | M::Vmulss | M::Vmulsd | M::Vmulps | M::Vmulpd | M::Vdivss | M::Vdivsd | M::Vdivps | M::Vdivpd
+            | M::Vsqrtss | M::Vsqrtsd | M::Vsqrtps | M::Vsqrtpd | M::Vminss | M::Vminsd | M::Vminps | M::Vminpd
+            | M::Vmaxss | M::Vmaxsd | M::Vmaxps | M::Vmaxpd | M::Vcomiss | M::Vcomisd | M::Vucomiss | M::Vucomisd
+            | M::Vcmpss | M::Vcmpsd | M::Vcmpps | M::Vcmppd | M::Vcvtsi2ss | M::Vcvtsi2sd | M::Vcvtss2sd
+            | M::Vcvtsd2ss | M::Vcvttss2si | M::Vcvttsd2si | M::Vcvtss2si | M::Vcvtsd2si | M::Vcvtdq2ps
+            | M::Vcvtps2dq | M::Vcvttps2dq | M::Vcvtdq2pd | M::Vcvtpd2dq | M::Vcvttpd2dq | M::Vcvtps2pd
+            | M::Vcvtpd2ps | M::Vroundss | M::Vroundsd | M::Vroundps | M::Vroundpd | M::Vrcpss | M::Vrcpps
+            | M::Vrsqrtss | M::Vrsqrtps | M::Vhaddps | M::Vhaddpd | M::Vhsubps | M::Vhsubpd | M::Vaddsubps
+            | M::Vaddsubpd | M::Vdpps | M::Vdppd
+    )
+}
+
+/// The legacy-encoded SSE instructions `sse_inline` takes.
+fn legacy_sse_inline(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
         M::Movdqa | M::Movdqu | M::Movaps | M::Movups | M::Movapd | M::Movupd | M::Movd | M::Movq
             | M::Pxor | M::Por | M::Pand | M::Pandn | M::Xorps | M::Xorpd | M::Andps | M::Andpd | M::Andnps
             | M::Andnpd | M::Orps | M::Orpd
@@ -557,34 +706,29 @@ fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
             | M::Pinsrq | M::Ptest | M::Pclmulqdq | M::Aesenc | M::Aesenclast | M::Aesdec | M::Aesdeclast
             | M::Aesimc | M::Aeskeygenassist | M::Shufps | M::Shufpd | M::Unpcklps | M::Unpckhps
             | M::Unpcklpd | M::Unpckhpd | M::Movhlps | M::Movlhps | M::Pblendw
-    );
-    if !ok || insn.encoding() != iced_x86::EncodingKind::Legacy || insn.has_lock_prefix() {
-        return false;
-    }
-    // XMM and general registers only (not RSP, which host RSP does not hold).
-    let used = info.info(insn);
-    let regs_ok = used.used_registers().iter().all(|u| {
-        let r = u.register();
-        r.is_xmm() || (r.is_gpr() && gpr_number(r) != Some(RSP)) || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
-    });
-    if !regs_ok {
-        return false;
-    }
-    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
-    !has_mem
-        || (matches!(insn.memory_size().size(), 1 | 2 | 4 | 8 | 16)
-            && used.used_memory().len() == 1
-            && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
+            | M::Pcmpistri | M::Pcmpestri | M::Pcmpistrm | M::Pcmpestrm
+            | M::Movhps | M::Movlps | M::Movhpd | M::Movlpd | M::Movddup | M::Movsldup | M::Movshdup | M::Lddqu
+            | M::Movmskps | M::Movmskpd | M::Pmovzxbw | M::Pmovzxbd | M::Pmovzxbq | M::Pmovzxwd | M::Pmovzxwq
+            | M::Pmovzxdq | M::Pmovsxbw | M::Pmovsxbd | M::Pmovsxbq | M::Pmovsxwd | M::Pmovsxwq | M::Pmovsxdq
+            | M::Pminuw | M::Pmaxuw | M::Pminsb | M::Pmaxsb | M::Pcmpgtq | M::Blendps | M::Blendpd
+            | M::Blendvps | M::Blendvpd | M::Pblendvb | M::Insertps | M::Extractps
+    )
 }
 
 fn has_memory_operand(insn: &Instruction) -> bool {
     (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory)
 }
 
-/// An instruction whose 16-byte memory operand must be 16-byte aligned
-/// (#GP otherwise): legacy SSE but the unaligned moves, and `cmpxchg16b`.
+/// An instruction whose memory operand must be aligned to its size (#GP
+/// otherwise): 16-byte operands of legacy SSE but the unaligned moves and
+/// the string compares, and `cmpxchg16b`; of VEX forms, the aligned moves.
 fn needs_alignment(insn: &Instruction) -> bool {
-    insn.memory_size().size() == 16 && !matches!(insn.mnemonic(), Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd)
+    use Mnemonic as M;
+    let size = insn.memory_size().size();
+    if insn.encoding() == iced_x86::EncodingKind::VEX {
+        return matches!(insn.mnemonic(), M::Vmovdqa | M::Vmovaps | M::Vmovapd) && matches!(size, 16 | 32);
+    }
+    size == 16 && !matches!(insn.mnemonic(), M::Movdqu | M::Movups | M::Movupd | M::Lddqu | M::Pcmpistri | M::Pcmpestri | M::Pcmpistrm | M::Pcmpestrm)
 }
 
 /// A division's memory operand can be read inline: a general-register
@@ -926,7 +1070,7 @@ enum MemBody {
 
 /// The block slot a division by memory takes its divisor from, and a push
 /// of memory its value.
-const VALUE_SLOT: usize = BtBlock::SLOT_FPU;
+const VALUE_SLOT: usize = BtBlock::SLOT_VALUE;
 
 impl Emitter {
     /// What exit stub number `index` of this TU reports (`BtBlock::exit_site`).
@@ -1360,6 +1504,7 @@ impl Emitter {
         if then == MemBody::Aligned {
             // The linear address's low bits are the host address's: flag-free
             // through RCX, as the probe borrows it.
+            let mask = if insn.memory_size().size() == 32 { BtBlock::OFF_ALIGN32_MASK } else { BtBlock::OFF_ALIGN16_MASK };
             let misaligned = self.a.new_dynamic_label();
             let aligned = self.a.new_dynamic_label();
             if !self.rcx_borrowed {
@@ -1368,7 +1513,7 @@ impl Emitter {
             }
             dynasm!(self.a
                 ; .arch x64
-                ; gs pext rcx, Rq(s0), QWORD [BtBlock::OFF_ALIGN16_MASK as i32]
+                ; gs pext rcx, Rq(s0), QWORD [mask as i32]
                 ; jrcxz =>aligned
                 ; jmp =>misaligned
                 ; =>aligned
@@ -2769,7 +2914,7 @@ mod tests {
     use super::*;
 
     fn mode(bits: u32) -> Mode {
-        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true, tlb_tables: None }
+        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true, avx: true, fp_masked: true, tlb_tables: None }
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.

@@ -220,7 +220,7 @@ struct IbtcBook {
 impl IbtcBook {
     fn new() -> Self {
         IbtcBook {
-            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false, tlb_tables: None }, 0, 0),
+            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false, avx: false, fp_masked: false, tlb_tables: None }, 0, 0),
             generation: 0,
             global: Box::new([false; IBTC_ENTRIES]),
             code_pages: Box::new([[0; 2]; IBTC_ENTRIES]),
@@ -652,6 +652,7 @@ impl Bt {
             libc::SIGSEGV => "SIGSEGV",
             libc::SIGBUS => "SIGBUS",
             libc::SIGILL => "SIGILL",
+            libc::SIGFPE => "SIGFPE",
             _ => "a signal",
         };
         let tu = self.tus.iter().flatten().find(|t| (t.base as usize..t.base as usize + t.len).contains(&pc));
@@ -722,6 +723,10 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
     use crate::cpu::{cr0, cr4};
     let c = &v.cpu;
     let sse = c.cr4 & cr4::OSFXSR != 0 && c.cr0 & (cr0::EM | cr0::TS) == 0;
+    let ymm = crate::simd::XCR0_SSE | crate::simd::XCR0_AVX;
+    let avx = sse && c.cr4 & cr4::OSXSAVE != 0 && c.xcr0 & ymm == ymm;
+    // MXCSR's exception masks (IM DM ZM OM UM PM) all set.
+    let fp_masked = sse && v.fpu.mxcsr() & 0x1f80 == 0x1f80;
     match c.mode {
         CpuMode::Long => {
             let tlb_tables = v.bt.as_ref().and_then(|bt| {
@@ -736,7 +741,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 };
                 Some([at(Access::Read)?, at(Access::Write)?])
             });
-            Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, tlb_tables })
+            Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, avx, fp_masked, tlb_tables })
         }
         // Branch targets are not checked against the CS limit: CS must span 4 GiB.
         CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
@@ -756,7 +761,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 }
             }
             let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
-            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse, tlb_tables: None })
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse, avx, fp_masked, tlb_tables: None })
         }
         _ => None,
     }
@@ -1112,6 +1117,7 @@ impl Vcpu {
         // The guest's SSE state is loaded by the first CCF that needs it,
         // and saved back to its area by the exit.
         b.fpu_area = self.fpu.area_ptr() as u64;
+        b.fpu_xcr0 = self.fpu.xcr0();
         b.fpu_load = bt.fpu_load;
         b.fpu_ready = bt.fpu_ready;
         b.fpu_enter = bt.fpu_load;
@@ -1120,6 +1126,7 @@ impl Vcpu {
         kicker.inspect(|k| k.enter_or_leave_ccf());
         (bt.entry)();
         kicker.inspect(|k| k.enter_or_leave_ccf());
+        self.fpu.normalize_after_ccf();
         let b = &*bt.block;
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);

@@ -637,6 +637,186 @@ fn inline_sse_matches_the_interpreter() {
     }
 }
 
+/// AVX and AVX2 run in the CCF on the guest's YMM registers (the load
+/// routine's `xrstor64` brings their upper halves, the exit's `xsave64`
+/// takes them back): a loop of glibc-like string-search steps (VEX.256
+/// loads, compares, byte masks, broadcasts, permutes, a VEX.128 load that
+/// clears its register's upper half, `vzeroupper`), SSE4.2's `pcmpistri`
+/// and SSE through an RSP-based operand, with a port write leaving
+/// translated code every pass, gives the interpreter's registers, YMM
+/// registers, memory and flags; a misaligned 32-byte `vmovdqa` is the
+/// runtime's #GP, precisely. (Each was a callout: 6M of them while a shell
+/// counted to 30000, glibc's AVX2 string functions.)
+#[test]
+fn inline_avx_matches_the_interpreter() {
+    use crate::cpu::cr4;
+    use crate::simd::{XCR0_AVX, XCR0_SSE, XCR0_X87};
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(rsp, DATA + 0x1000).unwrap();
+    a.mov(edx, 30).unwrap();
+    let mut first_vex = a.create_label();
+    a.set_label(&mut first_vex).unwrap();
+    a.vpxor(xmm3, xmm3, xmm3).unwrap();
+    a.vmovdqu(ymm0, ymmword_ptr(rsi + 3)).unwrap();
+    a.vpcmpeqb(ymm9, ymm9, ymm9).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.vpaddd(ymm0, ymm0, ymmword_ptr(rsi + 32)).unwrap();
+    a.vpshufb(ymm1, ymm0, ymmword_ptr(rsi + 64)).unwrap();
+    a.vpcmpeqb(ymm2, ymm1, ymm3).unwrap();
+    a.vpmovmskb(eax, ymm2).unwrap();
+    a.add(ebx, eax).unwrap();
+    a.vpbroadcastb(ymm5, xmm0).unwrap();
+    a.vpor(ymm3, ymm3, ymm5).unwrap();
+    a.vpermq(ymm6, ymm0, 0x1b).unwrap();
+    a.vpandn(ymm9, ymm6, ymm9).unwrap();
+    a.vmovdqu(ymmword_ptr(rsi + 128), ymm1).unwrap();
+    a.pcmpistri(xmm0, xmmword_ptr(rsi + 5), 0x0c).unwrap();
+    a.adc(r8d, ecx).unwrap();
+    a.movaps(xmmword_ptr(rsp - 32), xmm6).unwrap();
+    a.paddd(xmm4, xmmword_ptr(rsp - 32)).unwrap();
+    a.vmovdqu(xmm7, xmmword_ptr(rsi + 7)).unwrap();
+    a.out(0x80, al).unwrap();
+    a.dec(edx).unwrap();
+    a.jnz(top).unwrap();
+    a.vinserti128(ymm10, ymm6, xmm7, 1).unwrap();
+    a.vmovdqu(ymmword_ptr(rsi + 192), ymm9).unwrap();
+    a.vmovdqu(ymmword_ptr(rsi + 224), ymm10).unwrap();
+    // Upper halves cleared, then saved at an exit (the host may save
+    // them as in their initial configuration: the runtime writes zeros).
+    a.vzeroupper().unwrap();
+    a.out(0x80, al).unwrap();
+    a.vmovdqa(ymm8, ymmword_ptr(rsi + 160)).unwrap();
+    let mut misaligned = a.create_label();
+    a.set_label(&mut misaligned).unwrap();
+    a.vmovdqa(ymm11, ymmword_ptr(rsi + 8)).unwrap(); // #GP
+    a.hlt().unwrap();
+    let r = a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let (gp_at, first_vex) = (r.label_ip(&misaligned).unwrap(), r.label_ip(&first_vex).unwrap());
+    let code = r.inner.code_buffer;
+    let mut seen = Vec::new();
+    for bt in [false, true] {
+        let mut v = vcpu64(&code);
+        if bt {
+            v.enable_bt(64 << 20).expect("translator");
+        }
+        let bytes: Vec<u8> = (0..256u32).map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8).collect();
+        v.mem.write(DATA, &bytes);
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
+        v.fpu.set_xcr0(XCR0_X87 | XCR0_SSE | XCR0_AVX).expect("AVX state");
+        v.cpu.xcr0 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} at {:#x} (bt {bt})", v.cpu.regs.rip);
+        assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned vmovdqa (bt {bt})");
+        let ymm: Vec<(u128, u128)> = (0..16).map(|i| (v.fpu.xmm(i), v.fpu.ymm_high(i))).collect();
+        let mut out = [0u8; 128];
+        v.mem.read(DATA + 128, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.iter().filter(|(m, _)| !matches!(m, iced_x86::Mnemonic::Out | iced_x86::Mnemonic::Vmovdqa)).map(|(_, n)| n).sum();
+            assert!(handed_on <= 6, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr.to_vec(), v.cpu.regs.rflags & 0x8d5, ymm, out));
+    }
+    assert_eq!(seen[0], seen[1], "registers, flags, YMM and memory as the interpreter leaves them");
+    let (ymm, out) = (&seen[0].2, &seen[0].3);
+    assert!(out[64 + 16..96].iter().any(|&b| b != 0), "YMM9's upper half, built across the port writes' exits");
+    assert!(out[96 + 16..].iter().any(|&b| b != 0), "vinserti128's upper lane");
+    assert!((0..16).all(|i| (ymm[i].1 != 0) == (i == 8)), "vzeroupper, then a 32-byte load: {ymm:x?}");
+
+    // Without AVX state enabled in XCR0, the first VEX instruction is #UD,
+    // translated or not.
+    for bt in [false, true] {
+        let mut v = vcpu64(&code);
+        if bt {
+            v.enable_bt(64 << 20).expect("translator");
+        }
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 6), "{exit:?} (bt {bt})");
+        assert_eq!(v.cpu.regs.rip, first_vex, "at the first VEX instruction (bt {bt})");
+    }
+}
+
+/// Where MXCSR masks every exception, SSE floating-point arithmetic runs
+/// in the CCF on the guest's MXCSR: a loop of conversions, divisions,
+/// square roots and compares gives the interpreter's registers, XMM
+/// registers, flags and MXCSR (its precision and, from a division by
+/// zero, zero-divide flags raised). With the zero-divide exception
+/// unmasked the same division is #XM, precisely, under both engines (it
+/// is the runtime's then). (awk's arithmetic was 12M callouts for a
+/// million-step loop.)
+#[test]
+fn inline_sse_arithmetic_matches_the_interpreter() {
+    use crate::cpu::cr4;
+    let data = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esi, data).unwrap();
+    a.mov(esp, data + 0x1000).unwrap();
+    a.mov(ecx, 50).unwrap();
+    a.cvtsi2sd(xmm0, ecx).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.cvtsi2sd(xmm1, ecx).unwrap();
+    a.movsd_2(xmm2, qword_ptr(esi)).unwrap();
+    a.divsd(xmm1, xmm2).unwrap();
+    a.addsd(xmm0, xmm1).unwrap();
+    a.mulsd(xmm0, qword_ptr(esi + 8)).unwrap();
+    a.sqrtsd(xmm3, xmm0).unwrap();
+    a.ucomisd(xmm3, xmm1).unwrap();
+    a.adc(ebx, 0).unwrap();
+    a.cvttsd2si(eax, xmm3).unwrap();
+    a.add(edi, eax).unwrap();
+    a.cvtps2pd(xmm4, xmm3).unwrap();
+    a.movaps(xmmword_ptr(esp - 16), xmm3).unwrap();
+    a.movsd_2(qword_ptr(esp - 24), xmm0).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.xorpd(xmm5, xmm5).unwrap();
+    a.movsd_2(xmm6, qword_ptr(esi)).unwrap();
+    a.divsd(xmm6, xmm5).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let div_at = CODE + code.len() as u64 - 1 - 4;
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, &3.0f64.to_le_bytes());
+        v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXMMEXCPT;
+        run(&mut v);
+        let xmm: Vec<u128> = (0..8).map(|i| v.fpu.xmm(i)).collect();
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 4, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags & 0x8d5, xmm, v.fpu.mxcsr(), v.mem.read_u64(DATA + 0x1000 - 24)));
+    }
+    assert_eq!(seen[0], seen[1], "registers, flags, XMM, MXCSR and memory as the interpreter leaves them");
+    // (cvtps2pd of a double's halves meets denormals too.)
+    assert_eq!(seen[0].3 & 0x24, 0x24, "precision and zero-divide flags raised");
+    assert_eq!(seen[0].2[6], f64::INFINITY.to_bits() as u128);
+
+    // Zero-divide unmasked: #XM at the division by zero.
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, &3.0f64.to_le_bytes());
+        v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXMMEXCPT;
+        v.fpu.set_mxcsr(0x1f80 & !0x200);
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 19), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, div_at, "at the division by zero ({bt:?})");
+        assert_eq!(v.fpu.xmm(6), 3.0f64.to_bits() as u128, "its destination untouched ({bt:?})");
+    }
+}
+
 /// The start of Linux's `sync_core` (`mov eax, ss; push rax; push rsp`,
 /// then `mov eax, cs`), here in 32-bit form with selector reads to a
 /// register of each width and to memory, runs in the CCF (it ran 105k

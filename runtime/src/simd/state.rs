@@ -220,6 +220,17 @@ impl FpuState {
         self.area.0.as_mut_ptr()
     }
 
+    /// After translated code saved the state it loaded with `xsave64` (of
+    /// the components in XCR0): writes those the host left out, as in
+    /// their initial configuration, and marks them present (see
+    /// `normalize_after_save`).
+    pub fn normalize_after_ccf(&mut self) {
+        let Some(host) = HostXsave::get() else { return };
+        if self.xstate_bv() & self.xcr0 != self.xcr0 {
+            normalize_after_save(&mut self.area, self.xcr0, host);
+        }
+    }
+
     /// The standard-format XSAVE image, `xsave_size()` bytes. Every component
     /// enabled in XCR0 is present and marked in XSTATE_BV.
     pub fn area(&self) -> &[u8] {
