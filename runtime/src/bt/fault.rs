@@ -6,10 +6,12 @@
 //! the division (`BtBlock::fault_rip`). The runtime then runs that
 //! instruction in the interpreter, which raises the guest's #DE precisely.
 //!
-//! SIGSEGV, SIGBUS and SIGILL in the code cache are never a guest's doing
+//! SIGSEGV, SIGBUS, SIGILL and SIGFPE of a SIMD floating-point exception in
+//! the code cache are never a guest's doing
 //! (every guest memory access goes through the soft TLB, misaligned SSE
 //! accesses and instructions of features the guest lacks leave for the
-//! runtime), so they are a VMM bug: the handler records the signal and the
+//! runtime, SIMD floating-point arithmetic runs there only with every
+//! exception masked), so they are a VMM bug: the handler records the signal and the
 //! host address ([`take_host_fault`]) and resumes the thread at the
 //! host-fault exit, and the runtime reports which TU and guest instruction
 //! it was and stops the guest, instead of the process dying.
@@ -27,6 +29,10 @@ const MAX_RANGES: usize = 256;
 static RANGES: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
 static FAULT_EXITS: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
 static HOST_FAULT_EXITS: [AtomicUsize; MAX_RANGES] = [const { AtomicUsize::new(0) }; MAX_RANGES];
+
+/// `si_code` of a SIGFPE from an integer division (Linux's
+/// `<asm-generic/siginfo.h>`; the libc crate does not name it).
+const FPE_INTDIV: libc::c_int = 1;
 
 /// The signals the handler takes in compiled code.
 const SIGNALS: [libc::c_int; 4] = [libc::SIGFPE, libc::SIGSEGV, libc::SIGBUS, libc::SIGILL];
@@ -97,17 +103,23 @@ pub fn take_host_fault() -> Option<(libc::c_int, usize)> {
     HOST_FAULT.with(|f| f.take())
 }
 
-extern "C" fn on_fault(signo: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid ucontext_t for an SA_SIGINFO
-    // handler; only its saved RIP is read and written, which resumes the
-    // interrupted thread elsewhere with every other register unchanged.
-    // Re-installing the previous action is async-signal-safe (sigaction).
+extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t and ucontext_t for an
+    // SA_SIGINFO handler; only the signal's code and the saved RIP are
+    // read, and RIP written, which resumes the interrupted thread elsewhere
+    // with every other register unchanged. Re-installing the previous
+    // action is async-signal-safe (sigaction).
     unsafe {
         let uc = &mut *(ctx as *mut libc::ucontext_t);
         let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
         let pc = *rip as usize;
+        // A division's #DE (Linux reports an idiv overflow as a division
+        // by zero too); a SIMD floating-point exception is never a guest's
+        // in compiled code (such arithmetic runs there only with every
+        // exception masked), so it is a VMM bug like the others.
+        let division = signo == libc::SIGFPE && (*info).si_code == FPE_INTDIV;
         match fault_exits_for(pc) {
-            Some(exits) if signo == libc::SIGFPE => *rip = exits.guest as i64,
+            Some(exits) if division => *rip = exits.guest as i64,
             Some(exits) => {
                 HOST_FAULT.with(|f| f.set(Some((signo, pc))));
                 *rip = exits.host as i64;
