@@ -96,7 +96,7 @@ fn bench_translate(c: &mut Criterion) {
     let mut group = c.benchmark_group("translate");
     for (name, kernel, bits) in [("cpu32", env!("BTVMM_KERNEL_CPU"), 32), ("cpu64", env!("BTVMM_KERNEL_CPU64"), 64)] {
         let (text, base, starts) = tu_starts(kernel, bits);
-        let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits, cpl0: true, sse: true, avx: false, fp_masked: false, tlb_tables: None };
+        let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits, cpl0: true, sse: true, avx: false, fp_masked: false, x87: false, tlb_tables: None };
         group.throughput(Throughput::Elements(starts.len() as u64));
         group.bench_function(name, |b| {
             b.iter(|| {

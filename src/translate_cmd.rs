@@ -90,7 +90,7 @@ fn print_ccf(out: &mut String, f: &mut IntelFormatter, ccf: &Ccf, bytes: &[u8], 
 pub fn run(args: &TranslateArgs) -> anyhow::Result<String> {
     let bytes = guest_bytes(args)?;
     let bits: u32 = args.bits.parse().unwrap_or(64);
-    let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits, cpl0: true, sse: true, avx: true, fp_masked: true, tlb_tables: None };
+    let mode = Mode { bits, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: bits, cpl0: true, sse: true, avx: true, fp_masked: true, x87: true, tlb_tables: None };
     let mut f = IntelFormatter::new();
     f.options_mut().set_first_operand_char_index(8);
     let mut out = String::new();

@@ -90,6 +90,13 @@ pub struct Mode {
     /// AVX floating-point arithmetic cannot fault: it runs in the CCF too
     /// (on the guest's MXCSR, whose flags it raises as the guest's).
     pub fp_masked: bool,
+    /// x87 instructions run without a fault and cannot raise one (CR0.EM
+    /// and CR0.TS clear, every exception masked in the control word, none
+    /// pending): arithmetic, loads, stores and compares run in the CCF, on
+    /// the guest's x87 registers (the load routine's `xrstor64` brings
+    /// them; the runtime clears the instruction and data pointers the
+    /// host leaves).
+    pub x87: bool,
     /// Where 64-bit code's probes find the soft TLB's tables of this
     /// privilege (read, write): their offsets from the block (the host GS
     /// base), when both lie within 2 GiB of it, so a probe indexes a table
@@ -102,7 +109,7 @@ pub struct Mode {
 impl Mode {
     /// What an IBTC entry's tag holds besides the RIP: in 32-bit code, the
     /// fields a kernel's own code changes as it runs (which data segments
-    /// have a base and are usable, the stack size, SSE, AVX, MXCSR's masks), above the 32-bit
+    /// have a base and are usable, the stack size, the SIMD and x87 state's), above the 32-bit
     /// RIP, so TUs of such modes share one table. (i386 Linux runs with and
     /// without its per-CPU FS base: emptying the table at every such
     /// change cleared it 42k times while 21 shell commands ran.) 64-bit
@@ -111,7 +118,7 @@ impl Mode {
         if self.bits != 32 {
             return 0;
         }
-        let fields = self.seg_base_mask as u64 | (self.seg_usable_mask as u64) << 8 | ((self.stack_bits == 32) as u64) << 16 | (self.sse as u64) << 17 | (self.avx as u64) << 18 | (self.fp_masked as u64) << 19;
+        let fields = self.seg_base_mask as u64 | (self.seg_usable_mask as u64) << 8 | ((self.stack_bits == 32) as u64) << 16 | (self.sse as u64) << 17 | (self.avx as u64) << 18 | (self.fp_masked as u64) << 19 | (self.x87 as u64) << 20;
         fields << 32
     }
 
@@ -126,7 +133,7 @@ impl Mode {
         if self.bits != 32 {
             return *self;
         }
-        Mode { seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, sse: false, avx: false, fp_masked: false, ..*self }
+        Mode { seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, sse: false, avx: false, fp_masked: false, x87: false, ..*self }
     }
 }
 
@@ -489,7 +496,7 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         let ok = mem_operand_ok(insn, mode) && width_ok && !(names_rsp && mode.bits == 64);
         return if ok { Plan::BitMem } else { Plan::Stop };
     }
-    if mode.sse && sse_inline(insn, mode, info) {
+    if (mode.sse && sse_inline(insn, mode, info)) || (mode.x87 && x87_inline(insn, mode, info)) {
         return Plan::Sse;
     }
     // Only integer instructions on general registers run as themselves for
@@ -586,6 +593,46 @@ fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
     let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
     !has_mem
         || (matches!(insn.memory_size().size(), 1 | 2 | 4 | 8 | 16 | 32)
+            && used.used_memory().len() == 1
+            && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
+}
+
+/// x87 instructions that run in a CCF where none can fault (`Mode::x87`):
+/// loads, stores, arithmetic, compares, transcendentals and stack
+/// operations on the guest's registers. Those that load or store the
+/// environment or the control word, or reinitialise the unit, stay with
+/// the runtime (they may change what `Mode::x87` was decided on).
+fn x87_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) -> bool {
+    use Mnemonic as M;
+    let ok = matches!(
+        insn.mnemonic(),
+        M::Fld | M::Fst | M::Fstp | M::Fild | M::Fist | M::Fistp | M::Fisttp | M::Fld1 | M::Fldz | M::Fldpi
+            | M::Fldl2e | M::Fldl2t | M::Fldlg2 | M::Fldln2 | M::Fadd | M::Faddp | M::Fiadd | M::Fsub | M::Fsubp
+            | M::Fisub | M::Fsubr | M::Fsubrp | M::Fisubr | M::Fmul | M::Fmulp | M::Fimul | M::Fdiv | M::Fdivp
+            | M::Fidiv | M::Fdivr | M::Fdivrp | M::Fidivr | M::Fchs | M::Fabs | M::Fsqrt | M::Frndint | M::Fscale
+            | M::Fxtract | M::Fprem | M::Fprem1 | M::Fcom | M::Fcomp | M::Fcompp | M::Fucom | M::Fucomp
+            | M::Fucompp | M::Ficom | M::Ficomp | M::Fcomi | M::Fcomip | M::Fucomi | M::Fucomip | M::Ftst
+            | M::Fxam | M::Fxch | M::Fcmovb | M::Fcmove | M::Fcmovbe | M::Fcmovu | M::Fcmovnb | M::Fcmovne
+            | M::Fcmovnbe | M::Fcmovnu | M::Fnstsw | M::Fnstcw | M::Wait | M::Fnclex | M::Ffree | M::Fincstp
+            | M::Fdecstp | M::Fnop | M::Fsin | M::Fcos | M::Fsincos | M::Fptan | M::Fpatan | M::F2xm1 | M::Fyl2x
+            | M::Fyl2xp1
+    );
+    if !ok || insn.encoding() != iced_x86::EncodingKind::Legacy {
+        return false;
+    }
+    // x87 and general registers only (`fnstsw ax`; RSP only in the address).
+    let names_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
+    let used = info.info(insn);
+    let regs_ok = used.used_registers().iter().all(|u| {
+        let r = u.register();
+        (Register::ST0 as u32..=Register::ST7 as u32).contains(&(r as u32)) || r.is_gpr() || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
+    });
+    if names_rsp || !regs_ok {
+        return false;
+    }
+    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+    !has_mem
+        || (matches!(insn.memory_size().size(), 2 | 4 | 8 | 10)
             && used.used_memory().len() == 1
             && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
 }
@@ -2914,7 +2961,7 @@ mod tests {
     use super::*;
 
     fn mode(bits: u32) -> Mode {
-        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true, avx: true, fp_masked: true, tlb_tables: None }
+        Mode { bits, seg_base_mask: if bits == 64 { 0 } else { 1 << seg::FS }, seg_usable_mask: 0x3d, stack_bits: bits, cpl0: true, sse: true, avx: true, fp_masked: true, x87: true, tlb_tables: None }
     }
 
     /// A small deterministic generator (xorshift), so failures reproduce.

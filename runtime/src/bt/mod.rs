@@ -220,7 +220,7 @@ struct IbtcBook {
 impl IbtcBook {
     fn new() -> Self {
         IbtcBook {
-            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false, avx: false, fp_masked: false, tlb_tables: None }, 0, 0),
+            context: (Mode { bits: 0, seg_base_mask: 0, seg_usable_mask: 0, stack_bits: 0, cpl0: false, sse: false, avx: false, fp_masked: false, x87: false, tlb_tables: None }, 0, 0),
             generation: 0,
             global: Box::new([false; IBTC_ENTRIES]),
             code_pages: Box::new([[0; 2]; IBTC_ENTRIES]),
@@ -727,6 +727,8 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
     let avx = sse && c.cr4 & cr4::OSXSAVE != 0 && c.xcr0 & ymm == ymm;
     // MXCSR's exception masks (IM DM ZM OM UM PM) all set.
     let fp_masked = sse && v.fpu.mxcsr() & 0x1f80 == 0x1f80;
+    // x87: usable, every exception masked in FCW, none pending (FSW.ES).
+    let x87 = c.cr0 & (cr0::EM | cr0::TS) == 0 && v.fpu.fcw() & 0x3f == 0x3f && v.fpu.fsw() & 0x80 == 0;
     match c.mode {
         CpuMode::Long => {
             let tlb_tables = v.bt.as_ref().and_then(|bt| {
@@ -741,7 +743,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 };
                 Some([at(Access::Read)?, at(Access::Write)?])
             });
-            Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, avx, fp_masked, tlb_tables })
+            Some(Mode { bits: 64, seg_base_mask: 0, seg_usable_mask: 0x3f, stack_bits: 64, cpl0: c.cpl == 0, sse, avx, fp_masked, x87, tlb_tables })
         }
         // Branch targets are not checked against the CS limit: CS must span 4 GiB.
         CpuMode::Protected | CpuMode::Compat if c.code_bits() == 32 && c.seg[seg::CS].limit == 0xffff_ffff => {
@@ -761,7 +763,7 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
                 }
             }
             let stack_bits = if c.seg[seg::SS].default_big() { 32 } else { 16 };
-            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse, avx, fp_masked, tlb_tables: None })
+            Some(Mode { bits: 32, seg_base_mask, seg_usable_mask, stack_bits, cpl0: c.cpl == 0, sse, avx, fp_masked, x87, tlb_tables: None })
         }
         _ => None,
     }

@@ -817,6 +817,88 @@ fn inline_sse_arithmetic_matches_the_interpreter() {
     }
 }
 
+/// Where the x87 control word masks every exception (and none is
+/// pending), x87 instructions run in the CCF on the guest's registers: a
+/// loop of integer and double loads, division, square root, sine, a
+/// compare into EFLAGS, stores of a double, an integer and an 80-bit
+/// value and `fnstsw ax` gives the interpreter's registers, flags, memory
+/// and x87 state (the instruction and data pointers zero, as the runtime
+/// keeps them). With the zero-divide exception unmasked, a division by
+/// zero is #MF at the next waiting instruction, under both engines (the
+/// runtime's then). (i386 busybox's awk does its doubles on the x87: 9M
+/// callouts for a 100000-step loop.)
+#[test]
+fn inline_x87_matches_the_interpreter() {
+    use crate::cpu::cr0;
+    let data = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esi, data).unwrap();
+    a.mov(ecx, 40).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(dword_ptr(esi + 16), ecx).unwrap();
+    a.fild(dword_ptr(esi + 16)).unwrap();
+    a.fld(qword_ptr(esi)).unwrap();
+    a.fdivp(st1, st0).unwrap();
+    a.fsqrt().unwrap();
+    a.fadd(qword_ptr(esi + 8)).unwrap();
+    a.fsin().unwrap();
+    a.fld(st0).unwrap();
+    a.fmul_2(st0, st0).unwrap();
+    a.fcomi(st0, st1).unwrap();
+    a.adc(ebx, 0).unwrap();
+    a.fstp(qword_ptr(esi + 24)).unwrap();
+    a.fimul(dword_ptr(esi + 16)).unwrap();
+    a.fistp(dword_ptr(esi + 32)).unwrap();
+    a.add(edi, dword_ptr(esi + 32)).unwrap();
+    a.fnstsw(ax).unwrap();
+    a.add(edx, eax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.fldz().unwrap();
+    a.fld1().unwrap();
+    a.fdivrp(st1, st0).unwrap();
+    let mut waiting = a.create_label();
+    a.set_label(&mut waiting).unwrap();
+    a.fstp(tword_ptr(esi + 48)).unwrap();
+    a.fnstsw(ax).unwrap();
+    a.hlt().unwrap();
+    let r = a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+    let mf_at = r.label_ip(&waiting).unwrap();
+    let code = r.inner.code_buffer;
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, &3.0f64.to_le_bytes());
+        v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
+        run(&mut v);
+        let mut mem = [0u8; 64];
+        v.mem.read(DATA, &mut mem);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.values().sum();
+            assert!(handed_on <= 4, "only cold TLB misses: {:?}", b.stats.callouts);
+        }
+        let x87 = v.fpu.legacy_region()[..160].to_vec();
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags & 0x8d5, mem, x87));
+    }
+    assert_eq!(seen[0], seen[1], "registers, flags, memory and x87 state as the interpreter leaves them");
+    assert_eq!(seen[0].3[6..24], [0; 18], "no instruction or data pointer");
+    assert_eq!(seen[0].0[0] & 0x04, 0x04, "the zero-divide flag, masked");
+
+    // Zero-divide unmasked: #MF at the next waiting instruction.
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, &3.0f64.to_le_bytes());
+        v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
+        v.cpu.cr0 |= cr0::NE;
+        v.fpu.legacy_region_mut()[0] = 0x7b;
+        v.trap_exceptions = true;
+        let exit = v.run(&EventSignal::new(), None);
+        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 16), "{exit:?} ({bt:?})");
+        assert_eq!(v.cpu.regs.rip, mf_at, "at the waiting instruction after the division ({bt:?})");
+    }
+}
+
 /// The start of Linux's `sync_core` (`mov eax, ss; push rax; push rsp`,
 /// then `mov eax, cs`), here in 32-bit form with selector reads to a
 /// register of each width and to memory, runs in the CCF (it ran 105k

@@ -229,6 +229,9 @@ impl FpuState {
         if self.xstate_bv() & self.xcr0 != self.xcr0 {
             normalize_after_save(&mut self.area, self.xcr0, host);
         }
+        // x87 instructions leave host addresses as the last instruction's
+        // and operand's.
+        self.area.0[OFF_FOP..OFF_FDP_END].fill(0);
     }
 
     /// The standard-format XSAVE image, `xsave_size()` bytes. Every component
