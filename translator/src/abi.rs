@@ -230,9 +230,9 @@ pub struct BtBlock {
     /// and RAX meanwhile, which those two write.
     pub saved_flags: u64,
     pub saved_rax: u64,
-    /// The guest's XCR0 (x87, SSE, and AVX where it enabled it): the
-    /// components the SSE load routine's `xrstor64` and the exit's
-    /// `xsave64` move, so VEX instructions run in CCFs on the guest's YMM
+    /// The state components the SSE load routine's `xrstor64` and the
+    /// exit's `xsave64` move: x87, SSE, and AVX where the guest's XCR0
+    /// enables it, so VEX instructions run in CCFs on the guest's YMM
     /// registers.
     pub fpu_xcr0: u64,
     /// Where the load routine keeps the registers it borrows.

@@ -84,6 +84,14 @@ pub fn trampolines() -> Trampolines {
         ; gs mov eax, DWORD [BtBlock::OFF_FPU_XCR0 as i32]
         ; mov edx, 0
         ; xsave64 [rcx]
+    );
+    if std::arch::is_x86_feature_detected!("avx") {
+        // The guest's YMM upper halves, dirty in the host, would slow
+        // Rust's SSE code on some hosts.
+        dynasm!(a ; .arch x64 ; vzeroupper);
+    }
+    dynasm!(a
+        ; .arch x64
         ; fninit
         ; gs ldmxcsr DWORD [BtBlock::OFF_HOST_MXCSR as i32]
         ; gs mov rax, QWORD [BtBlock::OFF_FPU_LOAD as i32]

@@ -179,16 +179,21 @@ pub struct Bt {
 /// jump holds as long as the mapping of its target's page does, as an IBTC
 /// entry does: it is unchained when that mapping may change (a full flush,
 /// a CR3 write for a page not mapped global, an `invlpg` of the page).
-/// Lists may name TUs removed since, or their ids' new TUs: unchaining
-/// those too costs an exit at most.
+/// A TU is listed while it has such chains (`Tu::cross_in`), and no longer
+/// once they are unchained or it is removed. Chains into TUs of code that
+/// runs at CPL 1 to 3 (whose modes agree) are made under one of those
+/// privileges: all of them go when the code runs under another.
 #[derive(Default)]
 struct CrossChains {
     /// By the target's linear page.
     by_page: FxHashMap<u64, Vec<u32>>,
     /// Those whose page is not mapped global.
-    nonglobal: Vec<u32>,
+    nonglobal: rustc_hash::FxHashSet<u32>,
     /// The TLB generation they are up to date with.
     generation: u64,
+    /// The last privilege other than 0 that code ran at when they were
+    /// brought up to date.
+    ring: u8,
 }
 
 /// The runtime's record of one IBTC table of the block.
@@ -356,6 +361,9 @@ impl Bt {
     fn remove_tu(&mut self, id: u32) {
         let Some(tu) = self.tus.get_mut(id as usize).and_then(Option::take) else { return };
         self.lru.pop(&id);
+        if tu.cross_in {
+            self.unlist_cross(id, tu.lin_page);
+        }
         // Only the set of its RIP can hold it, in either table.
         let set = ibtc_index(tu.key.rip);
         for e in self.block.ibtc.iter_mut().flat_map(|t| &mut t[set..set + IBTC_WAYS]) {
@@ -409,24 +417,32 @@ impl Bt {
 
     /// Unchains the jumps from other linear pages into the TUs whose page's
     /// mapping went since the last look (TLB generations after
-    /// `cross.generation`; everything if the journal no longer reaches back).
-    fn check_cross_chains(&mut self, tlb: &crate::mmu::tlb::Tlb) {
-        if self.cross.generation == tlb.generation {
+    /// `cross.generation`; everything if the journal no longer reaches
+    /// back), and all of them if code runs at CPL `cpl`, not 0, other than
+    /// the last (a page a jump was chained into at CPL 3 may be closed to
+    /// CPL 1, or one chained into at CPL 1 to CPL 3).
+    fn check_cross_chains(&mut self, tlb: &crate::mmu::tlb::Tlb, cpl: u8) {
+        let ring_changed = cpl != 0 && cpl != self.cross.ring;
+        if self.cross.generation == tlb.generation && !ring_changed {
             return;
         }
         let since = std::mem::replace(&mut self.cross.generation, tlb.generation);
+        if cpl != 0 {
+            self.cross.ring = cpl;
+        }
         if self.cross.by_page.is_empty() {
             return;
         }
         let mut gone = Vec::new();
-        let mut all = false;
+        let mut all = ring_changed;
         match tlb.dropped_since(since) {
+            _ if all => {}
             None => all = true,
             Some(dropped) => {
                 for d in dropped {
                     match d {
                         Dropped::All => all = true,
-                        Dropped::NonGlobal => gone.append(&mut self.cross.nonglobal),
+                        Dropped::NonGlobal => gone.extend(self.cross.nonglobal.drain()),
                         Dropped::Page(page) => gone.extend(self.cross.by_page.remove(&page).unwrap_or_default()),
                         Dropped::Large(base, size) => self.cross.by_page.retain(|&page, ids| {
                             let inside = page & !(size - 1) == base;
@@ -451,6 +467,17 @@ impl Bt {
         }
     }
 
+    /// Takes TU `id` off the lists of `cross`.
+    fn unlist_cross(&mut self, id: u32, page: u64) {
+        if let Some(ids) = self.cross.by_page.get_mut(&page) {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.cross.by_page.remove(&page);
+            }
+        }
+        self.cross.nonglobal.remove(&id);
+    }
+
     /// Unchains the jumps from other linear pages into TU `id`.
     fn unchain_cross_into(&mut self, id: u32) {
         let Some(Some(d)) = self.tus.get_mut(id as usize) else { return };
@@ -460,6 +487,7 @@ impl Bt {
         d.cross_in = false;
         let page = d.lin_page;
         let incoming = std::mem::take(&mut d.incoming);
+        self.unlist_cross(id, page);
         let (cross, same): (Vec<_>, Vec<_>) =
             incoming.into_iter().partition(|&(src, _)| self.tus.get(src as usize).and_then(Option::as_ref).is_some_and(|s| s.lin_page != page));
         if let Some(Some(d)) = self.tus.get_mut(id as usize) {
@@ -523,7 +551,7 @@ impl Bt {
                 d.cross_in = true;
                 self.cross.by_page.entry(d.lin_page).or_default().push(dst);
                 if !global {
-                    self.cross.nonglobal.push(dst);
+                    self.cross.nonglobal.insert(dst);
                 }
             }
             d.incoming.push((src, stub));
@@ -866,7 +894,7 @@ impl Vcpu {
         let tlb = &self.tlb;
         let Some(bt) = self.bt.as_mut() else { return };
         bt.check_page2_chains(tlb.generation);
-        bt.check_cross_chains(tlb);
+        bt.check_cross_chains(tlb, self.cpu.cpl);
         let t = ibtc_table(mode.cpl0);
         let book = &bt.ibtc[t];
         if book.context == rest && book.generation == tlb.generation {
@@ -1119,7 +1147,7 @@ impl Vcpu {
         // The guest's SSE state is loaded by the first CCF that needs it,
         // and saved back to its area by the exit.
         b.fpu_area = self.fpu.area_ptr() as u64;
-        b.fpu_xcr0 = self.fpu.xcr0();
+        b.fpu_xcr0 = self.fpu.ccf_components();
         b.fpu_load = bt.fpu_load;
         b.fpu_ready = bt.fpu_ready;
         b.fpu_enter = bt.fpu_load;

@@ -802,6 +802,24 @@ fn inline_sse_arithmetic_matches_the_interpreter() {
     assert_eq!(seen[0].3 & 0x24, 0x24, "precision and zero-divide flags raised");
     assert_eq!(seen[0].2[6], f64::INFINITY.to_bits() as u128);
 
+    // Rounding toward zero, and XCR0 with x87 state alone (legacy SSE
+    // needs only CR4.OSFXSR): the interpreter's results still.
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        v.mem.write(DATA, &3.0f64.to_le_bytes());
+        v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
+        v.fpu.set_xcr0(crate::simd::XCR0_X87).expect("x87 state alone");
+        v.cpu.xcr0 = crate::simd::XCR0_X87;
+        v.fpu.set_mxcsr(0x7f80);
+        run(&mut v);
+        let xmm: Vec<u128> = (0..8).map(|i| v.fpu.xmm(i)).collect();
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), xmm, v.fpu.mxcsr()));
+    }
+    assert_eq!(seen[0], seen[1], "rounding toward zero with XCR0 = 1");
+    assert_ne!(seen[0].1[0], 0);
+
     // Zero-divide unmasked: #XM at the division by zero.
     for bt in [None, Some(64 << 20)] {
         let mut v = vcpu(&code, bt);
@@ -1582,6 +1600,11 @@ fn a_call_chained_into_another_page_follows_its_mapping() {
         if let Some(b) = v.bt.as_ref() {
             // Each pass chains its call once; the first two are unchained.
             assert!(b.stats.chained >= 3 && b.stats.unchained >= 2, "{} chained, {} unchained", b.stats.chained, b.stats.unchained);
+            // The CR3 write after the last pass unchained its call too,
+            // and nothing is left listed (unchained TUs stayed listed, and
+            // the lists grew at every CR3 write).
+            let listed: usize = b.cross.by_page.values().map(Vec::len).sum();
+            assert_eq!((listed, b.cross.nonglobal.len()), (0, 0));
             let left = b.stats.exits[ExitReason::Next as usize];
             assert!(left < 40, "{left} exits to a next TU: the calls were not chained");
         }

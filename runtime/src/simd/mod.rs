@@ -235,7 +235,9 @@ impl SimdExecutor {
         if masked_run {
             write_u32(&mut self.scratch.0, OFF_MXCSR, (guest_mxcsr & !MXCSR_FLAGS) | MXCSR_MASKS);
         }
-        let rfbm = fpu.xcr0() & self.host.supported_xcr0;
+        // (Legacy SSE needs only CR4.OSFXSR: its state moves even where XCR0
+        // holds x87 state alone.)
+        let rfbm = fpu.host_components() & self.host.supported_xcr0;
         let mut frame = StubFrame {
             gpr: *gpr,
             rflags: RFLAGS_FIXED | (*rflags & ARITH_FLAGS),

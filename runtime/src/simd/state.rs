@@ -220,14 +220,31 @@ impl FpuState {
         self.area.0.as_mut_ptr()
     }
 
+    /// The components translated code loads with `xrstor64` and saves
+    /// with `xsave64`: those in XCR0, and x87 and SSE state always (legacy
+    /// SSE needs only CR4.OSFXSR, even where XCR0 holds x87 state alone),
+    /// which the area holds and its header marks present for the load.
+    pub fn ccf_components(&mut self) -> u64 {
+        let bv = self.xstate_bv();
+        self.set_xstate_bv(bv | XCR0_X87 | XCR0_SSE);
+        self.host_components()
+    }
+
+    /// The components the host loads and saves for the guest: those in
+    /// XCR0, and x87 and SSE state always.
+    pub(super) fn host_components(&self) -> u64 {
+        self.xcr0 | XCR0_X87 | XCR0_SSE
+    }
+
     /// After translated code saved the state it loaded with `xsave64` (of
-    /// the components in XCR0): writes those the host left out, as in
-    /// their initial configuration, and marks them present (see
+    /// `ccf_components`): writes those the host left out, as in their
+    /// initial configuration, and marks them present (see
     /// `normalize_after_save`).
     pub fn normalize_after_ccf(&mut self) {
         let Some(host) = HostXsave::get() else { return };
-        if self.xstate_bv() & self.xcr0 != self.xcr0 {
-            normalize_after_save(&mut self.area, self.xcr0, host);
+        let components = self.host_components();
+        if self.xstate_bv() & components != components {
+            normalize_after_save(&mut self.area, components, host);
         }
         // x87 instructions leave host addresses as the last instruction's
         // and operand's.
@@ -319,11 +336,12 @@ impl FpuState {
     }
 
     /// Makes the image safe for the host's `xrstor64`: reserved MXCSR bits, XSTATE_BV
-    /// bits outside XCR0 and non-zero header reserved bytes would all be #GP.
+    /// bits outside the components the host moves (`host_components`) and non-zero
+    /// header reserved bytes would all be #GP.
     pub(super) fn sanitize(&mut self) {
         let mxcsr = self.mxcsr();
         self.set_mxcsr(mxcsr);
-        let bv = self.xstate_bv() & self.xcr0;
+        let bv = self.xstate_bv() & self.host_components();
         self.area.0[OFF_XSTATE_BV..OFF_HEADER_END].fill(0);
         self.set_xstate_bv(bv);
     }
