@@ -5,7 +5,7 @@ kernel and busybox initramfs boot under both, run the same shell commands
 floating point), and each command's time and output are compared (figures
 to report, not a test).
 
-    scripts/compare-user.py [--kernel amd64|686|686-pae|all] [--runs N]
+    scripts/compare-user.py [--kernel amd64|686|686-pae|all] [--runs N] [--btvmm PATH]
 
 Each command is timed between the markers the initramfs's /init prints
 around it (BTVMM-CMD-BEGIN / BTVMM-CMD-END), as the host reads them from the
@@ -74,8 +74,10 @@ def main():
     ap.add_argument("--kernel", default="amd64", choices=list(KERNELS) + ["all"])
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--btvmm", default=os.path.join(ROOT, "target", "release", "btvmm"),
+                    help="the btvmm binary (another build, to compare two)")
     args = ap.parse_args()
-    btvmm = os.path.join(ROOT, "target", "release", "btvmm")
+    btvmm = args.btvmm
     if not os.path.exists(btvmm):
         sys.exit("compare-user: build btvmm first (cargo build --release)")
     failed = False

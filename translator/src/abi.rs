@@ -240,6 +240,8 @@ pub struct BtBlock {
     /// 31: the `pext` mask of the low bits a 32-byte aligned address has
     /// clear (`align16_mask`'s for 32-byte operands).
     pub align32_mask: u64,
+    /// Set by the exit when it saved the state a CCF loaded.
+    pub fpu_saved: u64,
 }
 
 /// Entries in each table of [`BtBlock::ibtc`]: `1 << IBTC_BITS`, in sets
@@ -314,6 +316,7 @@ impl Default for BtBlock {
             fpu_xcr0: 0,
             fpu_tmp: [0; 3],
             align32_mask: 31,
+            fpu_saved: 0,
         }
     }
 }
@@ -372,6 +375,7 @@ impl BtBlock {
     pub const OFF_FPU_XCR0: usize = Self::OFF_SAVED_RAX + 8;
     pub const OFF_FPU_TMP: usize = Self::OFF_FPU_XCR0 + 8;
     pub const OFF_ALIGN32_MASK: usize = Self::OFF_FPU_TMP + 3 * 8;
+    pub const OFF_FPU_SAVED: usize = Self::OFF_ALIGN32_MASK + 8;
 
     pub const fn off_gpr(r: usize) -> usize {
         Self::OFF_GPR + r * 8
@@ -521,6 +525,7 @@ mod tests {
         assert_eq!(offset_of!(BtBlock, fpu_xcr0), BtBlock::OFF_FPU_XCR0);
         assert_eq!(offset_of!(BtBlock, fpu_tmp), BtBlock::OFF_FPU_TMP);
         assert_eq!(offset_of!(BtBlock, align32_mask), BtBlock::OFF_ALIGN32_MASK);
+        assert_eq!(offset_of!(BtBlock, fpu_saved), BtBlock::OFF_FPU_SAVED);
     }
 
     /// Code addresses at any regular stride spread over the IBTC, and the

@@ -84,6 +84,7 @@ pub fn trampolines() -> Trampolines {
         ; gs mov eax, DWORD [BtBlock::OFF_FPU_XCR0 as i32]
         ; mov edx, 0
         ; xsave64 [rcx]
+        ; gs mov DWORD [BtBlock::OFF_FPU_SAVED as i32], 1
     );
     if std::arch::is_x86_feature_detected!("avx") {
         // The guest's YMM upper halves, dirty in the host, would slow

@@ -421,17 +421,19 @@ impl Bt {
     /// back), and all of them if code runs at CPL `cpl`, not 0, other than
     /// the last (a page a jump was chained into at CPL 3 may be closed to
     /// CPL 1, or one chained into at CPL 1 to CPL 3).
-    fn check_cross_chains(&mut self, tlb: &crate::mmu::tlb::Tlb, cpl: u8) {
+    /// Returns whether the privilege changed so (jumps chained into TUs
+    /// spanning two pages must go too: `check_page2_chains`).
+    fn check_cross_chains(&mut self, tlb: &crate::mmu::tlb::Tlb, cpl: u8) -> bool {
         let ring_changed = cpl != 0 && cpl != self.cross.ring;
         if self.cross.generation == tlb.generation && !ring_changed {
-            return;
+            return false;
         }
         let since = std::mem::replace(&mut self.cross.generation, tlb.generation);
         if cpl != 0 {
             self.cross.ring = cpl;
         }
         if self.cross.by_page.is_empty() {
-            return;
+            return ring_changed;
         }
         let mut gone = Vec::new();
         let mut all = ring_changed;
@@ -465,6 +467,7 @@ impl Bt {
         for id in gone {
             self.unchain_cross_into(id);
         }
+        ring_changed
     }
 
     /// Takes TU `id` off the lists of `cross`.
@@ -547,9 +550,13 @@ impl Bt {
             if d.page2.is_some() && d.incoming.is_empty() {
                 self.page2_chained.push(dst);
             }
-            if cross && !d.cross_in {
-                d.cross_in = true;
-                self.cross.by_page.entry(d.lin_page).or_default().push(dst);
+            if cross {
+                if !d.cross_in {
+                    d.cross_in = true;
+                    self.cross.by_page.entry(d.lin_page).or_default().push(dst);
+                }
+                // (A TU listed under a global mapping may be chained into
+                // again under a non-global one.)
                 if !global {
                     self.cross.nonglobal.insert(dst);
                 }
@@ -893,8 +900,11 @@ impl Vcpu {
         let rest = (mode.ibtc_context(), self.cpu.seg[seg::CS].base, self.cpu.cpl);
         let tlb = &self.tlb;
         let Some(bt) = self.bt.as_mut() else { return };
+        if bt.check_cross_chains(tlb, self.cpu.cpl) {
+            // Any value but the current one: everything goes.
+            bt.page2_generation = tlb.generation.wrapping_add(1);
+        }
         bt.check_page2_chains(tlb.generation);
-        bt.check_cross_chains(tlb, self.cpu.cpl);
         let t = ibtc_table(mode.cpl0);
         let book = &bt.ibtc[t];
         if book.context == rest && book.generation == tlb.generation {
@@ -1148,6 +1158,7 @@ impl Vcpu {
         // and saved back to its area by the exit.
         b.fpu_area = self.fpu.area_ptr() as u64;
         b.fpu_xcr0 = self.fpu.ccf_components();
+        b.fpu_saved = 0;
         b.fpu_load = bt.fpu_load;
         b.fpu_ready = bt.fpu_ready;
         b.fpu_enter = bt.fpu_load;
@@ -1156,7 +1167,9 @@ impl Vcpu {
         kicker.inspect(|k| k.enter_or_leave_ccf());
         (bt.entry)();
         kicker.inspect(|k| k.enter_or_leave_ccf());
-        self.fpu.normalize_after_ccf();
+        if bt.block.fpu_saved != 0 {
+            self.fpu.normalize_after_ccf();
+        }
         let b = &*bt.block;
         let guest_regs = if bits == 64 { 16 } else { 8 };
         self.cpu.regs.gpr[..guest_regs].copy_from_slice(&b.regs.gpr[..guest_regs]);

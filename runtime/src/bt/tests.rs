@@ -917,6 +917,38 @@ fn inline_x87_matches_the_interpreter() {
     }
 }
 
+/// The x87 instruction pointer a guest's `fxrstor` loaded survives
+/// translated code that never loads the guest's x87 state (it was cleared
+/// after every CCF), as the interpreter keeps it.
+#[test]
+fn translated_code_keeps_a_loaded_x87_instruction_pointer() {
+    use crate::cpu::cr4;
+    let data = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.fxrstor(ptr(data)).unwrap();
+    a.mov(ecx, 100).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(eax, 3).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.fxsave(ptr(data + 512)).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        let mut image = [0u8; 512];
+        image[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        image[8..12].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+        image[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        v.mem.write(DATA, &image);
+        v.cpu.cr4 |= cr4::OSFXSR;
+        run(&mut v);
+        assert_eq!(v.mem.read_u32(DATA + 512 + 8), 0x1234_5678, "FIP as fxrstor loaded it ({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[0] & 0xffff_ffff, 300);
+    }
+}
+
 /// The start of Linux's `sync_core` (`mov eax, ss; push rax; push rsp`,
 /// then `mov eax, cs`), here in 32-bit form with selector reads to a
 /// register of each width and to memory, runs in the CCF (it ran 105k

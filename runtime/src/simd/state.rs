@@ -239,7 +239,8 @@ impl FpuState {
     /// After translated code saved the state it loaded with `xsave64` (of
     /// `ccf_components`): writes those the host left out, as in their
     /// initial configuration, and marks them present (see
-    /// `normalize_after_save`).
+    /// `normalize_after_save`), and clears the x87 instruction and data
+    /// pointers the host's x87 instructions left.
     pub fn normalize_after_ccf(&mut self) {
         let Some(host) = HostXsave::get() else { return };
         let components = self.host_components();
