@@ -743,6 +743,63 @@ fn inline_avx_matches_the_interpreter() {
     }
 }
 
+/// AVX2 in 32-bit code (YMM0-7, 32-bit addresses, an operand through
+/// ESP) runs in the CCF with the interpreter's results too; `vzeroupper`
+/// there is the runtime's (it leaves YMM8-15 alone, the host's would not).
+#[test]
+fn inline_avx_in_32_bit_code_matches_the_interpreter() {
+    use crate::cpu::cr4;
+    use crate::simd::{XCR0_AVX, XCR0_SSE, XCR0_X87};
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return;
+    }
+    let data = DATA as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(esi, data).unwrap();
+    a.mov(esp, data + 0x1000).unwrap();
+    a.mov(edx, 30).unwrap();
+    a.vpxor(xmm3, xmm3, xmm3).unwrap();
+    a.vmovdqu(ymm0, ymmword_ptr(esi + 3)).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.vpaddd(ymm0, ymm0, ymmword_ptr(esi + 32)).unwrap();
+    a.vpshufb(ymm1, ymm0, ymmword_ptr(esi + 64)).unwrap();
+    a.vpcmpeqb(ymm2, ymm1, ymm3).unwrap();
+    a.vpmovmskb(eax, ymm2).unwrap();
+    a.add(ebx, eax).unwrap();
+    a.vpermq(ymm6, ymm0, 0x4e).unwrap();
+    a.vpor(ymm3, ymm3, ymm6).unwrap();
+    a.vmovdqu(ymmword_ptr(esp - 64), ymm1).unwrap();
+    a.vpaddb(ymm7, ymm7, ymmword_ptr(esp - 64)).unwrap();
+    a.vmovdqu(ymmword_ptr(esi + 128), ymm7).unwrap();
+    a.dec(edx).unwrap();
+    a.jnz(top).unwrap();
+    a.vzeroupper().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut seen = Vec::new();
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        let bytes: Vec<u8> = (0..256u32).map(|i| (i.wrapping_mul(91) ^ 0x3c) as u8).collect();
+        v.mem.write(DATA, &bytes);
+        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
+        v.fpu.set_xcr0(XCR0_X87 | XCR0_SSE | XCR0_AVX).expect("AVX state");
+        v.cpu.xcr0 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
+        run(&mut v);
+        let ymm: Vec<(u128, u128)> = (0..8).map(|i| (v.fpu.xmm(i), v.fpu.ymm_high(i))).collect();
+        let mut out = [0u8; 32];
+        v.mem.read(DATA + 128, &mut out);
+        if let Some(b) = v.bt.as_ref() {
+            let handed_on: u64 = b.stats.callouts.iter().filter(|(m, _)| **m != iced_x86::Mnemonic::Vzeroupper).map(|(_, n)| n).sum();
+            assert!(handed_on <= 6, "only cold TLB misses: {:?}", b.stats.callouts);
+            assert_eq!(b.stats.callouts.get(&iced_x86::Mnemonic::Vzeroupper), Some(&1), "vzeroupper is the runtime's");
+        }
+        seen.push((v.cpu.regs.gpr[..8].to_vec(), v.cpu.regs.rflags & 0x8d5, ymm, out));
+    }
+    assert_eq!(seen[0], seen[1], "registers, flags, YMM and memory as the interpreter leaves them");
+    assert!(seen[0].3.iter().any(|&b| b != 0));
+}
+
 /// Where MXCSR masks every exception, SSE floating-point arithmetic runs
 /// in the CCF on the guest's MXCSR: a loop of conversions, divisions,
 /// square roots and compares gives the interpreter's registers, XMM
