@@ -406,11 +406,18 @@ impl Bt {
         for id in std::mem::take(&mut self.page2_chained) {
             let Some(Some(tu)) = self.tus.get_mut(id as usize) else { continue };
             let incoming = std::mem::take(&mut tu.incoming);
-            self.unpatch(&incoming);
-            for (src, _) in incoming {
-                if let Some(Some(s)) = self.tus.get_mut(src as usize) {
-                    s.outgoing.retain(|&d| d != id);
-                }
+            self.unchain(id, &incoming);
+        }
+    }
+
+    /// Turns the stubs `edges` (TU id, stub index), taken from TU `id`'s
+    /// `incoming`, back into exits, and forgets `id` among their TUs'
+    /// `outgoing`.
+    fn unchain(&mut self, id: u32, edges: &[(u32, u8)]) {
+        self.unpatch(edges);
+        for &(src, _) in edges {
+            if let Some(Some(s)) = self.tus.get_mut(src as usize) {
+                s.outgoing.retain(|&d| d != id);
             }
         }
     }
@@ -437,8 +444,7 @@ impl Bt {
         }
         let mut gone = Vec::new();
         let mut all = ring_changed;
-        match tlb.dropped_since(since) {
-            _ if all => {}
+        match tlb.dropped_since(since).filter(|_| !all) {
             None => all = true,
             Some(dropped) => {
                 for d in dropped {
@@ -496,14 +502,7 @@ impl Bt {
         if let Some(Some(d)) = self.tus.get_mut(id as usize) {
             d.incoming = same;
         }
-        self.unpatch(&cross);
-        for (src, _) in cross {
-            if let Some(Some(s)) = self.tus.get_mut(src as usize) {
-                if let Some(i) = s.outgoing.iter().position(|&d| d == id) {
-                    s.outgoing.swap_remove(i);
-                }
-            }
-        }
+        self.unchain(id, &cross);
     }
 
     /// An id for a new TU.
@@ -760,10 +759,8 @@ fn bt_mode(v: &Vcpu) -> Option<Mode> {
     let sse = c.cr4 & cr4::OSFXSR != 0 && c.cr0 & (cr0::EM | cr0::TS) == 0;
     let ymm = crate::simd::XCR0_SSE | crate::simd::XCR0_AVX;
     let avx = sse && c.cr4 & cr4::OSXSAVE != 0 && c.xcr0 & ymm == ymm;
-    // MXCSR's exception masks (IM DM ZM OM UM PM) all set.
-    let fp_masked = sse && v.fpu.mxcsr() & 0x1f80 == 0x1f80;
-    // x87: usable, every exception masked in FCW, none pending (FSW.ES).
-    let x87 = c.cr0 & (cr0::EM | cr0::TS) == 0 && v.fpu.fcw() & 0x3f == 0x3f && v.fpu.fsw() & 0x80 == 0;
+    let fp_masked = sse && v.fpu.simd_exceptions_masked();
+    let x87 = c.cr0 & (cr0::EM | cr0::TS) == 0 && v.fpu.x87_exceptions_masked();
     match c.mode {
         CpuMode::Long => {
             let tlb_tables = v.bt.as_ref().and_then(|bt| {

@@ -61,6 +61,51 @@ fn page_tables(v: &Vcpu, pd: u64, pt: u64, map: impl Fn(u64) -> u64) {
     }
 }
 
+/// Runs until the guest takes an exception, kept from the guest
+/// (`trap_exceptions`): it must be `vector` (`what` names the run).
+fn run_to_exception(v: &mut Vcpu, vector: u8, what: std::fmt::Arguments) {
+    v.trap_exceptions = true;
+    let exit = v.run(&EventSignal::new(), None);
+    assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == vector), "{exit:?} at {:#x} ({what})", v.cpu.regs.rip);
+}
+
+/// Turns the guest's AVX state on as Linux does: CR4.OSFXSR and OSXSAVE,
+/// and XCR0 with x87, SSE and AVX state (in the CPU and in the FPU state,
+/// as `xsetbv` sets both).
+fn enable_avx(v: &mut Vcpu) {
+    use crate::simd::{XCR0_AVX, XCR0_SSE, XCR0_X87};
+    v.cpu.cr4 |= crate::cpu::cr4::OSFXSR | crate::cpu::cr4::OSXSAVE;
+    v.fpu.set_xcr0(XCR0_X87 | XCR0_SSE | XCR0_AVX).expect("AVX state");
+    v.cpu.xcr0 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
+}
+
+/// A function at linear `func` whose page maps elsewhere under each page
+/// directory: `mov eax, n; ret` with n = 1, 2, 3 at CODE + 0x9000, 0xa000
+/// and 0xb000 (the second for the guest to remap the page to itself);
+/// the first of `tables` (directory, table) maps `func`'s page to the
+/// first, the second to the third, and both every other page to itself.
+fn remappable_function(v: &Vcpu, func: u64, tables: [(u64, u64); 2]) {
+    for (k, n) in [(0x9000, 1u8), (0xa000, 2), (0xb000, 3)] {
+        v.mem.write(CODE + k, &[0xb8, n, 0, 0, 0, 0xc3]);
+    }
+    for ((pd, pt), target) in tables.into_iter().zip([CODE + 0x9000, CODE + 0xb000]) {
+        page_tables(v, pd, pt, |page| if page == func { target } else { page });
+    }
+}
+
+/// One pass of the remapping tests: EDI times 10, plus EAX after each of
+/// `calls` calls to `func`.
+fn calls_into(a: &mut CodeAssembler, func: u64, calls: u32) {
+    let mut top = a.create_label();
+    a.imul_3(edi, edi, 10).unwrap();
+    a.mov(esi, calls).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(func).unwrap();
+    a.add(edi, eax).unwrap();
+    a.dec(esi).unwrap();
+    a.jnz(top).unwrap();
+}
+
 /// Runs to the final `hlt` (interrupts off): the machine halts for good.
 fn run(v: &mut Vcpu) {
     let exit = v.run(&EventSignal::new(), None);
@@ -609,9 +654,7 @@ fn inline_sse_matches_the_interpreter() {
         let bytes: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8).collect();
         v.mem.write(DATA, &bytes);
         v.cpu.cr4 |= cr4::OSFXSR;
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 13, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned movdqa ({bt:?})");
         let xmm: Vec<u128> = (0..8).map(|i| v.fpu.xmm(i)).collect();
         let mut out = [0u8; 16];
@@ -630,9 +673,7 @@ fn inline_sse_matches_the_interpreter() {
         let mut v = vcpu(&code, bt);
         v.cpu.cr4 |= cr4::OSFXSR;
         v.cpu.cr0 |= cr0::TS;
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 7), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 7, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, CODE + 10, "at the first movdqu ({bt:?})");
     }
 }
@@ -650,7 +691,6 @@ fn inline_sse_matches_the_interpreter() {
 #[test]
 fn inline_avx_matches_the_interpreter() {
     use crate::cpu::cr4;
-    use crate::simd::{XCR0_AVX, XCR0_SSE, XCR0_X87};
     if !std::arch::is_x86_feature_detected!("avx2") {
         return;
     }
@@ -706,12 +746,8 @@ fn inline_avx_matches_the_interpreter() {
         }
         let bytes: Vec<u8> = (0..256u32).map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8).collect();
         v.mem.write(DATA, &bytes);
-        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
-        v.fpu.set_xcr0(XCR0_X87 | XCR0_SSE | XCR0_AVX).expect("AVX state");
-        v.cpu.xcr0 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} at {:#x} (bt {bt})", v.cpu.regs.rip);
+        enable_avx(&mut v);
+        run_to_exception(&mut v, 13, format_args!("bt {bt}"));
         assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned vmovdqa (bt {bt})");
         let ymm: Vec<(u128, u128)> = (0..16).map(|i| (v.fpu.xmm(i), v.fpu.ymm_high(i))).collect();
         let mut out = [0u8; 128];
@@ -736,9 +772,7 @@ fn inline_avx_matches_the_interpreter() {
             v.enable_bt(64 << 20).expect("translator");
         }
         v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 6), "{exit:?} (bt {bt})");
+        run_to_exception(&mut v, 6, format_args!("bt {bt}"));
         assert_eq!(v.cpu.regs.rip, first_vex, "at the first VEX instruction (bt {bt})");
     }
 }
@@ -748,8 +782,6 @@ fn inline_avx_matches_the_interpreter() {
 /// there is the runtime's (it leaves YMM8-15 alone, the host's would not).
 #[test]
 fn inline_avx_in_32_bit_code_matches_the_interpreter() {
-    use crate::cpu::cr4;
-    use crate::simd::{XCR0_AVX, XCR0_SSE, XCR0_X87};
     if !std::arch::is_x86_feature_detected!("avx2") {
         return;
     }
@@ -782,9 +814,7 @@ fn inline_avx_in_32_bit_code_matches_the_interpreter() {
         let mut v = vcpu(&code, bt);
         let bytes: Vec<u8> = (0..256u32).map(|i| (i.wrapping_mul(91) ^ 0x3c) as u8).collect();
         v.mem.write(DATA, &bytes);
-        v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXSAVE;
-        v.fpu.set_xcr0(XCR0_X87 | XCR0_SSE | XCR0_AVX).expect("AVX state");
-        v.cpu.xcr0 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
+        enable_avx(&mut v);
         run(&mut v);
         let ymm: Vec<(u128, u128)> = (0..8).map(|i| (v.fpu.xmm(i), v.fpu.ymm_high(i))).collect();
         let mut out = [0u8; 32];
@@ -884,9 +914,7 @@ fn inline_sse_arithmetic_matches_the_interpreter() {
         v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
         v.cpu.cr4 |= cr4::OSFXSR | cr4::OSXMMEXCPT;
         v.fpu.set_mxcsr(0x1f80 & !0x200);
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 19), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 19, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, div_at, "at the division by zero ({bt:?})");
         assert_eq!(v.fpu.xmm(6), 3.0f64.to_bits() as u128, "its destination untouched ({bt:?})");
     }
@@ -967,9 +995,7 @@ fn inline_x87_matches_the_interpreter() {
         v.mem.write(DATA + 8, &0.75f64.to_le_bytes());
         v.cpu.cr0 |= cr0::NE;
         v.fpu.legacy_region_mut()[0] = 0x7b;
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 16), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 16, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, mf_at, "at the waiting instruction after the division ({bt:?})");
     }
 }
@@ -1115,9 +1141,7 @@ fn esp_in_its_own_register_matches_the_interpreter() {
         v.mem.write_u32(pt + ((DATA + 0x3000) >> 12) * 4, 0);
         v.mem.write_u32(DATA + 0x2ff8, 0x1111_1111);
         v.mem.write_u32(DATA + 0x2ffc, 0x2222_2222);
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 14, format_args!("{bt:?}"));
         let r = v.cpu.regs.gpr;
         assert_eq!(r[4] & 0xffff_ffff, DATA + 0x3000, "ESP before the faulting pop ({bt:?})");
         assert_eq!(r[1] & 0xffff_ffff, 0x2222_2222, "{bt:?}");
@@ -1590,7 +1614,6 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
     const PD2: u64 = 0x30_2000;
     const PT2: u64 = 0x30_3000;
     const FUNC: u64 = CODE + 0x8000;
-    let body = |n: u8| [0xb8, n, 0, 0, 0, 0xc3]; // mov eax, n; ret
     let mut a = CodeAssembler::new(32).unwrap();
     a.cli().unwrap();
     a.mov(esp, (DATA + 0x1000) as u32).unwrap();
@@ -1619,12 +1642,7 @@ fn the_ibtc_forgets_code_whose_mapping_went() {
     let code = a.assemble(CODE).unwrap();
     for bt in [None, Some(64 << 20)] {
         let mut v = vcpu(&code, bt);
-        for (k, n) in [(0x9000, 1), (0xa000, 2), (0xb000, 3)] {
-            v.mem.write(CODE + k, &body(n));
-        }
-        for (pd, pt, func) in [(PD, PT, CODE + 0x9000), (PD2, PT2, CODE + 0xb000)] {
-            page_tables(&v, pd, pt, |page| if page == FUNC { func } else { page });
-        }
+        remappable_function(&v, FUNC, [(PD, PT), (PD2, PT2)]);
         run(&mut v);
         // ((((1 + 1 + 2) * 10 + 2) * 10 + 3) * 10 + 3) * 10
         assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, 42_330, "each call ran what its page mapped then ({bt:?})");
@@ -1643,7 +1661,6 @@ fn a_call_chained_into_another_page_follows_its_mapping() {
     const PT2: u64 = 0x30_3000;
     const FUNC: u64 = CODE + 0x8000;
     const CALLS: u32 = 50;
-    let body = |n: u8| [0xb8, n, 0, 0, 0, 0xc3]; // mov eax, n; ret
     let mut a = CodeAssembler::new(32).unwrap();
     a.cli().unwrap();
     a.mov(esp, (DATA + 0x1000) as u32).unwrap();
@@ -1652,15 +1669,9 @@ fn a_call_chained_into_another_page_follows_its_mapping() {
     a.xor(ebp, ebp).unwrap();
     // The same call in each pass, so a jump left chained to the old
     // mapping's code would run it.
-    let (mut pass, mut top, mut not_first, mut next) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    let (mut pass, mut not_first, mut next) = (a.create_label(), a.create_label(), a.create_label());
     a.set_label(&mut pass).unwrap();
-    a.imul_3(edi, edi, 10).unwrap();
-    a.mov(esi, CALLS).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.call(FUNC).unwrap();
-    a.add(edi, eax).unwrap();
-    a.dec(esi).unwrap();
-    a.jnz(top).unwrap();
+    calls_into(&mut a, FUNC, CALLS);
     a.test(ebp, ebp).unwrap();
     a.jnz(not_first).unwrap();
     a.mov(dword_ptr(PT + (FUNC >> 12) * 4), (CODE + 0xa000 + 3) as u32).unwrap();
@@ -1677,12 +1688,7 @@ fn a_call_chained_into_another_page_follows_its_mapping() {
     let code = a.assemble(CODE).unwrap();
     for bt in [None, Some(64 << 20)] {
         let mut v = vcpu(&code, bt);
-        for (k, n) in [(0x9000, 1), (0xa000, 2), (0xb000, 3)] {
-            v.mem.write(CODE + k, &body(n));
-        }
-        for (pd, pt, func) in [(PD, PT, CODE + 0x9000), (PD2, PT2, CODE + 0xb000)] {
-            page_tables(&v, pd, pt, |page| if page == FUNC { func } else { page });
-        }
+        remappable_function(&v, FUNC, [(PD, PT), (PD2, PT2)]);
         run(&mut v);
         let calls = CALLS as u64;
         assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, (calls * 10 + calls * 2) * 10 + calls * 3, "each pass ran what its page mapped then ({bt:?})");
@@ -1712,15 +1718,9 @@ fn a_call_chained_into_a_large_page_follows_its_mapping() {
     a.mov(rsp, 0x28_0000u64).unwrap();
     a.xor(edi, edi).unwrap();
     a.xor(ebp, ebp).unwrap();
-    let (mut pass, mut top, mut next) = (a.create_label(), a.create_label(), a.create_label());
+    let (mut pass, mut next) = (a.create_label(), a.create_label());
     a.set_label(&mut pass).unwrap();
-    a.imul_3(edi, edi, 10).unwrap();
-    a.mov(esi, CALLS).unwrap();
-    a.set_label(&mut top).unwrap();
-    a.call(FUNC).unwrap();
-    a.add(edi, eax).unwrap();
-    a.dec(esi).unwrap();
-    a.jnz(top).unwrap();
+    calls_into(&mut a, FUNC, CALLS);
     a.test(ebp, ebp).unwrap();
     a.jnz(next).unwrap();
     // The second 2 MiB page now maps the 2 MiB above guest RAM's first
@@ -2096,9 +2096,7 @@ fn a_fault_in_translated_code_keeps_dead_flags() {
         v.cpu.cr4 |= cr4::PSE;
         v.cpu.cr0 |= cr0::PG;
         v.cpu.update_mode();
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 14, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, CODE + 1, "precise: at the mov ({bt:?})");
         assert_ne!(v.cpu.regs.rflags & rflags::CF, 0, "CF from stc, as the frame would show ({bt:?})");
     }
@@ -2134,9 +2132,7 @@ fn a_rep_compare_faulting_in_its_next_page_keeps_its_flags() {
         v.cpu.cr4 |= cr4::PSE;
         v.cpu.cr0 |= cr0::PG;
         v.cpu.update_mode();
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 14, format_args!("{bt:?}"));
         let r = &v.cpu.regs;
         assert_eq!((r.gpr[1] as u32, r.gpr[6] as u32, r.gpr[7] as u32), (0x10, END, DATA as u32 + 0x810), "{bt:?}");
         assert_eq!(r.rflags & (rflags::CF | rflags::ZF), rflags::ZF, "the last comparison's flags ({bt:?})");
@@ -2163,9 +2159,7 @@ fn division_by_zero_in_translated_code_is_a_precise_guest_de() {
     let div_at = CODE + code.len() as u64 - 3;
     for bt in [None, Some(64 << 20)] {
         let mut v = vcpu(&code, bt);
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 0), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 0, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, div_at, "at the faulting div ({bt:?})");
         assert_eq!(v.cpu.regs.gpr[0] & 0xffff_ffff, 9, "eax untouched ({bt:?})");
         assert_eq!(v.cpu.regs.gpr[2] & 0xffff_ffff, 5, "edx from the first div ({bt:?})");
@@ -2261,9 +2255,7 @@ fn division_by_memory_in_translated_code_matches_the_interpreter() {
         if let Some(cache) = bt {
             v.enable_bt(cache).expect("translator");
         }
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 0), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 0, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, div_at, "at the faulting div ({bt:?})");
         let r = v.cpu.regs.gpr;
         assert_eq!((r[8], r[9]), (14, 2), "{bt:?}");
@@ -2895,9 +2887,7 @@ fn loop_tus_match_the_interpreter() {
             if bt {
                 v.enable_bt(64 << 20).expect("translator");
             }
-            v.trap_exceptions = true;
-            let exit = v.run(&EventSignal::new(), None);
-            assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 14), "variant {variant}: {exit:?} (bt {bt})");
+            run_to_exception(&mut v, 14, format_args!("variant {variant}, bt {bt}"));
             let mut data = vec![0u8; 0x8000];
             v.mem.read(DATA, &mut data);
             if let Some(b) = v.bt.as_ref() {
@@ -2999,9 +2989,7 @@ fn cmpxchg16b_matches_the_interpreter() {
         if let Some(cache) = bt {
             v.enable_bt(cache).expect("translator");
         }
-        v.trap_exceptions = true;
-        let exit = v.run(&EventSignal::new(), None);
-        assert!(matches!(exit, VmExit::Exception(ref e) if e.vector == 13), "{exit:?} ({bt:?})");
+        run_to_exception(&mut v, 13, format_args!("{bt:?}"));
         assert_eq!(v.cpu.regs.rip, gp_at, "at the misaligned cmpxchg16b ({bt:?})");
         let mut memory = [0u64; 4];
         for (k, m) in memory.iter_mut().enumerate() {

@@ -64,7 +64,7 @@ pub use state::{FpuState, InvalidXcr0, XCR0_AVX, XCR0_SSE, XCR0_X87, XSAVE_AREA_
 
 use classify::{accesses_mxcsr, classify, loads_mxcsr, required_alignment, x87_pointer_fields};
 use crate::code_mem::{self, CodeArena, CodeMemError};
-use state::{normalize_after_save, read_u32, write_u32, HostXsave, XsaveArea, OFF_MXCSR};
+use state::{normalize_after_save, read_u32, write_u32, HostXsave, XsaveArea, MXCSR_MASKS, OFF_MXCSR};
 use stub::{StubFn, StubFrame};
 
 /// The guest-visible result of one instruction.
@@ -104,9 +104,9 @@ const VECTOR_XM: u8 = 19;
 /// CF PF AF ZF SF OF: the only RFLAGS bits a stub loads or returns.
 const ARITH_FLAGS: u64 = 0x8d5;
 const RFLAGS_FIXED: u64 = 0x2;
-/// MXCSR exception flags (IE DE ZE OE UE PE), masks, and the pre-computation ones.
+/// MXCSR exception flags (IE DE ZE OE UE PE), and the pre-computation ones
+/// (the masks: `state::MXCSR_MASKS`).
 const MXCSR_FLAGS: u32 = 0x3f;
-const MXCSR_MASKS: u32 = 0x1f80;
 const MXCSR_PRE_COMPUTATION: u32 = 0x7;
 /// Largest memory operand staged (FNSAVE's 108 bytes, a YMM's 32), with slack.
 const STAGING_BYTES: usize = 512;

@@ -40,6 +40,8 @@ const OFF_HEADER_END: usize = 576;
 
 pub(super) const FCW_INIT: u16 = 0x037f;
 pub(super) const MXCSR_INIT: u32 = 0x1f80;
+/// MXCSR's exception masks (IM DM ZM OM UM PM).
+pub(super) const MXCSR_MASKS: u32 = 0x1f80;
 /// MXCSR_MASK to assume when FXSAVE reports 0 (SDM 11.6.6: all bits but DAZ).
 const MXCSR_MASK_DEFAULT: u32 = 0xffbf;
 
@@ -309,6 +311,18 @@ impl FpuState {
             }
             _ => 0,
         }
+    }
+
+    /// Every SIMD floating-point exception is masked in MXCSR: no SSE or
+    /// AVX arithmetic can raise #XM.
+    pub fn simd_exceptions_masked(&self) -> bool {
+        self.mxcsr() & MXCSR_MASKS == MXCSR_MASKS
+    }
+
+    /// Every x87 exception is masked in the control word and none is
+    /// pending: no x87 instruction can raise #MF.
+    pub fn x87_exceptions_masked(&self) -> bool {
+        self.fcw() & 0x3f == 0x3f && !self.x87_exception_pending()
     }
 
     /// True when a waiting x87 instruction (or an MMX one) must raise #MF: the
