@@ -132,6 +132,9 @@ impl Machine {
         self.vcpu.stats.tlb_flushes = self.vcpu.tlb.flushes;
         self.vcpu.stats.tlb_page_invalidations = self.vcpu.tlb.page_invalidations;
         self.flush_console();
+        if let Some(text) = crate::vga_text::screen(&self.vcpu.mem) {
+            eprint!("btvmm: the guest's VGA text screen (0xb8000) at its end:\n{text}");
+        }
         let code = match exit {
             VmExit::Stopped => match self.stop.reason() {
                 Some(StopReason::DebugExit(status)) => (status & 0xff) as u8,

@@ -1,6 +1,7 @@
 //! The command line as a user meets it: bad input gets one clear line and a
 //! non-zero status; a guest's exit port, triple fault and `--stats` reach
-//! the user. Small multiboot images (a.out kludge) are built here.
+//! the user, and so does a VGA text screen. Small multiboot images (a.out
+//! kludge) are built here.
 
 mod common;
 
@@ -104,4 +105,32 @@ fn run_stats_under_the_translator_reports_tus_and_callouts() {
     assert!(err.contains("translation units: 16-bit 0, 32-bit "), "{err}");
     assert!(err.contains("callouts: 4 (out:4)"), "{err}");
     assert!(err.contains("I/O port accesses by device: debug-exit:1 com1:3"), "{err}");
+}
+
+/// A kernel in the style of the OSDev wiki's "Bare Bones": it writes to the
+/// VGA text buffer only and halts with interrupts off. btvmm has no display,
+/// so the screen is printed when the guest stops, under either engine.
+#[test]
+fn run_vga_text_screen_is_shown_when_the_guest_stops() {
+    let mut code = Vec::new();
+    // mov dword [0xb8000 + 2 * (80 * row + col)], "<c1><attr><c2><attr>"
+    for (at, pair) in [(0u32, b"Hi"), (4, b", "), (8, b"VG"), (12, b"A!"), (2 * 80 * 2 + 6, b"ok")] {
+        code.extend_from_slice(&[0xc7, 0x05]);
+        code.extend_from_slice(&(0xb_8000 + at).to_le_bytes());
+        code.extend_from_slice(&[pair[0], 0x1f, pair[1], 0x1f]);
+    }
+    code.extend_from_slice(&[0xfa, 0xf4]); // cli; hlt
+    let k = aout_kernel("vga", &code);
+    for engine in ["interp", "bt"] {
+        let o = btvmm(&["run", "--engine", engine, "--multiboot", k.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{engine}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("VGA text screen (0xb8000) at its end:\nHi, VGA!\n\n   ok\n"), "{engine}: {err}");
+        assert!(err.contains("halted with interrupts disabled"), "{engine}: {err}");
+        assert!(o.stdout.is_empty(), "{engine}");
+    }
+    // A kernel that leaves the screen alone shows none.
+    let k = aout_kernel("novga", &print_and_exit(b"ok\n", 0));
+    let o = btvmm(&["run", "--multiboot", k.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("VGA"));
 }
