@@ -1764,6 +1764,98 @@ fn a_call_chained_into_a_large_page_follows_its_mapping() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// CPL 1, 2 and 3 share translations (only CPL 0 has its own), but not
+/// what they may fetch: a call chained at CPL 1 into a supervisor page must
+/// not run that page's code when the same call comes at CPL 3. Code on a
+/// user page calls a function on a supervisor-only page at CPL 1, then
+/// `iret`s to CPL 3 and makes the same call, which must be a #PF at the
+/// function's first instruction (code that reached the end at CPL 3 would
+/// halt there instead: a #GP).
+#[test]
+fn a_call_chained_at_cpl_1_does_not_reach_a_supervisor_page_at_cpl_3() {
+    const PD: u64 = 0x30_0000;
+    const PT: u64 = 0x30_1000;
+    const GDT: u64 = DATA + 0x800;
+    const GDTR: u64 = DATA + 0x700;
+    const FUNC: u64 = CODE + 0x8000;
+    const CALLS: u32 = 50;
+    let build = |[top_ip, user_ip]: [u32; 2]| {
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut top = a.create_label();
+        let mut user = a.create_label();
+        let mut at_cpl3 = a.create_label();
+        a.cli().unwrap();
+        a.mov(esp, (DATA + 0x1000) as u32).unwrap();
+        a.lgdt(dword_ptr(GDTR)).unwrap();
+        paging_on(&mut a, PD);
+        a.xor(edi, edi).unwrap();
+        a.mov(esi, CALLS).unwrap();
+        // To CPL 1 (selectors 0x19 and 0x21), at the calls.
+        for v in [0x21, (DATA + 0x2000) as u32, 0x2, 0x19] {
+            a.push(v).unwrap();
+        }
+        // (`mov r32, imm32` keeps its size when the address is known.)
+        a.mov(eax, top_ip).unwrap();
+        a.push(eax).unwrap();
+        a.iretd().unwrap();
+        // The calls (the first misses in the TLB at the push and goes to
+        // the runtime; the TU of the call chains at the second).
+        a.set_label(&mut top).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(edi, eax).unwrap();
+        a.dec(esi).unwrap();
+        a.jnz(top).unwrap();
+        a.mov(eax, cs).unwrap();
+        a.test(al, 2).unwrap();
+        a.jnz(at_cpl3).unwrap();
+        // From CPL 1 to CPL 3 (0x2b and 0x33), which touches its stack
+        // first (so that the call's push finds CPL 3's TLB entry: a miss
+        // would leave the call to the runtime) and goes to the same calls.
+        for v in [0x33, (DATA + 0x3000) as u32, 0x2, 0x2b] {
+            a.push(v).unwrap();
+        }
+        a.mov(eax, user_ip).unwrap();
+        a.push(eax).unwrap();
+        a.iretd().unwrap();
+        a.set_label(&mut user).unwrap();
+        a.push(eax).unwrap();
+        a.pop(eax).unwrap();
+        a.mov(esi, CALLS).unwrap();
+        a.jmp(top).unwrap();
+        a.set_label(&mut at_cpl3).unwrap();
+        a.hlt().unwrap();
+        let r = a.assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS).unwrap();
+        let ips = [&top, &user].map(|l| r.label_ip(l).unwrap() as u32);
+        (r.inner.code_buffer, ips)
+    };
+    // Assembled twice: the second time with the addresses the first found.
+    let (_, ips) = build([0; 2]);
+    let (code, _) = build(ips);
+    let flat = |dpl: u64, code: bool| 0x00cf_0000_0000_ffffu64 | (0x92 | dpl << 5 | if code { 8 } else { 0 }) << 40;
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&code, bt);
+        let descriptors = [0, flat(0, true), flat(0, false), flat(1, true), flat(1, false), flat(3, true), flat(3, false)];
+        for (k, d) in descriptors.iter().enumerate() {
+            v.mem.write_u64(GDT + 8 * k as u64, *d);
+        }
+        v.mem.write(GDTR, &[0x37, 0]);
+        v.mem.write_u32(GDTR + 2, GDT as u32);
+        // Every page user-accessible but the function's.
+        v.mem.write_u32(PD, (PT | 7) as u32);
+        for page in 0..1024u64 {
+            let user = if page << 12 == FUNC { 0 } else { 4 };
+            v.mem.write_u32(PT + page * 4, ((page << 12) | 3 | user) as u32);
+        }
+        v.mem.write(FUNC, &[0xb8, 1, 0, 0, 0, 0xc3]);
+        run_to_exception(&mut v, 14, format_args!("the call at CPL 3 ({bt:?})"));
+        assert_eq!((v.cpu.cpl, v.cpu.regs.rip), (3, FUNC), "({bt:?})");
+        assert_eq!(v.cpu.regs.gpr[7] & 0xffff_ffff, CALLS as u64, "the calls at CPL 1 ran ({bt:?})");
+        if let Some(b) = v.bt.as_ref() {
+            assert!(b.stats.chained >= 1, "the call was chained at CPL 1");
+        }
+    }
+}
+
 /// A function whose first instruction crosses into the next page, called
 /// through a register in a loop, is found in the IBTC like any other (it
 /// left for the dispatcher at every call and return before: the IBTC held
