@@ -9,10 +9,11 @@
 
 use btvmm_runtime::GuestMemory;
 
-/// The colour text buffer (mode 3).
+/// The colour text buffer (mode 3): `ROWS` rows of `COLUMNS` cells, each a
+/// character byte and an attribute byte.
 pub const TEXT_BUFFER: u64 = 0xb_8000;
-pub const COLUMNS: usize = 80;
-pub const ROWS: usize = 25;
+const COLUMNS: usize = 80;
+const ROWS: usize = 25;
 
 /// The screen's rows as text (each cell's character; trailing blanks and
 /// blank rows at the bottom left out), or `None` when the buffer shows

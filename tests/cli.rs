@@ -114,7 +114,7 @@ fn run_stats_under_the_translator_reports_tus_and_callouts() {
 fn run_vga_text_screen_is_shown_when_the_guest_stops() {
     let mut code = Vec::new();
     // mov dword [0xb8000 + 2 * (80 * row + col)], "<c1><attr><c2><attr>"
-    for (at, pair) in [(0u32, b"Hi"), (4, b", "), (8, b"VG"), (12, b"A!"), (2 * 80 * 2 + 6, b"ok")] {
+    for (at, pair) in [(0u32, b"Hi"), (4, b", "), (8, b"VG"), (12, b"A!"), (2 * (80 * 2 + 3), b"ok")] {
         code.extend_from_slice(&[0xc7, 0x05]);
         code.extend_from_slice(&(0xb_8000 + at).to_le_bytes());
         code.extend_from_slice(&[pair[0], 0x1f, pair[1], 0x1f]);
