@@ -33,10 +33,23 @@ pub struct Config {
 }
 
 impl Config {
-    /// The whole user-level integer ISA. `DIFFTEST_SEED` overrides the seed.
+    /// The whole user-level integer ISA. For longer hunts, `DIFFTEST_SEED`
+    /// overrides the seed, `DIFFTEST_CASES` the number of random sequences
+    /// and `DIFFTEST_ITEMS` their longest length (sequences longer than a
+    /// translation unit's 12 instructions run through several).
     pub fn full() -> Config {
-        let seed = std::env::var("DIFFTEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6274_766d);
-        Config { seed, variants: 40, random_cases: 8000, max_items: 12, keep: |_| true, compounds: true, max_reports: 5 }
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
+            std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+        }
+        Config {
+            seed: var("DIFFTEST_SEED", 0x6274_766d),
+            variants: 40,
+            random_cases: var("DIFFTEST_CASES", 8000),
+            max_items: var("DIFFTEST_ITEMS", 12),
+            keep: |_| true,
+            compounds: true,
+            max_reports: 5,
+        }
     }
 }
 
