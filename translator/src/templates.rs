@@ -151,23 +151,40 @@ pub const CHAIN_JUMP_BYTES: usize = 5;
 /// That jump unchained: to the next instruction, into the exit.
 pub const UNCHAINED_JUMP: [u8; CHAIN_JUMP_BYTES] = [0xe9, 0, 0, 0, 0];
 
+/// The length of an [`exit_stub`].
+pub const EXIT_STUB_LEN: usize = CHAIN_JUMP_BYTES + 4 * 12 + 8;
+
 /// An exit stub: leaves the CCF for the dispatcher with `reason`, at guest
 /// `rip`, naming itself as `site` (see `BtBlock::exit_site`). It opens with a
 /// 5-byte `jmp rel32` that falls through to the next instruction; chaining
 /// patches it to jump straight to the CCF of `rip` (or, for a stub a
 /// conditional branch lands on, retargets the branch: `ExitSite::link`).
-pub fn exit_stub(rip: u64, reason: ExitReason, site: u32) -> Vec<u8> {
-    let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
-    a.extend(UNCHAINED_JUMP);
-    dynasm!(a
-        ; .arch x64
-        ; gs mov DWORD [BtBlock::OFF_RIP as i32], rip as u32 as i32
-        ; gs mov DWORD [BtBlock::OFF_RIP as i32 + 4], (rip >> 32) as u32 as i32
-        ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], reason as u64 as i32
-        ; gs mov DWORD [BtBlock::OFF_EXIT_SITE as i32], site as i32
-        ; gs jmp QWORD [BtBlock::OFF_EXIT_STUB as i32]
-    );
-    a.finalize().unwrap_or_default()
+///
+/// Every TU has several, so they are encoded here by hand, without an
+/// assembler's allocations (a test checks the bytes against dynasm's):
+/// four `mov dword gs:[disp32], imm32` (the RIP's halves, the reason, the
+/// site) and `jmp qword gs:[disp32]` to the exit.
+pub fn exit_stub(rip: u64, reason: ExitReason, site: u32) -> [u8; EXIT_STUB_LEN] {
+    const GS_MOV_DWORD: [u8; 4] = [0x65, 0xc7, 0x04, 0x25];
+    const GS_JMP_QWORD: [u8; 4] = [0x65, 0xff, 0x24, 0x25];
+    let stores = [
+        (BtBlock::OFF_RIP, rip as u32),
+        (BtBlock::OFF_RIP + 4, (rip >> 32) as u32),
+        (BtBlock::OFF_EXIT_REASON, reason as u32),
+        (BtBlock::OFF_EXIT_SITE, site),
+    ];
+    let mut s = [0u8; EXIT_STUB_LEN];
+    s[..CHAIN_JUMP_BYTES].copy_from_slice(&UNCHAINED_JUMP);
+    let mut at = CHAIN_JUMP_BYTES;
+    for (off, imm) in stores {
+        s[at..at + 4].copy_from_slice(&GS_MOV_DWORD);
+        s[at + 4..at + 8].copy_from_slice(&(off as u32).to_le_bytes());
+        s[at + 8..at + 12].copy_from_slice(&imm.to_le_bytes());
+        at += 12;
+    }
+    s[at..at + 4].copy_from_slice(&GS_JMP_QWORD);
+    s[at + 4..].copy_from_slice(&(BtBlock::OFF_EXIT_STUB as u32).to_le_bytes());
+    s
 }
 
 /// The exit of an indirect branch, which has stored the RIP it leaves for
@@ -225,6 +242,24 @@ mod tests {
         }
         assert_eq!(text.last().unwrap(), "ret");
         assert_eq!(t.fpu_ready, t.code.len() - 1);
+    }
+
+    /// The hand-encoded stub is what dynasm assembles from its source.
+    #[test]
+    fn exit_stub_is_dynasms_encoding() {
+        for (rip, reason, site) in [(0x1234u64, ExitReason::Next, 0u32), (0xffff_ffff_8100_1234, ExitReason::Interpret, 0xffff_ff07)] {
+            let mut a: VecAssembler<X64Relocation> = VecAssembler::new(0);
+            a.extend(UNCHAINED_JUMP);
+            dynasm!(a
+                ; .arch x64
+                ; gs mov DWORD [BtBlock::OFF_RIP as i32], rip as u32 as i32
+                ; gs mov DWORD [BtBlock::OFF_RIP as i32 + 4], (rip >> 32) as u32 as i32
+                ; gs mov DWORD [BtBlock::OFF_EXIT_REASON as i32], reason as u64 as i32
+                ; gs mov DWORD [BtBlock::OFF_EXIT_SITE as i32], site as i32
+                ; gs jmp QWORD [BtBlock::OFF_EXIT_STUB as i32]
+            );
+            assert_eq!(exit_stub(rip, reason, site).to_vec(), a.finalize().unwrap());
+        }
     }
 
     #[test]

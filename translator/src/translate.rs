@@ -53,7 +53,7 @@ use crate::abi::{seg, tlb, BtBlock, ExitReason, IBTC_HASH, IBTC_SET_BITS, IBTC_W
 // The IBTC lookups emitted here try the two ways of a set.
 const _: () = assert!(IBTC_WAYS == 2);
 use crate::classify::{classify, Class};
-use crate::templates::{exit_stub, UNCHAINED_JUMP};
+use crate::templates::{exit_stub, EXIT_STUB_LEN, UNCHAINED_JUMP};
 
 /// The most guest instructions one TU holds.
 pub const MAX_TU_INSNS: usize = 12;
@@ -1128,7 +1128,7 @@ impl Emitter {
     fn exit(&mut self, rip: u64, reason: ExitReason) {
         let offset = self.a.offset().0;
         let site = self.site(self.exits.len());
-        self.a.extend(exit_stub(rip, reason, site));
+        self.bytes(&exit_stub(rip, reason, site));
         self.exits.push(ExitSite { offset, rip, reason, chain_to: None, branch: None });
     }
 
@@ -1138,7 +1138,7 @@ impl Emitter {
     /// back: runtime `bt::kick`). A jump into another page is unchained
     /// again when that page's mapping may change (runtime
     /// `Bt::check_cross_chains`).
-    fn next_exit_code(&self, rip: u64, index: usize) -> Vec<u8> {
+    fn next_exit_code(&self, rip: u64, index: usize) -> [u8; EXIT_STUB_LEN] {
         exit_stub(rip, ExitReason::Next, self.site(index))
     }
 
@@ -1185,7 +1185,7 @@ impl Emitter {
         let site = self.site(self.exits.len());
         self.bytes(&UNCHAINED_JUMP);
         self.bytes(&back);
-        self.a.extend(exit_stub(target, ExitReason::Next, site));
+        self.bytes(&exit_stub(target, ExitReason::Next, site));
         self.exits.push(ExitSite { offset, rip: target, reason: ExitReason::Next, chain_to: Some(loop_head), branch: Some(branch) });
         self.rcx_borrowed = false;
     }
@@ -2615,7 +2615,10 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    let mut e = Emitter { a: VecAssembler::new(0), id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
+    // Room for a typical CCF (some 600 bytes, three labels per probe), so
+    // the buffers do not grow a step at a time.
+    let a = VecAssembler::new_with_capacity(0, 2048, 0, 0, 64, 0, 64);
+    let mut e = Emitter { a, id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
     let live = live_flags(tu);
 
