@@ -54,8 +54,23 @@ pub enum Reason {
     HiddenFeature,
 }
 
-/// The class of an instruction form, and why.
+/// The class of an instruction form, and why: a lookup in the table of
+/// every form, built by the rules below on first use (they match on the
+/// forms' names, too slow to run for every instruction translated).
 pub fn classify(code: Code) -> (Class, Reason) {
+    static TABLE: std::sync::OnceLock<Vec<(Class, Reason)>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = vec![(Class::Undefined, Reason::NotAnInstruction); Code::values().len()];
+        for c in Code::values() {
+            t[c as usize] = by_rules(c);
+        }
+        t
+    });
+    table[code as usize]
+}
+
+/// The rules of the table.
+fn by_rules(code: Code) -> (Class, Reason) {
     let m = code.mnemonic();
     if code == Code::INVALID || matches!(m, M::Db | M::Dw | M::Dd | M::Dq) {
         return (Class::Undefined, Reason::NotAnInstruction);
