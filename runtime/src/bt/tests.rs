@@ -1764,6 +1764,18 @@ fn a_call_chained_into_a_large_page_follows_its_mapping() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// `iret` to `[SS, ESP, CS, EIP]` with interrupts off. The EIP goes
+/// through EAX: `push imm` would shrink to imm8 for an address not yet
+/// known (zero), `mov r32, imm32` is 5 bytes either way.
+fn iret_to(a: &mut CodeAssembler, [stack_sel, stack, code_sel, ip]: [u32; 4]) {
+    for v in [stack_sel, stack, 0x2, code_sel] {
+        a.push(v).unwrap();
+    }
+    a.mov(eax, ip).unwrap();
+    a.push(eax).unwrap();
+    a.iretd().unwrap();
+}
+
 /// CPL 1, 2 and 3 share translations (only CPL 0 has its own), but not
 /// what they may fetch: a call chained at CPL 1 into a supervisor page must
 /// not run that page's code when the same call comes at CPL 3. Code on a
@@ -1791,14 +1803,7 @@ fn a_call_chained_at_cpl_1_does_not_reach_a_supervisor_page_at_cpl_3() {
         a.xor(edi, edi).unwrap();
         a.mov(esi, CALLS).unwrap();
         // To CPL 1 (selectors 0x19 and 0x21), at the calls.
-        for v in [0x21, (DATA + 0x2000) as u32, 0x2, 0x19] {
-            a.push(v).unwrap();
-        }
-        // (`push imm` would shrink to imm8 for the first pass's zero;
-        // `mov r32, imm32` is 5 bytes in both passes.)
-        a.mov(eax, top_ip).unwrap();
-        a.push(eax).unwrap();
-        a.iretd().unwrap();
+        iret_to(&mut a, [0x21, (DATA + 0x2000) as u32, 0x19, top_ip]);
         // The calls (the first misses in the TLB at the push and goes to
         // the runtime; the TU of the call chains at the second).
         a.set_label(&mut top).unwrap();
@@ -1812,12 +1817,7 @@ fn a_call_chained_at_cpl_1_does_not_reach_a_supervisor_page_at_cpl_3() {
         // From CPL 1 to CPL 3 (0x2b and 0x33), which touches its stack
         // first (so that the call's push finds CPL 3's TLB entry: a miss
         // would leave the call to the runtime) and goes to the same calls.
-        for v in [0x33, (DATA + 0x3000) as u32, 0x2, 0x2b] {
-            a.push(v).unwrap();
-        }
-        a.mov(eax, user_ip).unwrap();
-        a.push(eax).unwrap();
-        a.iretd().unwrap();
+        iret_to(&mut a, [0x33, (DATA + 0x3000) as u32, 0x2b, user_ip]);
         a.set_label(&mut user).unwrap();
         a.push(eax).unwrap();
         a.pop(eax).unwrap();
