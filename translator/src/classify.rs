@@ -59,13 +59,8 @@ pub enum Reason {
 /// forms' names, too slow to run for every instruction translated).
 pub fn classify(code: Code) -> (Class, Reason) {
     static TABLE: std::sync::OnceLock<Vec<(Class, Reason)>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = vec![(Class::Undefined, Reason::NotAnInstruction); Code::values().len()];
-        for c in Code::values() {
-            t[c as usize] = by_rules(c);
-        }
-        t
-    });
+    // `Code::values()` runs through the forms in the order of their numbers.
+    let table = TABLE.get_or_init(|| Code::values().map(by_rules).collect());
     table[code as usize]
 }
 

@@ -153,6 +153,13 @@ pub const UNCHAINED_JUMP: [u8; CHAIN_JUMP_BYTES] = [0xe9, 0, 0, 0, 0];
 
 /// The length of an [`exit_stub`].
 pub const EXIT_STUB_LEN: usize = CHAIN_JUMP_BYTES + 4 * 12 + 8;
+// Its displacements are the block's offsets, as positive disp32s.
+const _: () = assert!(
+    BtBlock::OFF_RIP + 4 < 1 << 31
+        && BtBlock::OFF_EXIT_REASON < 1 << 31
+        && BtBlock::OFF_EXIT_SITE < 1 << 31
+        && BtBlock::OFF_EXIT_STUB < 1 << 31
+);
 
 /// An exit stub: leaves the CCF for the dispatcher with `reason`, at guest
 /// `rip`, naming itself as `site` (see `BtBlock::exit_site`). It opens with a

@@ -2615,8 +2615,8 @@ pub fn translate(bytes: &[u8], rip: u64, mode: Mode, id: u32) -> Outcome {
 
 /// Emits a planned TU; `Err(k)` if instruction k cannot be encoded.
 fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf, usize> {
-    // Room for a typical CCF (some 600 bytes, three labels per probe), so
-    // the buffers do not grow a step at a time.
+    // Room for most CCFs (600 bytes on average in a Linux boot; three
+    // labels per probe), so the buffers do not grow a step at a time.
     let a = VecAssembler::new_with_capacity(0, 2048, 0, 0, 64, 0, 64);
     let mut e = Emitter { a, id: id & 0xff_ffff, mode, exits: Vec::new(), misses: Vec::new(), second_ways: Vec::new(), borrowed: Vec::new(), rcx_borrowed: false, rcx_home: false, fpu_loaded: false, loop_pair: None, rcx_in: None, counts: Counts::default() };
     let mut info = InstructionInfoFactory::new();
