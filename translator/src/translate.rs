@@ -573,11 +573,19 @@ fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
     if !ok || insn.has_lock_prefix() {
         return false;
     }
-    // XMM, YMM and general registers only (RSP only in the address, which
-    // MEM's rewrite takes from where it lives). A VEX form's destination
-    // shows as the ZMM register whose bits above it the host clears: none
-    // the guest has (its XCR0 holds no AVX-512 state).
+    // XMM, YMM and general registers only. A VEX form's destination shows
+    // as the ZMM register whose bits above it the host clears: none the
+    // guest has (its XCR0 holds no AVX-512 state).
     let vex = insn.encoding() == iced_x86::EncodingKind::VEX;
+    operands_inline(insn, mode, info, |r| r.is_xmm() || r.is_ymm() || (vex && r.is_zmm()), &[1, 2, 4, 8, 16, 32])
+}
+
+/// Whether the operands of an SSE, AVX or x87 instruction let it run in a
+/// CCF: registers of its unit (`unit_reg`) and general registers only, RSP
+/// only in the address (which MEM's rewrite takes from where it lives), and
+/// at most one memory operand, of one of `sizes` bytes, through a segment
+/// a CCF may use.
+fn operands_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory, unit_reg: impl Fn(Register) -> bool, sizes: &[usize]) -> bool {
     let names_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
     if names_rsp {
         return false;
@@ -585,14 +593,14 @@ fn sse_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
     let used = info.info(insn);
     let regs_ok = used.used_registers().iter().all(|u| {
         let r = u.register();
-        r.is_xmm() || r.is_ymm() || (vex && r.is_zmm()) || r.is_gpr() || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
+        unit_reg(r) || r.is_gpr() || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
     });
     if !regs_ok {
         return false;
     }
     let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
     !has_mem
-        || (matches!(insn.memory_size().size(), 1 | 2 | 4 | 8 | 16 | 32)
+        || (sizes.contains(&insn.memory_size().size())
             && used.used_memory().len() == 1
             && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
 }
@@ -620,21 +628,9 @@ fn x87_inline(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory)
     if !ok || insn.encoding() != iced_x86::EncodingKind::Legacy {
         return false;
     }
-    // x87 and general registers only (`fnstsw ax`; RSP only in the address).
-    let names_rsp = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && gpr_number(insn.op_register(i)) == Some(RSP));
-    let used = info.info(insn);
-    let regs_ok = used.used_registers().iter().all(|u| {
-        let r = u.register();
-        (Register::ST0 as u32..=Register::ST7 as u32).contains(&(r as u32)) || r.is_gpr() || r.is_segment_register() || matches!(r, Register::RIP | Register::EIP)
-    });
-    if names_rsp || !regs_ok {
-        return false;
-    }
-    let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
-    !has_mem
-        || (matches!(insn.memory_size().size(), 2 | 4 | 8 | 10)
-            && used.used_memory().len() == 1
-            && mode.seg_usable_mask & (1 << seg_index(insn.memory_segment())) != 0)
+    // x87 and general registers only (`fnstsw ax`).
+    let st = |r: Register| (Register::ST0 as u32..=Register::ST7 as u32).contains(&(r as u32));
+    operands_inline(insn, mode, info, st, &[2, 4, 8, 10])
 }
 
 /// Whether the host runs instructions of CPUID feature `f` (of those the

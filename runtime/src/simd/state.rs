@@ -42,6 +42,9 @@ pub(super) const FCW_INIT: u16 = 0x037f;
 pub(super) const MXCSR_INIT: u32 = 0x1f80;
 /// MXCSR's exception masks (IM DM ZM OM UM PM).
 pub(super) const MXCSR_MASKS: u32 = 0x1f80;
+/// The x87 control word's exception masks (IM DM ZM OM UM PM), at the bits
+/// of the status word's exception flags.
+const FCW_MASKS: u16 = 0x3f;
 /// MXCSR_MASK to assume when FXSAVE reports 0 (SDM 11.6.6: all bits but DAZ).
 const MXCSR_MASK_DEFAULT: u32 = 0xffbf;
 
@@ -322,7 +325,7 @@ impl FpuState {
     /// Every x87 exception is masked in the control word and none is
     /// pending: no x87 instruction can raise #MF.
     pub fn x87_exceptions_masked(&self) -> bool {
-        self.fcw() & 0x3f == 0x3f && !self.x87_exception_pending()
+        self.fcw() & FCW_MASKS == FCW_MASKS && !self.x87_exception_pending()
     }
 
     /// True when a waiting x87 instruction (or an MMX one) must raise #MF: the
@@ -330,7 +333,7 @@ impl FpuState {
     /// hardware turns into ES when FLDCW/FRSTOR/FXRSTOR load such a state).
     pub fn x87_exception_pending(&self) -> bool {
         let fsw = self.fsw();
-        let unmasked = fsw & !self.fcw() & 0x3f;
+        let unmasked = fsw & !self.fcw() & FCW_MASKS;
         fsw & 0x80 != 0 || unmasked != 0
     }
 
