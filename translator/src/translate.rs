@@ -1869,6 +1869,39 @@ impl Emitter {
         Ok(())
     }
 
+    /// leave: pops RBP from where RBP points, then RSP = RBP + the width,
+    /// at the stack width (the plan keeps it the code's). The slot is
+    /// probed first, so a miss or a fault leaves the instruction to the
+    /// runtime with nothing done: RSP as it was in the exception frame.
+    fn leave(&mut self, insn: &Instruction, info: &mut InstructionInfoFactory) {
+        let size = (self.mode.bits / 8) as i32;
+        let scratch = pick_scratch(insn, info, 2, self.mode.bits);
+        let (s0, s1) = (scratch[0], scratch[1]);
+        self.spill(&scratch);
+        if size == 8 {
+            dynasm!(self.a ; .arch x64 ; mov Rq(s0), rbp);
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov Rd(s0), ebp);
+        }
+        self.add_segment_base(s0, s1, seg::SS);
+        let miss = self.probe(s0, s1, size, false, false, true);
+        match self.resident_rsp() {
+            Some(r) => dynasm!(self.a ; .arch x64 ; lea Rd(r), [rbp + size]),
+            None => dynasm!(self.a
+                ; .arch x64
+                ; lea Rq(s1), [rbp + size]
+                ; gs mov QWORD [BtBlock::off_gpr(4) as i32], Rq(s1)
+            ),
+        }
+        if size == 8 {
+            dynasm!(self.a ; .arch x64 ; mov rbp, QWORD [Rq(s0)]);
+        } else {
+            dynasm!(self.a ; .arch x64 ; mov ebp, DWORD [Rq(s0)]);
+        }
+        self.unspill(&scratch);
+        self.misses.push(Miss { label: miss, rip: insn.ip(), scratch, flags_saved: false });
+    }
+
     /// ret [imm16]: the return address into the block's RIP, RSP moved,
     /// then the IBTC, or an indirect exit.
     fn ret(&mut self, insn: &Instruction, live: u32, info: &mut InstructionInfoFactory) {
@@ -2758,20 +2791,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 e.counts.mem += 1;
             }
             Plan::Leave => {
-                // RSP = RBP (at the stack width), then pop RBP.
-                if let Some(r) = e.resident_rsp() {
-                    dynasm!(e.a ; .arch x64 ; mov Rd(r), ebp);
-                } else if mode.stack_bits == 64 {
-                    dynasm!(e.a ; .arch x64 ; gs mov QWORD [BtBlock::off_gpr(4) as i32], rbp);
-                } else {
-                    dynasm!(e.a
-                        ; .arch x64
-                        ; gs mov DWORD [BtBlock::off_gpr(4) as i32], ebp
-                        ; gs mov DWORD [BtBlock::off_gpr(4) as i32 + 4], 0
-                    );
-                }
-                let dst = gpr_sized(5, (mode.bits / 8) as usize);
-                e.pop(insn, dst, &mut info).map_err(|_| k)?;
+                e.leave(insn, &mut info);
                 e.counts.mem += 1;
             }
             Plan::Call(target) => {

@@ -3145,3 +3145,45 @@ fn sti_is_inline_unless_an_interrupt_is_pending() {
         assert_eq!(results[1].0[3], 55);
     }
 }
+
+/// A `leave` whose pop faults leaves RSP as it was: the exception frame is
+/// the instruction's, with nothing done. (Found by the random-code test:
+/// the CCF set RSP = RBP before the pop's probe, so the runtime raised
+/// the fault with RSP already moved.)
+#[test]
+fn a_leave_whose_pop_faults_keeps_rsp() {
+    use crate::cpu::{cr0, cr4};
+    for (bits, base, vector) in [(64, 0x50_0000u64, 14u8), (64, 0x8000_0000_0000_0000, 12), (32, 0x0800_0000, 14)] {
+        let mut a = CodeAssembler::new(bits).unwrap();
+        if bits == 64 {
+            a.mov(rsp, 0x30_0000u64).unwrap();
+            a.mov(rbp, base).unwrap();
+        } else {
+            a.mov(esp, 0x30_0000u32).unwrap();
+            a.mov(ebp, base as u32).unwrap();
+        }
+        a.leave().unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        for bt in [false, true] {
+            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            if bits == 32 {
+                v.mem.write_u32(DATA, 0x83); // one 4 MiB page, identity
+                v.cpu.cr3 = DATA;
+                v.cpu.cr4 |= cr4::PSE;
+                v.cpu.cr0 |= cr0::PG;
+                v.cpu.update_mode();
+            }
+            if bt {
+                v.enable_bt(64 << 20).expect("translator");
+            }
+            run_to_exception(&mut v, vector, format_args!("{bits}-bit, rbp {base:#x}, bt {bt}"));
+            let r = &v.cpu.regs;
+            assert_eq!(r.rip, CODE + code.len() as u64 - 2, "at the leave ({bits}-bit, bt {bt})");
+            assert_eq!((r.gpr[4], r.gpr[5]), (0x30_0000, base), "RSP and RBP as they were ({bits}-bit, bt {bt})");
+            if let Some(b) = v.bt.as_ref() {
+                assert_eq!(b.stats.callouts.get(&iced_x86::Mnemonic::Leave), Some(&1), "the CCF ran up to the leave: {:?}", b.stats.callouts);
+            }
+        }
+    }
+}
