@@ -200,6 +200,9 @@ fn rotate(kind: ShiftKind, size: u32, a: u64, count: u32, cf_in: bool) -> ShiftR
 
 /// shld (left) / shrd (right) with a masked, non-zero count.
 pub fn double_shift(left: bool, size: u32, dst: u64, src: u64, count: u32) -> (u64, u64) {
+    if size == 2 && count >= 16 {
+        return host_double_shift16(left, dst as u16, src as u16, count as u8);
+    }
     let top = msb(size);
     let (r, cf) = double_shift_value(left, size, dst, src, count);
     // OF: whether the last one-bit step changed the top bit (the SDM's
@@ -208,6 +211,26 @@ pub fn double_shift(left: bool, size: u32, dst: u64, src: u64, count: u32) -> (u
     let of = ((r ^ before_last) >> top) & 1;
     // AF is undefined; AMD CPUs set it, as for the other shifts.
     (r, szp(size, r) | cf as u64 | AF | (of << 11))
+}
+
+/// A 16-bit shld/shrd by 16 or more, whose flags (and, beyond 16, value)
+/// the SDM leaves undefined and no rule found here reproduces: run on the
+/// host, as translated code runs it, so both engines agree.
+fn host_double_shift16(left: bool, dst: u16, src: u16, count: u8) -> (u64, u64) {
+    let (mut x, mut flags) = (dst, 2u64);
+    // SAFETY: pushes and pops one quadword on the host stack (no `nostack`,
+    // so the compiler keeps its red zone clear) around a shift of registers
+    // only; the flags loaded have DF clear, as Rust expects after the block.
+    unsafe {
+        if left {
+            std::arch::asm!("push {f}", "popfq", "shld {x:x}, {y:x}, cl", "pushfq", "pop {f}",
+                x = inout(reg) x, y = in(reg) src, f = inout(reg) flags, in("cl") count);
+        } else {
+            std::arch::asm!("push {f}", "popfq", "shrd {x:x}, {y:x}, cl", "pushfq", "pop {f}",
+                x = inout(reg) x, y = in(reg) src, f = inout(reg) flags, in("cl") count);
+        }
+    }
+    (x as u64, flags & (CF | PF | AF | ZF | SF | OF))
 }
 
 /// The value and CF of a double shift by a non-zero count.

@@ -63,16 +63,22 @@ fn addr_mask(v: &Vcpu, i: &Instruction) -> u64 {
 }
 
 /// bsf/bsr: ZF=1 and the destination unchanged when the source is zero.
+/// The other flags are undefined; as AMD CPUs give them (translated code
+/// runs these natively, and the interpreter when a TLB miss leaves one to
+/// it): PF from the bit index (as if 0 for a zero source), the rest clear.
 pub fn bit_scan(v: &mut Vcpu, i: &Instruction) -> R {
     let size = op_size(i, 0);
     let x = v.read_op(i, 1, size)?;
-    if x == 0 {
-        v.set_flag(ZF, true);
-        return Ok(());
-    }
-    let r = if i.mnemonic() == Mnemonic::Bsf { x.trailing_zeros() } else { 63 - x.leading_zeros() };
-    v.set_reg(i.op0_register(), r as u64);
-    v.set_arith(CF | PF | AF | ZF | SF | OF, alu::szp(size, r as u64) & PF);
+    let dst = i.op0_register();
+    let r = if x == 0 {
+        0
+    } else {
+        let r = if i.mnemonic() == Mnemonic::Bsf { x.trailing_zeros() } else { 63 - x.leading_zeros() };
+        v.set_reg(dst, r as u64);
+        r as u64
+    };
+    let zf = if x == 0 { ZF } else { 0 };
+    v.set_arith(CF | PF | AF | ZF | SF | OF, (alu::szp(size, r) & PF) | zf);
     Ok(())
 }
 
@@ -89,7 +95,10 @@ pub fn count_bits(v: &mut Vcpu, i: &Instruction) -> R {
     v.set_reg(i.op0_register(), r as u64);
     let zf = if i.mnemonic() == Mnemonic::Popcnt { x == 0 } else { r == 0 };
     let f = (cf as u64) | if zf { ZF } else { 0 };
-    v.set_arith(CF | PF | AF | ZF | SF | OF, f);
+    // lzcnt and tzcnt leave OF, SF, AF and PF undefined: AMD CPUs keep OF
+    // and clear the rest (popcnt clears them all, as defined).
+    let changed = if i.mnemonic() == Mnemonic::Popcnt { CF | PF | AF | ZF | SF | OF } else { CF | PF | AF | ZF | SF };
+    v.set_arith(changed, f);
     Ok(())
 }
 
@@ -99,8 +108,11 @@ pub fn bmi(v: &mut Vcpu, i: &Instruction) -> R {
     let m = size_mask(size);
     let bits = size * 8;
     let dst = i.op0_register();
+    // AF and PF are undefined (SF too for bextr): AMD CPUs give PF from
+    // the result and clear AF, except bextr, which sets AF and clears SF.
     let logic = |v: &mut Vcpu, r: u64, cf: bool| {
-        let f = alu::szp(size, r) & (ZF | SF) | cf as u64;
+        let f = alu::szp(size, r) & (ZF | SF | PF) | cf as u64;
+        let f = if i.mnemonic() == Mnemonic::Bextr { (f & !SF) | AF } else { f };
         v.set_arith(CF | ZF | SF | OF | AF | PF, f);
     };
     match i.mnemonic() {

@@ -297,7 +297,7 @@ pub fn mul1(v: &mut Vcpu, i: &Instruction) -> R {
         set_acc(v, size, lo);
         set_dx(v, size, hi);
     }
-    mul_flags(v, size, lo, overflow);
+    mul_flags(v, overflow);
     Ok(())
 }
 
@@ -310,10 +310,11 @@ fn set_dx(v: &mut Vcpu, size: u32, x: u64) {
     v.set_reg(r, x);
 }
 
-fn mul_flags(v: &mut Vcpu, size: u32, lo: u64, overflow: bool) {
-    // CF = OF = overflow; SF, ZF, AF, PF undefined: set from the low half.
-    let f = alu::szp(size, lo) & (SF | PF) | if overflow { CF | OF } else { 0 };
-    v.set_arith(ARITH, f);
+fn mul_flags(v: &mut Vcpu, overflow: bool) {
+    // CF = OF = overflow; SF, ZF, AF and PF are undefined, and AMD CPUs
+    // keep them (translated code runs multiplications natively, and the
+    // interpreter when a TLB miss leaves one to it).
+    v.set_arith(CF | OF, if overflow { CF | OF } else { 0 });
 }
 
 #[inline(always)]
@@ -333,7 +334,7 @@ pub fn imul_n(v: &mut Vcpu, i: &Instruction) -> R {
     let p = sext(a, size) as i128 * sext(b, size) as i128;
     let lo = p as u64 & size_mask(size);
     v.set_reg(i.op0_register(), lo);
-    mul_flags(v, size, lo, p != sext(lo, size) as i128);
+    mul_flags(v, p != sext(lo, size) as i128);
     Ok(())
 }
 
@@ -372,6 +373,9 @@ pub fn div(v: &mut Vcpu, i: &Instruction) -> R {
         set_acc(v, size, q);
         set_dx(v, size, r);
     }
+    // Every flag is undefined: AMD CPUs keep CF and OF, set AF and clear
+    // the rest (translated code divides natively).
+    v.set_arith(SF | ZF | AF | PF, AF);
     Ok(())
 }
 

@@ -45,11 +45,14 @@ pub fn executed(instrs: &[Instruction], outcome: &Outcome) -> u64 {
 }
 
 /// The differences between `expected` (the oracle) and `actual`; empty if
-/// they agree.
-pub fn diff(case: &Case, expected: &Run, actual: &Run) -> Vec<String> {
+/// they agree. Flags undefined at the end are left out unless `all_flags`.
+pub fn diff(case: &Case, expected: &Run, actual: &Run, all_flags: bool) -> Vec<String> {
     let instrs = decode(&case.code);
     let end = CODE_ADDR + case.code.len() as u64;
-    let masks = undefined_masks(&instrs, end);
+    let mut masks = undefined_masks(&instrs, end);
+    if all_flags {
+        masks.iter_mut().for_each(|m| *m = 0);
+    }
     let mut out = Vec::new();
     match (&expected.outcome, &actual.outcome) {
         (Outcome::Completed { state: e, .. }, Outcome::Completed { state: a, .. }) => {

@@ -30,13 +30,20 @@ pub struct Config {
     pub compounds: bool,
     /// Mismatch reports kept in the `Report`.
     pub max_reports: usize,
+    /// Whether flags the SDM leaves undefined are compared too: on AMD
+    /// hosts, whose values the interpreter gives (translated code runs
+    /// most instructions natively and hands one to the interpreter when
+    /// its access misses the TLB, so the two must agree in every flag).
+    pub all_flags: bool,
 }
 
 impl Config {
     /// The whole user-level integer ISA. For longer hunts, `DIFFTEST_SEED`
     /// overrides the seed, `DIFFTEST_CASES` the number of random sequences
     /// and `DIFFTEST_ITEMS` their longest length (sequences longer than a
-    /// translation unit's 12 instructions run through several).
+    /// translation unit's 12 instructions run through several),
+    /// `DIFFTEST_REPORTS` how many mismatches are printed, and
+    /// `DIFFTEST_ALL_FLAGS` (0 or 1) whether undefined flags are compared.
     pub fn full() -> Config {
         fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
             std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -48,9 +55,14 @@ impl Config {
             max_items: var("DIFFTEST_ITEMS", 12),
             keep: |_| true,
             compounds: true,
-            max_reports: 5,
+            max_reports: var("DIFFTEST_REPORTS", 5),
+            all_flags: var::<u8>("DIFFTEST_ALL_FLAGS", host_is_amd() as u8) != 0,
         }
     }
+}
+
+fn host_is_amd() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("AuthenticAMD"))
 }
 
 /// Counters and the first mismatch reports.
@@ -106,7 +118,7 @@ fn enumerated(exec: &mut dyn Executor, oracle: &mut dyn Executor, menu: &Menu, c
             let seed = mix(cfg.seed, idx as u64, v);
             let Ok(code) = sequence::build(menu, &[(idx, seed)]) else { continue };
             let case = initial_case(code, seed);
-            if let Err(text) = check(exec, oracle, &case, report) {
+            if let Err(text) = check(exec, oracle, &case, cfg.all_flags, report) {
                 report.mismatches += 1;
                 if report.reports.len() < cfg.max_reports {
                     report.reports.push(text);
@@ -140,7 +152,7 @@ fn run_one(e: &mut dyn Executor, case: &Case) -> Result<Run, String> {
 }
 
 /// Runs one case on both; Err(report text) on a mismatch or executor error.
-fn check(exec: &mut dyn Executor, oracle: &mut dyn Executor, case: &Case, report: &mut Report) -> Result<(), String> {
+fn check(exec: &mut dyn Executor, oracle: &mut dyn Executor, case: &Case, all_flags: bool, report: &mut Report) -> Result<(), String> {
     report.sequences += 1;
     let expected = run_one(oracle, case);
     let actual = run_one(exec, case);
@@ -160,7 +172,7 @@ fn check(exec: &mut dyn Executor, oracle: &mut dyn Executor, case: &Case, report
     if let Outcome::Fault { vector, .. } = expected.outcome {
         *report.faults.entry(vector).or_default() += 1;
     }
-    let diffs = compare::diff(case, &expected, &actual);
+    let diffs = compare::diff(case, &expected, &actual, all_flags);
     if diffs.is_empty() {
         Ok(())
     } else {
@@ -197,7 +209,7 @@ fn random(exec: &mut dyn Executor, oracle: &mut dyn Executor, menu: &Menu, cfg: 
         let counting = !s.failed;
         let Shared { exec, oracle, report, .. } = &mut *s;
         let target = if counting { &mut **report } else { &mut scratch };
-        let outcome = check(&mut **exec, &mut **oracle, &case, target);
+        let outcome = check(&mut **exec, &mut **oracle, &case, cfg.all_flags, target);
         if outcome.is_err() {
             s.failed = true;
         }
