@@ -54,6 +54,18 @@ pub enum Reason {
     HiddenFeature,
 }
 
+/// Whether `insn` lies in the hint-NOP space, 0F 18-0F 1F (with any
+/// prefix and ModRM), or is an AMD prefetch (0F 0D with a memory operand):
+/// the prefetch hints, nop, endbr, and what features hidden from guests
+/// named there (MPX, CET's rdssp, cldemote), which CPUs without them run
+/// as NOPs touching no memory, as the AMD host does. Both engines treat
+/// them so. (0F 0D with a register operand is #UD.)
+pub fn is_hint_nop(insn: &iced_x86::Instruction) -> bool {
+    let op = insn.op_code();
+    op.table() == iced_x86::OpCodeTableKind::T0F
+        && ((0x18..=0x1f).contains(&op.op_code()) || op.op_code() == 0x0d && insn.op0_kind() == iced_x86::OpKind::Memory)
+}
+
 /// The class of an instruction form, and why: a lookup in the table of
 /// every form, built by the rules below on first use (they match on the
 /// forms' names, too slow to run for every instruction translated).

@@ -261,6 +261,10 @@ enum Plan {
     Mem,
     Jump(u64),
     Branch(ConditionCode, u64),
+    /// loop, loope, loopne or jrcxz/jecxz on the code size's counter
+    /// register: the host's own instruction (the guest's RCX is the
+    /// host's), over the fall-through exit to the taken one.
+    CountBranch(u64),
     /// push of a register or an immediate.
     Push,
     /// push of a segment register: its selector, from the block, written
@@ -372,7 +376,10 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
         if mode.bits != 64 {
             host_form(&mut insn);
         }
-        let plan = if insn.is_invalid() { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
+        // One that ends past 32-bit code's 4 GiB (EIP wraps to 0 there, the
+        // decoder's next IP does not) is left to the runtime.
+        let wraps = mode.bits == 32 && insn.next_ip() > 0xffff_ffff;
+        let plan = if insn.is_invalid() || wraps { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
         if plan == Plan::Virtual(VirtualOp::Sti) {
             // The instruction after sti runs before any interrupt (the
             // shadow): it ends the TU, so that the dispatcher looks only
@@ -396,7 +403,7 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
             break;
         }
         out.push((insn, plan));
-        if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem) {
+        if matches!(plan, Plan::Jump(_) | Plan::Branch(..) | Plan::CountBranch(_) | Plan::Stop | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem) {
             break;
         }
     }
@@ -405,6 +412,22 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
         out.push((Instruction::default(), Plan::Stop));
     }
     out
+}
+
+/// The host encoding (address-size prefix, opcode) of a loop, loope,
+/// loopne or jrcxz/jecxz that counts with the code size's own register
+/// (RCX in 64-bit code, ECX in 32-bit code, which the host names with an
+/// address-size prefix) and has the code size's operand size. Others
+/// (CX, ECX in 64-bit code, a 16-bit target) are left to the runtime.
+fn count_branch_bytes(insn: &Instruction, mode: Mode) -> Option<(Option<u8>, u8)> {
+    let opcode = match (mode.bits, insn.code()) {
+        (64, Code::Loopne_rel8_64_RCX) | (32, Code::Loopne_rel8_32_ECX) => 0xe0,
+        (64, Code::Loope_rel8_64_RCX) | (32, Code::Loope_rel8_32_ECX) => 0xe1,
+        (64, Code::Loop_rel8_64_RCX) | (32, Code::Loop_rel8_32_ECX) => 0xe2,
+        (64, Code::Jrcxz_rel8_64) | (32, Code::Jecxz_rel8_32) => 0xe3,
+        _ => return None,
+    };
+    Some(((mode.bits == 32).then_some(0x67), opcode))
 }
 
 /// Replaces a 32-bit-only encoding by the 64-bit form with the same effect
@@ -428,6 +451,9 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if insn.is_jcc_short_or_near() {
         return Plan::Branch(insn.condition_code(), insn.near_branch_target());
     }
+    if count_branch_bytes(insn, mode).is_some() {
+        return Plan::CountBranch(insn.near_branch_target());
+    }
     if let Some(plan) = plan_stack(insn, mode) {
         return plan;
     }
@@ -442,6 +468,14 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     }
     if plan_rep_compare(insn, mode) {
         return Plan::RepCompare;
+    }
+    if crate::classify::is_hint_nop(insn) {
+        return Plan::Nothing;
+    }
+    // What is left of the reserved NOP space, 0F 0D with a register
+    // operand, is #UD on the host: the runtime raises it.
+    if insn.mnemonic() == Mnemonic::Reservednop {
+        return Plan::Stop;
     }
     if classify(insn.code()).0 != Class::Data {
         return Plan::Stop;
@@ -466,6 +500,7 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     ) {
         return Plan::Nothing;
     }
+
     // A division runs natively, its host fault caught (by memory through
     // a block slot, so that a fault finds no scratch register borrowed).
     if matches!(m, Mnemonic::Div | Mnemonic::Idiv) {
@@ -1007,7 +1042,7 @@ fn live_flags(tu: &[(Instruction, Plan)]) -> Vec<u32> {
             (after & !written) | insn.rflags_read()
         } & ARITH_FLAGS;
         need[k] = before;
-        let may_fault = !matches!(plan, Plan::Nothing | Plan::Ident | Plan::Jump(_) | Plan::Branch(..));
+        let may_fault = !matches!(plan, Plan::Nothing | Plan::Ident | Plan::Jump(_) | Plan::Branch(..) | Plan::CountBranch(_));
         after = if may_fault { ARITH_FLAGS } else { before };
     }
     need
@@ -2759,6 +2794,20 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 }
                 ended = true;
             }
+            Plan::CountBranch(target) => {
+                e.counts.control += 1;
+                // The host's instruction, rel8 over the fall-through exit
+                // to the taken one, whose own jump is chained.
+                let fall = e.next_exit_code(mask_rip(insn.next_ip(), mode), e.exits.len());
+                let (prefix, opcode) = count_branch_bytes(insn, mode).ok_or(k)?;
+                if let Some(p) = prefix {
+                    e.bytes(&[p]);
+                }
+                e.bytes(&[opcode, u8::try_from(fall.len()).map_err(|_| k)?]);
+                e.exit_next(mask_rip(insn.next_ip(), mode));
+                e.exit_next(mask_rip(target, mode));
+                ended = true;
+            }
             Plan::Push => {
                 let size = -insn.stack_pointer_increment();
                 if insn.op0_kind() == OpKind::Memory {
@@ -2893,7 +2942,9 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
             | Plan::DivideMem
             | Plan::BitMem => Treatment::Mem,
             Plan::Virtual(_) => Treatment::Inline,
-            Plan::Jump(_) | Plan::Branch(..) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => Treatment::Control,
+            Plan::Jump(_) | Plan::Branch(..) | Plan::CountBranch(_) | Plan::Call(_) | Plan::Ret | Plan::IndirectReg | Plan::IndirectMem => {
+                Treatment::Control
+            }
             Plan::Stop => Treatment::Callout,
         })
         .collect();

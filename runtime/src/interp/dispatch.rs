@@ -13,6 +13,9 @@ pub(crate) fn handler(i: &Instruction) -> Handler {
     if i.is_invalid() {
         return invalid;
     }
+    if btvmm_translator::classify::is_hint_nop(i) {
+        return integer::nop;
+    }
     // System first: it claims the special forms of general mnemonics
     // (mov to/from segment, control and debug registers, far jmp/call).
     if let Some(h) = crate::system::handler(i) {

@@ -62,6 +62,9 @@ pub(crate) struct Block {
     pub insns: Vec<Decoded>,
     /// Physical pages the block's bytes came from.
     pub pages: [u64; 2],
+    /// What EIP keeps of an instruction's end: 32-bit code wraps at 4 GiB
+    /// (the decoder does not).
+    pub ip_mask: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -328,7 +331,7 @@ impl Vcpu {
         self.align_check = self.alignment_checking();
         self.block_break = false;
         let d = block.insns.first()?;
-        self.cpu.regs.rip = d.insn.next_ip();
+        self.cpu.regs.rip = d.insn.next_ip() & block.ip_mask;
         self.stats.instructions += 1;
         if let Err(e) = (d.exec)(self, &d.insn) {
             self.cpu.regs.rip = d.insn.ip();
@@ -352,7 +355,7 @@ impl Vcpu {
         self.block_break = false;
         let mut done = 0u64;
         for d in &block.insns[..n] {
-            self.cpu.regs.rip = d.insn.next_ip();
+            self.cpu.regs.rip = d.insn.next_ip() & block.ip_mask;
             done += 1;
             if let Err(e) = (d.exec)(self, &d.insn) {
                 self.cpu.regs.rip = d.insn.ip();
@@ -387,7 +390,7 @@ impl Vcpu {
         if let Some(b) = self.code.get(&key) {
             // A block whose last instruction reaches into the next page
             // holds only while that page still maps where it did.
-            let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+            let next_lin = (lin & !0xfff).wrapping_add(0x1000) & if self.cpu.long_mode() { u64::MAX } else { 0xffff_ffff };
             if b.pages[1] == u64::MAX || self.code_linear_next(next_lin).is_ok_and(|p| p & !0xfff == b.pages[1]) {
                 return Ok(b);
             }
@@ -427,6 +430,7 @@ impl Vcpu {
         self.mem.read(phys, &mut buf[..page_left]);
         let mut off = 0usize;
         let mut ip = rip;
+        let ip_mask = if bits == 32 { 0xffff_ffff } else { u64::MAX };
         while insns.len() < MAX_BLOCK {
             let insn;
             if off + 15 <= page_left {
@@ -439,7 +443,10 @@ impl Vcpu {
                 if dec.last_error() != DecoderError::NoMoreBytes {
                     insn = first;
                 } else {
-                    let next_lin = (lin & !0xfff).wrapping_add(0x1000);
+                    let mut next_lin = (lin & !0xfff).wrapping_add(0x1000);
+                    if !self.cpu.long_mode() {
+                        next_lin &= 0xffff_ffff;
+                    }
                     let next = match self.code_linear_next(next_lin) {
                         Ok(p) => p,
                         Err(e) if insns.is_empty() => return Err(e),
@@ -460,13 +467,16 @@ impl Vcpu {
             }
             off += insn.len();
             ip = insn.next_ip();
-            let ends = insn.flow_control() != FlowControl::Next || insn.is_invalid() || dispatch::ends_block(&insn);
+            // Past the end of 32-bit code's 4 GiB, decoding goes on at 0
+            // in a block of its own.
+            let wraps = ip > ip_mask;
+            let ends = wraps || insn.flow_control() != FlowControl::Next || insn.is_invalid() || dispatch::ends_block(&insn);
             insns.push(Decoded { exec: dispatch::handler(&insn), insn });
             if ends {
                 break;
             }
         }
-        Ok(Block { insns, pages })
+        Ok(Block { insns, pages, ip_mask })
     }
 
     fn code_linear_next(&mut self, lin: u64) -> Result<u64, Exception> {
