@@ -1994,6 +1994,9 @@ impl Emitter {
             dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [scratch_off(0)]);
         }
         if insn.mnemonic() == Mnemonic::Call {
+            if self.mode.bits == 64 {
+                self.canonical_target_or_miss(insn, &scratch[..1], r);
+            }
             let size = (self.mode.bits / 8) as i32;
             self.push(insn, Err(insn.next_ip() as i64), size, info);
         }
@@ -2015,6 +2018,37 @@ impl Emitter {
         self.restore_flags(live);
         self.indirect_exit(insn.ip());
         Ok(())
+    }
+
+    /// Before a 64-bit indirect call pushes anything: a target that is not
+    /// canonical leaves the call to the runtime, which raises its #GP with
+    /// nothing done (a push first left the return address below RSP).
+    /// Flag-free: (target + 2^47) >> 48 must be 0, through RCX and jrcxz.
+    /// The target is register `r`, or the block's RIP (read there by
+    /// `indirect_mem`); `scratch` is one register.
+    fn canonical_target_or_miss(&mut self, insn: &Instruction, scratch: &[u8], r: Option<u8>) {
+        let s0 = scratch[0];
+        let bad = self.a.new_dynamic_label();
+        let good = self.a.new_dynamic_label();
+        self.spill(scratch);
+        match r {
+            Some(r) => dynasm!(self.a ; .arch x64 ; mov Rq(s0), Rq(r)),
+            None => dynasm!(self.a ; .arch x64 ; gs mov Rq(s0), QWORD [BtBlock::OFF_RIP as i32]),
+        }
+        self.save_rcx();
+        dynasm!(self.a
+            ; .arch x64
+            ; mov rcx, QWORD 0x8000_0000_0000
+            ; lea rcx, [rcx + Rq(s0)]
+            ; mov Rd(s0), 48
+            ; shrx rcx, rcx, Rq(s0)
+            ; jrcxz =>good
+            ; jmp =>bad
+            ; =>good
+        );
+        self.load_rcx();
+        self.unspill(scratch);
+        self.misses.push(Miss { label: bad, rip: insn.ip(), scratch: scratch.to_vec(), flags_saved: false });
     }
 
     /// Inline code over the virtual state (see [`VirtualOp`]).

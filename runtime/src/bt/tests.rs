@@ -3318,6 +3318,43 @@ fn reserved_nops_touch_no_memory() {
     }
 }
 
+/// A 64-bit indirect call to a non-canonical target raises #GP with
+/// nothing done: RSP as it was and nothing stored below it. (Found by the
+/// random-code test: the CCF pushed the return address first.)
+#[test]
+fn an_indirect_call_to_a_non_canonical_target_pushes_nothing() {
+    for through_memory in [false, true] {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rsp, 0x30_0000u64).unwrap();
+        // The stack page into the soft TLB, 0x5555 below RSP.
+        a.mov(rcx, 0x5555u64).unwrap();
+        a.push(rcx).unwrap();
+        a.pop(rcx).unwrap();
+        a.mov(rax, 0x8000_0000_0000_1000u64).unwrap();
+        a.mov(rbx, DATA).unwrap();
+        a.mov(qword_ptr(rbx), rax).unwrap();
+        if through_memory {
+            a.call(qword_ptr(rbx)).unwrap();
+        } else {
+            a.call(rax).unwrap();
+        }
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let call_len = 2; // ff d0, ff 13
+        for bt in [false, true] {
+            let mut v = vcpu64(&code);
+            if bt {
+                v.enable_bt(64 << 20).expect("translator");
+            }
+            run_to_exception(&mut v, 13, format_args!("memory {through_memory}, bt {bt}"));
+            let what = format!("memory {through_memory}, bt {bt}");
+            assert_eq!(v.cpu.regs.rip, CODE + code.len() as u64 - 1 - call_len, "at the call ({what})");
+            assert_eq!(v.cpu.regs.gpr[4], 0x30_0000, "{what}");
+            assert_eq!(v.mem.read_u64(0x30_0000 - 8), 0x5555, "nothing pushed ({what})");
+        }
+    }
+}
+
 /// A machine for running random code: no devices, and a deadline after
 /// which the vCPU pauses (the kicker takes translated code out of a loop
 /// there).
