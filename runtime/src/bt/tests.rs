@@ -3411,12 +3411,13 @@ struct Ending {
 
 const RANDOM_RAM: u64 = 8 << 20;
 
-/// Runs `code` at `CODE` in ring 0 from registers `regs`, in 32-bit
-/// protected mode (paging off) or long mode (the first 4 MiB mapped; the
-/// page tables beyond, out of the code's reach), with SSE and AVX on and
-/// RAM filled with a pattern; on the translator if `bt`, until the first
-/// exception or `hlt`. `None` if it ran for longer than `limit`.
-fn run_random(bits: u32, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
+/// Runs `code` at `CODE` in ring 0 (ring 3 if `user`) from registers
+/// `regs`, in 32-bit protected mode (paging off) or long mode (the first
+/// 4 MiB mapped, user pages if `user`; the page tables beyond, out of the
+/// code's reach), with SSE and AVX on and RAM filled with a pattern; on
+/// the translator if `bt`, until the first exception or `hlt`. `None` if
+/// it ran for longer than `limit`.
+fn run_random(bits: u32, user: bool, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let pattern = PATTERN.get_or_init(|| (0..RANDOM_RAM).step_by(8).flat_map(|a| a.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()).collect());
     let mem = Arc::new(GuestMemory::new(RANDOM_RAM).expect("memory"));
@@ -3429,11 +3430,22 @@ fn run_random(bits: u32, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::ti
         }
         v.mem.write_u64(pml4, pdpt | 3);
         v.mem.write_u64(pdpt, pd | 3);
-        v.mem.write_u64(pd, 0x83);
-        v.mem.write_u64(pd + 8, 0x20_0000 | 0x83);
+        let u = if user { 4 } else { 0 };
+        v.mem.write_u64(pml4, pdpt | 3 | u);
+        v.mem.write_u64(pdpt, pd | 3 | u);
+        v.mem.write_u64(pd, 0x83 | u);
+        v.mem.write_u64(pd + 8, 0x20_0000 | 0x83 | u);
         v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
     } else {
         v.cpu.set_flat_protected32(CODE as u32);
+    }
+    if user {
+        // DPL 3 in every segment, RPL 3 in every selector.
+        for s in v.cpu.seg.iter_mut() {
+            s.attr |= 0x60;
+            s.selector |= 3;
+        }
+        v.cpu.cpl = 3;
     }
     v.mem.write(CODE, code);
     enable_avx(&mut v);
@@ -3485,7 +3497,7 @@ fn disassembly(bits: u32, code: &[u8], until: u64) -> String {
     out
 }
 
-/// Random bytes run as ring-0 code, 32- and 64-bit, from random registers
+/// Random bytes run as ring-0 and ring-3 code, 32- and 64-bit, from random registers
 /// (many pointing into RAM): the interpreter and the translator must end
 /// alike (the same exception or halt, at the same RIP, with the same
 /// registers, flags, segments, control registers and RAM). The code goes
@@ -3498,7 +3510,7 @@ fn disassembly(bits: u32, code: &[u8], until: u64) -> String {
 /// `RANDOM_CODE_CASES` hunt further; `RANDOM_CODE_ONLY=n` runs case n
 /// alone and prints both engines' statistics and its code.
 #[test]
-fn random_ring0_code_ends_as_in_the_interpreter() {
+fn random_code_ends_as_in_the_interpreter() {
     fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
         std::env::var(name).ok().and_then(|s| s.parse().ok())
     }
@@ -3510,6 +3522,7 @@ fn random_ring0_code_ends_as_in_the_interpreter() {
     let (mut bad, mut compared, mut skipped) = (Vec::new(), 0, 0);
     for n in 0..cases {
         let bits = if n % 2 == 0 { 64 } else { 32 };
+        let user = n % 4 >= 2;
         let code: Vec<u8> = (0..256).map(|_| rng.next() as u8).collect();
         let mut regs = [0u64; 16];
         for r in regs.iter_mut() {
@@ -3526,7 +3539,7 @@ fn random_ring0_code_ends_as_in_the_interpreter() {
         if code.windows(2).any(|w| w[0] == 0x0f && matches!(w[1], 0x31 | 0x33 | 0xc7 | 0x01)) || only.is_some_and(|o| o != n) {
             continue;
         }
-        let Some(i) = run_random(bits, &code, &regs, false, std::time::Duration::from_millis(300)) else {
+        let Some(i) = run_random(bits, user, &code, &regs, false, std::time::Duration::from_millis(300)) else {
             skipped += 1;
             continue;
         };
@@ -3534,8 +3547,8 @@ fn random_ring0_code_ends_as_in_the_interpreter() {
             eprintln!("{}", disassembly(bits, &code, i.rip));
         }
         compared += 1;
-        let what = format!("case {n} ({bits}-bit)");
-        let Some(mut b) = run_random(bits, &code, &regs, true, std::time::Duration::from_secs(20)) else {
+        let what = format!("case {n} ({bits}-bit, ring {})", if user { 3 } else { 0 });
+        let Some(mut b) = run_random(bits, user, &code, &regs, true, std::time::Duration::from_secs(20)) else {
             bad.push(format!("{what}: the translator did not end; the interpreter: {i:x?}\n{}", disassembly(bits, &code, i.rip)));
             continue;
         };
