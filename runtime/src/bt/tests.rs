@@ -43,6 +43,15 @@ fn vcpu64(code: &[u8]) -> Vcpu {
     v
 }
 
+/// `vcpu64` for 64-bit `code`, else `vcpu`; on the translator if `bt`.
+fn vcpu_of(bits: u32, code: &[u8], bt: bool) -> Vcpu {
+    let mut v = if bits == 64 { vcpu64(code) } else { vcpu(code, None) };
+    if bt {
+        v.enable_bt(64 << 20).expect("translator");
+    }
+    v
+}
+
 /// Turns 32-bit paging on with the page directory at `pd` (through EAX).
 fn paging_on(a: &mut CodeAssembler, pd: u64) {
     a.mov(eax, pd as u32).unwrap();
@@ -509,11 +518,8 @@ fn rep_compares_match_the_interpreter() {
         let code = a.assemble(CODE).unwrap();
         let mut seen = Vec::new();
         for bt in [false, true] {
-            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            let mut v = vcpu_of(bits, &code, bt);
             prepare(&v);
-            if bt {
-                v.enable_bt(64 << 20).expect("translator");
-            }
             run(&mut v);
             let mut out = vec![0u8; cases.len() * 0x48];
             v.mem.read(OUT, &mut out);
@@ -2501,10 +2507,7 @@ fn rep_stos_and_movs_match_the_interpreter() {
         let code = a.assemble(CODE).unwrap();
         let mut results = Vec::new();
         for bt in [false, true] {
-            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
-            if bt {
-                v.enable_bt(64 << 20).expect("translator");
-            }
+            let mut v = vcpu_of(bits, &code, bt);
             run(&mut v);
             let mut out = vec![0u8; 0x8000];
             v.mem.read(DATA, &mut out);
@@ -3166,16 +3169,13 @@ fn a_leave_whose_pop_faults_keeps_rsp() {
         a.hlt().unwrap();
         let code = a.assemble(CODE).unwrap();
         for bt in [false, true] {
-            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            let mut v = vcpu_of(bits, &code, bt);
             if bits == 32 {
                 v.mem.write_u32(DATA, 0x83); // one 4 MiB page, identity
                 v.cpu.cr3 = DATA;
                 v.cpu.cr4 |= cr4::PSE;
                 v.cpu.cr0 |= cr0::PG;
                 v.cpu.update_mode();
-            }
-            if bt {
-                v.enable_bt(64 << 20).expect("translator");
             }
             run_to_exception(&mut v, vector, format_args!("{bits}-bit, rbp {base:#x}, bt {bt}"));
             let r = &v.cpu.regs;
@@ -3272,10 +3272,7 @@ fn counted_branches_run_translated() {
         let code = a.assemble(CODE).unwrap();
         let mut results = Vec::new();
         for bt in [false, true] {
-            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
-            if bt {
-                v.enable_bt(64 << 20).expect("translator");
-            }
+            let mut v = vcpu_of(bits, &code, bt);
             run(&mut v);
             if let Some(b) = v.bt.as_ref() {
                 assert!(b.stats.callouts.iter().all(|(_, &n)| n <= 1), "{bits}-bit: only the hlt: {:?}", b.stats.callouts);
@@ -3307,11 +3304,8 @@ fn reserved_nops_touch_no_memory() {
     ];
     for bits in [32u32, 64] {
         for bt in [false, true] {
-            let mut v = if bits == 64 { vcpu64(&code) } else { vcpu(&code, None) };
+            let mut v = vcpu_of(bits, &code, bt);
             v.cpu.regs.gpr[0] = if bits == 64 { 0x7fff_dead_0000 } else { 0xdead_0000 };
-            if bt {
-                v.enable_bt(64 << 20).expect("translator");
-            }
             run_to_exception(&mut v, 6, format_args!("{bits}-bit, bt {bt}"));
             assert_eq!(v.cpu.regs.rip, CODE + code.len() as u64 - 3, "{bits}-bit, bt {bt}");
         }
@@ -3352,34 +3346,6 @@ fn an_indirect_call_to_a_non_canonical_target_pushes_nothing() {
             assert_eq!(v.cpu.regs.gpr[4], 0x30_0000, "{what}");
             assert_eq!(v.mem.read_u64(0x30_0000 - 8), 0x5555, "nothing pushed ({what})");
         }
-    }
-}
-
-/// A machine for running random code: no devices, and a deadline after
-/// which the vCPU pauses (the kicker takes translated code out of a loop
-/// there).
-struct Watchdog(std::time::Instant);
-
-impl crate::Platform for Watchdog {
-    fn io_in(&mut self, _port: u16, size: u8) -> u32 {
-        if size >= 4 { u32::MAX } else { (1u32 << (size * 8)) - 1 }
-    }
-    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) {}
-    fn intr_pending(&mut self) -> bool {
-        false
-    }
-    fn intr_ack(&mut self) -> Option<u8> {
-        None
-    }
-    fn service(&mut self) {}
-    fn stop_requested(&self) -> bool {
-        false
-    }
-    fn pause_requested(&mut self) -> bool {
-        std::time::Instant::now() >= self.0
-    }
-    fn next_deadline(&self) -> Option<std::time::Instant> {
-        Some(self.0)
     }
 }
 
@@ -3426,7 +3392,8 @@ fn run_random(bits: u32, user: bool, code: &[u8], regs: &[u64; 16], bt: bool, li
     });
     let mem = Arc::new(GuestMemory::new(RANDOM_RAM).expect("memory"));
     mem.write(0, pattern);
-    let mut v = Vcpu::new(mem, Box::new(Watchdog(std::time::Instant::now() + limit)));
+    let stop_at = Some(std::time::Instant::now() + limit);
+    let mut v = Vcpu::new(mem, Box::new(TestMachine { stop_at, ..Default::default() }));
     if bits == 64 {
         let (pml4, pdpt, pd) = (0x70_0000u64, 0x70_1000u64, 0x70_2000u64);
         for p in [pml4, pdpt, pd] {
@@ -3469,7 +3436,7 @@ fn run_random(bits: u32, user: bool, code: &[u8], regs: &[u64; 16], bt: bool, li
             None => eprintln!("interp: {exit:?}; {} instructions", v.stats.instructions),
         }
     }
-    if matches!(exit, VmExit::Paused) {
+    if matches!(exit, VmExit::Stopped) {
         return None;
     }
     let mut ram = vec![0u8; RANDOM_RAM as usize];
