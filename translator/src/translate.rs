@@ -534,6 +534,11 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     if (mode.sse && sse_inline(insn, mode, info)) || (mode.x87 && x87_inline(insn, mode, info)) {
         return Plan::Sse;
     }
+    // fwait looks at the guest's x87 state (a pending unmasked exception
+    // is #MF, CR0.TS with MP #NM): the host's would answer for it.
+    if m == Mnemonic::Wait {
+        return Plan::Stop;
+    }
     // Only integer instructions on general registers run as themselves for
     // now: x87/SSE/AVX state is the runtime's (some x87 and SSE forms, like
     // fnstcw or stmxcsr, name no vector register at all).

@@ -3349,6 +3349,32 @@ fn an_indirect_call_to_a_non_canonical_target_pushes_nothing() {
     }
 }
 
+/// fwait after an x87 exception left pending and unmasked is #MF at the
+/// fwait under both engines. (Found by the random-code test: the CCF ran
+/// fwait natively, on the host's x87 state, where nothing was pending.)
+#[test]
+fn fwait_sees_the_guests_pending_x87_exception() {
+    for bits in [32u32, 64] {
+        let mut a = CodeAssembler::new(bits).unwrap();
+        a.fninit().unwrap();
+        a.mov(word_ptr(DATA), 0x037b).unwrap(); // every exception masked but zero-divide
+        a.fldcw(word_ptr(DATA)).unwrap();
+        a.fldz().unwrap();
+        a.fld1().unwrap();
+        a.fdiv_2(st0, st1).unwrap(); // 1/0: pending, unmasked
+        a.mov(eax, 1).unwrap();
+        a.wait().unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        for bt in [false, true] {
+            let mut v = vcpu_of(bits, &code, bt);
+            v.cpu.cr0 |= crate::cpu::cr0::NE;
+            run_to_exception(&mut v, 16, format_args!("{bits}-bit, bt {bt}"));
+            assert_eq!(v.cpu.regs.rip, CODE + code.len() as u64 - 2, "at the fwait ({bits}-bit, bt {bt})");
+        }
+    }
+}
+
 /// xorshift64.
 struct Rng(u64);
 
