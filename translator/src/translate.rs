@@ -390,7 +390,8 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
                 if mode.bits != 64 {
                     host_form(&mut next);
                 }
-                let plan = if next.is_invalid() { Plan::Stop } else { plan_insn(&next, mode, &mut info) };
+                let wraps = mode.bits == 32 && next.next_ip() > 0xffff_ffff;
+                let plan = if next.is_invalid() || wraps { Plan::Stop } else { plan_insn(&next, mode, &mut info) };
                 (next, plan)
             });
             match next {
@@ -2842,7 +2843,7 @@ fn emit(tu: &[(Instruction, Plan)], rip: u64, mode: Mode, id: u32) -> Result<Ccf
                 if let Some(p) = prefix {
                     e.bytes(&[p]);
                 }
-                e.bytes(&[opcode, u8::try_from(fall.len()).map_err(|_| k)?]);
+                e.bytes(&[opcode, i8::try_from(fall.len()).map_err(|_| k)? as u8]);
                 e.exit_next(mask_rip(insn.next_ip(), mode));
                 e.exit_next(mask_rip(target, mode));
                 ended = true;
