@@ -3416,10 +3416,11 @@ const RANDOM_RAM: u64 = 8 << 20;
 /// Runs `code` at `CODE` in ring 0 (ring 3 if `user`) from registers
 /// `regs`, in 32-bit protected mode (paging off) or long mode (the first
 /// 4 MiB mapped, user pages if `user`; the page tables beyond, out of the
-/// code's reach), with SSE and AVX on and RAM filled with a pattern; on
-/// the translator if `bt`, until the first exception or `hlt`. `None` if
-/// it ran for longer than `limit`.
-fn run_random(bits: u32, user: bool, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
+/// code's reach), flat or (`bases`) with ES, FS and GS based elsewhere,
+/// with SSE and AVX on and RAM filled with a pattern; on the translator if
+/// `bt`, until the first exception or `hlt`. `None` if it ran for longer
+/// than `limit`.
+fn run_random(bits: u32, user: bool, bases: bool, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     // No 0x0f byte: code that runs into the pattern meets no rdtsc,
     // rdrand or the like, whose results differ from run to run.
@@ -3445,6 +3446,13 @@ fn run_random(bits: u32, user: bool, code: &[u8], regs: &[u64; 16], bt: bool, li
         v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
     } else {
         v.cpu.set_flat_protected32(CODE as u32);
+    }
+    if bases {
+        // Data segments with bases (FS and GS only count in 64-bit code),
+        // one of them not page-aligned.
+        for (s, base) in [(seg::ES, 0x1000u64), (seg::FS, 0x20_0000), (seg::GS, 0x12_3458)] {
+            v.cpu.seg[s].base = base;
+        }
     }
     if user {
         // DPL 3 in every segment, RPL 3 in every selector.
@@ -3530,6 +3538,7 @@ fn random_code_ends_as_in_the_interpreter() {
     for n in 0..cases {
         let bits = if n % 2 == 0 { 64 } else { 32 };
         let user = n % 4 >= 2;
+        let bases = n % 8 >= 4;
         let code: Vec<u8> = (0..256).map(|_| rng.next() as u8).collect();
         let mut regs = [0u64; 16];
         for r in regs.iter_mut() {
@@ -3546,7 +3555,7 @@ fn random_code_ends_as_in_the_interpreter() {
         if code.windows(2).any(|w| w[0] == 0x0f && matches!(w[1], 0x31 | 0x32 | 0x33 | 0xc7 | 0x01)) || only.is_some_and(|o| o != n) {
             continue;
         }
-        let Some(i) = run_random(bits, user, &code, &regs, false, std::time::Duration::from_millis(300)) else {
+        let Some(i) = run_random(bits, user, bases, &code, &regs, false, std::time::Duration::from_millis(300)) else {
             skipped += 1;
             continue;
         };
@@ -3554,8 +3563,8 @@ fn random_code_ends_as_in_the_interpreter() {
             eprintln!("{}", disassembly(bits, &code, i.rip));
         }
         compared += 1;
-        let what = format!("case {n} ({bits}-bit, ring {})", if user { 3 } else { 0 });
-        let Some(b) = run_random(bits, user, &code, &regs, true, std::time::Duration::from_secs(20)) else {
+        let what = format!("case {n} ({bits}-bit, ring {}{})", if user { 3 } else { 0 }, if bases { ", segment bases" } else { "" });
+        let Some(b) = run_random(bits, user, bases, &code, &regs, true, std::time::Duration::from_secs(20)) else {
             bad.push(format!("{what}: the translator did not end; the interpreter: {i:x?}\n{}", disassembly(bits, &code, i.rip)));
             continue;
         };
