@@ -3413,14 +3413,26 @@ struct Ending {
 
 const RANDOM_RAM: u64 = 8 << 20;
 
-/// Runs `code` at `CODE` in ring 0 (ring 3 if `user`) from registers
-/// `regs`, in 32-bit protected mode (paging off) or long mode (the first
-/// 4 MiB mapped, user pages if `user`; the page tables beyond, out of the
-/// code's reach), flat or (`bases`) with ES, FS and GS based elsewhere,
-/// with SSE and AVX on and RAM filled with a pattern; on the translator if
-/// `bt`, until the first exception or `hlt`. `None` if it ran for longer
-/// than `limit`.
-fn run_random(bits: u32, user: bool, bases: bool, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
+/// How a random run's machine is set up.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    bits: u32,
+    /// Ring 3 (user pages, DPL-3 segments), else ring 0.
+    user: bool,
+    /// ES, FS and GS based elsewhere (one base not page-aligned), else flat.
+    bases: bool,
+    /// Paging with 4 KiB pages, some absent and some read-only (CR0.WP
+    /// set); else no paging in 32-bit code, 2 MiB pages in 64-bit code.
+    small_pages: bool,
+}
+
+/// Runs `code` at `CODE` from registers `regs` in the machine `setup`
+/// says (32-bit protected mode or long mode, the first 4 MiB reachable
+/// and the page tables beyond, out of the code's reach), with SSE and AVX
+/// on and RAM filled with a pattern; on the translator if `bt`, until the
+/// first exception or `hlt`. `None` if it ran for longer than `limit`.
+fn run_random(setup: Setup, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
+    let Setup { bits, user, bases, small_pages } = setup;
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     // No 0x0f byte: code that runs into the pattern meets no rdtsc,
     // rdrand or the like, whose results differ from run to run.
@@ -3431,21 +3443,45 @@ fn run_random(bits: u32, user: bool, bases: bool, code: &[u8], regs: &[u64; 16],
     mem.write(0, pattern);
     let stop_at = Some(std::time::Instant::now() + limit);
     let mut v = Vcpu::new(mem, Box::new(TestMachine { stop_at, ..Default::default() }));
+    let u = if user { 4 } else { 0 };
+    // The 4 KiB mappings of the first 4 MiB: holes and read-only pages.
+    let pte = |page: u64| match page {
+        _ if page % 11 == 7 => 0,
+        _ if page % 13 == 9 => (page << 12) | 1 | u,
+        _ => (page << 12) | 3 | u,
+    };
+    let tables = 0x70_0000u64;
+    v.mem.write(tables, &[0; 0x8000]);
     if bits == 64 {
-        let (pml4, pdpt, pd) = (0x70_0000u64, 0x70_1000u64, 0x70_2000u64);
-        for p in [pml4, pdpt, pd] {
-            v.mem.write(p, &[0; 4096]);
-        }
-        v.mem.write_u64(pml4, pdpt | 3);
-        v.mem.write_u64(pdpt, pd | 3);
-        let u = if user { 4 } else { 0 };
+        let (pml4, pdpt, pd, pts) = (tables, tables + 0x1000, tables + 0x2000, tables + 0x3000);
         v.mem.write_u64(pml4, pdpt | 3 | u);
         v.mem.write_u64(pdpt, pd | 3 | u);
-        v.mem.write_u64(pd, 0x83 | u);
-        v.mem.write_u64(pd + 8, 0x20_0000 | 0x83 | u);
+        for k in 0..2u64 {
+            if small_pages {
+                v.mem.write_u64(pd + 8 * k, (pts + 0x1000 * k) | 3 | u);
+                for i in 0..512u64 {
+                    v.mem.write_u64(pts + 0x1000 * k + 8 * i, pte(512 * k + i));
+                }
+            } else {
+                v.mem.write_u64(pd + 8 * k, (k << 21) | 0x83 | u);
+            }
+        }
         v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
     } else {
         v.cpu.set_flat_protected32(CODE as u32);
+        if small_pages {
+            let (pd, pt) = (tables, tables + 0x1000);
+            v.mem.write_u32(pd, pt as u32 | 3 | u as u32);
+            for i in 0..1024u64 {
+                v.mem.write_u32(pt + 4 * i, pte(i) as u32);
+            }
+            v.cpu.cr3 = pd;
+            v.cpu.cr0 |= crate::cpu::cr0::PG;
+            v.cpu.update_mode();
+        }
+    }
+    if small_pages {
+        v.cpu.cr0 |= crate::cpu::cr0::WP;
     }
     if bases {
         // Data segments with bases (FS and GS only count in 64-bit code),
@@ -3537,8 +3573,7 @@ fn random_code_ends_as_in_the_interpreter() {
     let (mut bad, mut compared, mut skipped) = (Vec::new(), 0, 0);
     for n in 0..cases {
         let bits = if n % 2 == 0 { 64 } else { 32 };
-        let user = n % 4 >= 2;
-        let bases = n % 8 >= 4;
+        let setup = Setup { bits, user: n % 4 >= 2, bases: n % 8 >= 4, small_pages: n % 16 >= 8 };
         let code: Vec<u8> = (0..256).map(|_| rng.next() as u8).collect();
         let mut regs = [0u64; 16];
         for r in regs.iter_mut() {
@@ -3555,7 +3590,7 @@ fn random_code_ends_as_in_the_interpreter() {
         if code.windows(2).any(|w| w[0] == 0x0f && matches!(w[1], 0x31 | 0x32 | 0x33 | 0xc7 | 0x01)) || only.is_some_and(|o| o != n) {
             continue;
         }
-        let Some(i) = run_random(bits, user, bases, &code, &regs, false, std::time::Duration::from_millis(300)) else {
+        let Some(i) = run_random(setup, &code, &regs, false, std::time::Duration::from_millis(300)) else {
             skipped += 1;
             continue;
         };
@@ -3563,8 +3598,8 @@ fn random_code_ends_as_in_the_interpreter() {
             eprintln!("{}", disassembly(bits, &code, i.rip));
         }
         compared += 1;
-        let what = format!("case {n} ({bits}-bit, ring {}{})", if user { 3 } else { 0 }, if bases { ", segment bases" } else { "" });
-        let Some(b) = run_random(bits, user, bases, &code, &regs, true, std::time::Duration::from_secs(20)) else {
+        let what = format!("case {n} ({setup:?})");
+        let Some(b) = run_random(setup, &code, &regs, true, std::time::Duration::from_secs(20)) else {
             bad.push(format!("{what}: the translator did not end; the interpreter: {i:x?}\n{}", disassembly(bits, &code, i.rip)));
             continue;
         };
