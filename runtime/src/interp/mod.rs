@@ -56,15 +56,15 @@ pub type Handler = fn(&mut Vcpu, &Instruction) -> Result<(), Exception>;
 pub(crate) struct Decoded {
     pub insn: Instruction,
     pub exec: Handler,
+    /// RIP after it: its end, wrapped at 4 GiB in 32-bit code (the
+    /// decoder's next IP is not).
+    pub next: u64,
 }
 
 pub(crate) struct Block {
     pub insns: Vec<Decoded>,
     /// Physical pages the block's bytes came from.
     pub pages: [u64; 2],
-    /// What EIP keeps of an instruction's end: 32-bit code wraps at 4 GiB
-    /// (the decoder does not).
-    pub ip_mask: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -331,7 +331,7 @@ impl Vcpu {
         self.align_check = self.alignment_checking();
         self.block_break = false;
         let d = block.insns.first()?;
-        self.cpu.regs.rip = d.insn.next_ip() & block.ip_mask;
+        self.cpu.regs.rip = d.next;
         self.stats.instructions += 1;
         if let Err(e) = (d.exec)(self, &d.insn) {
             self.cpu.regs.rip = d.insn.ip();
@@ -355,7 +355,7 @@ impl Vcpu {
         self.block_break = false;
         let mut done = 0u64;
         for d in &block.insns[..n] {
-            self.cpu.regs.rip = d.insn.next_ip() & block.ip_mask;
+            self.cpu.regs.rip = d.next;
             done += 1;
             if let Err(e) = (d.exec)(self, &d.insn) {
                 self.cpu.regs.rip = d.insn.ip();
@@ -459,7 +459,7 @@ impl Vcpu {
                     self.mem.read(next, &mut tmp[have..have + 16]);
                     let mut dec = Decoder::with_ip(bits, &tmp[..have + 16], ip, DecoderOptions::NONE);
                     let i = dec.decode();
-                    insns.push(Decoded { exec: dispatch::handler(&i), insn: i });
+                    insns.push(Decoded { exec: dispatch::handler(&i), next: i.next_ip() & ip_mask, insn: i });
                     break;
                 }
             } else {
@@ -471,12 +471,12 @@ impl Vcpu {
             // in a block of its own.
             let wraps = ip > ip_mask;
             let ends = wraps || insn.flow_control() != FlowControl::Next || insn.is_invalid() || dispatch::ends_block(&insn);
-            insns.push(Decoded { exec: dispatch::handler(&insn), insn });
+            insns.push(Decoded { exec: dispatch::handler(&insn), next: insn.next_ip() & ip_mask, insn });
             if ends {
                 break;
             }
         }
-        Ok(Block { insns, pages, ip_mask })
+        Ok(Block { insns, pages })
     }
 
     fn code_linear_next(&mut self, lin: u64) -> Result<u64, Exception> {
