@@ -987,7 +987,9 @@ impl Vcpu {
         if first < bytes.len() {
             let next_lin = (lin & !0xfff).wrapping_add(0x1000);
             let next_lin = if mode.bits == 64 { next_lin } else { next_lin & 0xffff_ffff };
-            if let Ok(next) = self.translate(next_lin, Access::Execute, user) {
+            // Looked at without marking the page accessed: the TU may end
+            // before it (marked below if not).
+            if let Ok(next) = crate::mmu::peek(&self.cpu, &self.mem, next_lin, Access::Execute, user).map(|t| t.phys) {
                 self.mem.read(next, &mut bytes[first..]);
                 have = bytes.len();
                 second = Some((next_lin, next & !0xfff));
@@ -1005,8 +1007,11 @@ impl Vcpu {
             }
             Outcome::Ccf(ccf) => {
                 let page2 = if ccf.guest_bytes > first { second } else { None };
-                if let Some((_, p)) = page2 {
+                if let Some((lin2, p)) = page2 {
                     pages.push(p);
+                    // Its code is fetched from there: accessed now, as
+                    // the interpreter's fetch would mark it.
+                    let _ = self.translate(lin2, Access::Execute, user);
                 }
                 match self.publish(&ccf, key, id, lin & !0xfff, page2) {
                     Some(()) => Slot::Tu(id),

@@ -3385,6 +3385,30 @@ fn fwait_sees_the_guests_pending_x87_exception() {
     }
 }
 
+/// Translating code near the end of a page looks at the next page's
+/// mapping without marking it accessed: only code fetched from there
+/// does (found by the random-code test: the translator set the next
+/// page's A bit for a TU that ended before it; the interpreter did not).
+#[test]
+fn translating_near_a_page_end_leaves_the_next_page_unaccessed() {
+    use crate::cpu::cr0;
+    let (pd, pt) = (DATA, DATA + 0x1000);
+    for bt in [None, Some(64 << 20)] {
+        let mut v = vcpu(&[], bt);
+        page_tables(&v, pd, pt, |page| page);
+        // mov eax, 1; hlt at the end of the page before CODE + 0x2000.
+        v.mem.write(CODE + 0x1ff0, &[0xb8, 1, 0, 0, 0, 0xf4]);
+        v.cpu.cr3 = pd;
+        v.cpu.cr0 |= cr0::PG;
+        v.cpu.update_mode();
+        v.cpu.regs.rip = CODE + 0x1ff0;
+        run(&mut v);
+        let pte = |page: u64| v.mem.read_u32(pt + 4 * (page >> 12));
+        assert_ne!(pte(CODE + 0x1000) & 0x20, 0, "the code's page accessed ({bt:?})");
+        assert_eq!(pte(CODE + 0x2000) & 0x20, 0, "the next page not ({bt:?})");
+    }
+}
+
 /// xorshift64.
 struct Rng(u64);
 

@@ -92,11 +92,21 @@ pub fn translate(
     kind: Access,
     user: bool,
 ) -> Result<Translation, Exception> {
+    walk(Walker { cpu, mem, lin, kind, user, mark: true })
+}
+
+/// As [`translate`], without setting accessed or dirty bits: a look ahead
+/// at a mapping the guest may never use.
+pub fn peek(cpu: &Cpu, mem: &GuestMemory, lin: u64, kind: Access, user: bool) -> Result<Translation, Exception> {
+    walk(Walker { cpu, mem, lin, kind, user, mark: false })
+}
+
+fn walk(w: Walker) -> Result<Translation, Exception> {
+    let cpu = w.cpu;
     if cpu.cr0 & cr0::PG == 0 {
-        let phys = if cpu.efer & efer::LMA != 0 { lin } else { lin & 0xffff_ffff };
+        let phys = if cpu.efer & efer::LMA != 0 { w.lin } else { w.lin & 0xffff_ffff };
         return Ok(Translation { phys, global: false, page_size: 0x1000 });
     }
-    let w = Walker { cpu, mem, lin, kind, user };
     if cpu.cr4 & cr4::PAE == 0 {
         w.walk32()
     } else if cpu.efer & efer::LMA != 0 {
@@ -112,6 +122,8 @@ struct Walker<'a> {
     lin: u64,
     kind: Access,
     user: bool,
+    /// Sets the accessed and dirty bits (not for a `peek`).
+    mark: bool,
 }
 
 /// Accumulated permissions over the levels of a walk.
@@ -155,7 +167,7 @@ impl Walker<'_> {
         if denied {
             return Err(self.fault(pf::P));
         }
-        for (i, &(addr, val, wide)) in entries.iter().enumerate() {
+        for (i, &(addr, val, wide)) in entries.iter().enumerate().filter(|_| self.mark) {
             let leaf = i == entries.len() - 1;
             let mut new = val | PTE_A;
             if leaf && self.kind == Access::Write {
