@@ -415,6 +415,10 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
     out
 }
 
+fn canonical(a: u64) -> bool {
+    (((a << 16) as i64) >> 16) as u64 == a
+}
+
 /// The host encoding (address-size prefix, opcode) of a loop, loope,
 /// loopne or jrcxz/jecxz that counts with the code size's own register
 /// (RCX in 64-bit code, ECX in 32-bit code, which the host names with an
@@ -445,6 +449,13 @@ fn host_form(insn: &mut Instruction) {
 }
 
 fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) -> Plan {
+    // A direct branch to a non-canonical target (from code at the top of
+    // the lower half) is #GP at the branch, with nothing pushed: the
+    // runtime's. (Its exit would leave for the target, faulting there.)
+    let direct = matches!(insn.op0_kind(), OpKind::NearBranch64);
+    if mode.bits == 64 && direct && !canonical(insn.near_branch_target()) {
+        return Plan::Stop;
+    }
     // Direct jumps become exit stubs of our own, in any code size.
     if insn.is_jmp_short_or_near() {
         return Plan::Jump(insn.near_branch_target());

@@ -3409,6 +3409,36 @@ fn translating_near_a_page_end_leaves_the_next_page_unaccessed() {
     }
 }
 
+/// A direct jump, call or branch at the top of the lower canonical half to
+/// beyond it is #GP at the branch, with nothing pushed, under both engines
+/// (the translator's exit used to leave for the target and fault there).
+#[test]
+fn a_direct_branch_to_a_non_canonical_target_faults_at_the_branch() {
+    const AT: u64 = 0x7fff_ffff_fff0; // the last 16 bytes of the lower half
+    for (name, opcode) in [("jmp", &[0xe9u8][..]), ("call", &[0xe8]), ("jne", &[0x0f, 0x85])] {
+        for bt in [false, true] {
+            let mut v = vcpu_of(64, &[], bt);
+            // The last 2 MiB of the lower half map to DATA's 2 MiB page.
+            let (pdpt, pd) = (0x38_3000u64, 0x38_4000u64);
+            v.mem.write_u64(0x38_0000 + 255 * 8, pdpt | 3);
+            v.mem.write_u64(pdpt + 511 * 8, pd | 3);
+            v.mem.write_u64(pd + 511 * 8, DATA | 0x83);
+            // push rcx; pop rcx (the stack page into the soft TLB, 0x5555
+            // below RSP), then the branch forward past the end of the half.
+            let mut code = vec![0x51, 0x59];
+            code.extend(opcode);
+            code.extend(0x100i32.to_le_bytes());
+            v.mem.write(DATA + (AT & 0x1f_ffff) - 2, &code);
+            v.cpu.regs.gpr[1] = 0x5555;
+            v.cpu.regs.gpr[4] = 0x30_0000;
+            v.cpu.regs.rip = AT - 2;
+            run_to_exception(&mut v, 13, format_args!("{name}, bt {bt}"));
+            assert_eq!((v.cpu.regs.rip, v.cpu.regs.gpr[4]), (AT, 0x30_0000), "{name}, bt {bt}");
+            assert_eq!(v.mem.read_u64(0x30_0000 - 8), 0x5555, "nothing pushed ({name}, bt {bt})");
+        }
+    }
+}
+
 /// xorshift64.
 struct Rng(u64);
 
