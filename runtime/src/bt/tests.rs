@@ -3588,6 +3588,33 @@ fn run_random(setup: Setup, code: &[u8], regs: &[u64; 16], bt: bool, limit: std:
     })
 }
 
+/// Whether `code` holds, wherever it might be decoded from, an instruction
+/// whose results differ from run to run (rdtsc, rdtscp, rdrand, rdseed,
+/// rdpmc, rdpid, rdmsr of the TSC, ...).
+fn varies(code: &[u8]) -> bool {
+    code.windows(2).any(|w| w[0] == 0x0f && matches!(w[1], 0x31 | 0x32 | 0x33 | 0xc7 | 0x01))
+}
+
+/// About 240 bytes of valid instructions decoded from random bytes, most
+/// of them straight-line (a quarter of the control transfers kept), then
+/// int3s: runs that go further than random bytes do before they fault.
+fn instruction_stream(rng: &mut Rng, bits: u32) -> Vec<u8> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let mut out = Vec::new();
+    while out.len() < 240 {
+        let bytes: Vec<u8> = (0..15).map(|_| rng.next() as u8).collect();
+        let i = Decoder::with_ip(bits, &bytes, CODE + out.len() as u64, DecoderOptions::NONE).decode();
+        let len = i.len();
+        let straight = i.flow_control() == FlowControl::Next;
+        if i.is_invalid() || varies(&bytes[..len]) || (!straight && rng.next() % 4 != 0) {
+            continue;
+        }
+        out.extend_from_slice(&bytes[..len]);
+    }
+    out.resize(256, 0xcc);
+    out
+}
+
 /// The code decoded straight from its start to a little beyond `until`.
 fn disassembly(bits: u32, code: &[u8], until: u64) -> String {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
@@ -3602,7 +3629,8 @@ fn disassembly(bits: u32, code: &[u8], until: u64) -> String {
     out
 }
 
-/// Random bytes run as ring-0 and ring-3 code, 32- and 64-bit, from random registers
+/// Random bytes (half the time, a stream of random valid instructions) run
+/// as ring-0 and ring-3 code, 32- and 64-bit, from random registers
 /// (many pointing into RAM): the interpreter and the translator must end
 /// alike (the same exception or halt, at the same RIP, with the same
 /// registers, flags, segments, control registers and RAM). The code goes
@@ -3628,7 +3656,7 @@ fn random_code_ends_as_in_the_interpreter() {
     for n in 0..cases {
         let bits = if n % 2 == 0 { 64 } else { 32 };
         let setup = Setup { bits, user: n % 4 >= 2, bases: n % 8 >= 4, small_pages: n % 16 >= 8 };
-        let code: Vec<u8> = (0..256).map(|_| rng.next() as u8).collect();
+        let code = if n % 32 >= 16 { instruction_stream(&mut rng, bits) } else { (0..256).map(|_| rng.next() as u8).collect() };
         let mut regs = [0u64; 16];
         for r in regs.iter_mut() {
             *r = match rng.next() % 4 {
@@ -3638,10 +3666,7 @@ fn random_code_ends_as_in_the_interpreter() {
             };
         }
         regs[4] = 0x3f_f000;
-        // Instructions whose results differ from run to run (rdtsc,
-        // rdtscp, rdrand, rdseed, rdpmc, rdpid, rdmsr of the TSC, ...),
-        // wherever they might be decoded from: left out.
-        if code.windows(2).any(|w| w[0] == 0x0f && matches!(w[1], 0x31 | 0x32 | 0x33 | 0xc7 | 0x01)) || only.is_some_and(|o| o != n) {
+        if varies(&code) || only.is_some_and(|o| o != n) {
             continue;
         }
         let Some(i) = run_random(setup, &code, &regs, false, std::time::Duration::from_millis(300)) else {
