@@ -3478,6 +3478,9 @@ struct Setup {
     /// Paging with 4 KiB pages, some absent and some read-only (CR0.WP
     /// set); else no paging in 32-bit code, 2 MiB pages in 64-bit code.
     small_pages: bool,
+    /// 32-bit code in compatibility mode (long mode's paging), as a 64-bit
+    /// kernel runs 32-bit programs.
+    compat: bool,
 }
 
 /// Runs `code` at `CODE` from registers `regs` in the machine `setup`
@@ -3486,7 +3489,7 @@ struct Setup {
 /// on and RAM filled with a pattern; on the translator if `bt`, until the
 /// first exception or `hlt`. `None` if it ran for longer than `limit`.
 fn run_random(setup: Setup, code: &[u8], regs: &[u64; 16], bt: bool, limit: std::time::Duration) -> Option<Ending> {
-    let Setup { bits, user, bases, small_pages } = setup;
+    let Setup { bits, user, bases, small_pages, compat } = setup;
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     // No 0x0f byte: code that runs into the pattern meets no rdtsc,
     // rdrand or the like, whose results differ from run to run.
@@ -3506,7 +3509,7 @@ fn run_random(setup: Setup, code: &[u8], regs: &[u64; 16], bt: bool, limit: std:
     };
     let tables = 0x70_0000u64;
     v.mem.write(tables, &[0; 0x8000]);
-    if bits == 64 {
+    if bits == 64 || compat {
         let (pml4, pdpt, pd, pts) = (tables, tables + 0x1000, tables + 0x2000, tables + 0x3000);
         v.mem.write_u64(pml4, pdpt | 3 | u);
         v.mem.write_u64(pdpt, pd | 3 | u);
@@ -3521,6 +3524,11 @@ fn run_random(setup: Setup, code: &[u8], regs: &[u64; 16], bt: bool, limit: std:
             }
         }
         v.cpu.set_flat_long64(CODE, pml4, 0x10, 0x18);
+        if compat {
+            // A 32-bit code segment (L clear, D set).
+            v.cpu.seg[seg::CS].attr = 0xc09b;
+            v.cpu.update_mode();
+        }
     } else {
         v.cpu.set_flat_protected32(CODE as u32);
         if small_pages {
@@ -3655,7 +3663,7 @@ fn random_code_ends_as_in_the_interpreter() {
     let (mut bad, mut compared, mut skipped) = (Vec::new(), 0, 0);
     for n in 0..cases {
         let bits = if n % 2 == 0 { 64 } else { 32 };
-        let setup = Setup { bits, user: n % 4 >= 2, bases: n % 8 >= 4, small_pages: n % 16 >= 8 };
+        let setup = Setup { bits, user: n % 4 >= 2, bases: n % 8 >= 4, small_pages: n % 16 >= 8, compat: bits == 32 && n % 64 >= 32 };
         let code = if n % 32 >= 16 { instruction_stream(&mut rng, bits) } else { (0..256).map(|_| rng.next() as u8).collect() };
         let mut regs = [0u64; 16];
         for r in regs.iter_mut() {
