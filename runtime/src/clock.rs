@@ -84,6 +84,8 @@ pub struct GuestClock {
     stolen_at_look: AtomicU64,
     /// The vCPU thread's CPU time, watched for stalls.
     watch: Mutex<Option<Watch>>,
+    /// The last TSC value read (see [`Self::tsc`]).
+    last_tsc: AtomicU64,
 }
 
 /// Where the stall watch last looked.
@@ -135,6 +137,7 @@ impl GuestClock {
             observed_ns: AtomicU64::new(0),
             stolen_at_look: AtomicU64::new(0),
             watch: Mutex::new(None),
+            last_tsc: AtomicU64::new(0),
         }
     }
 
@@ -186,6 +189,7 @@ impl GuestClock {
         let now = Instant::now();
         // Host time since the guest last saw the clock, left to hide.
         let mut unseen = self.unseen(now);
+        let mut looked = false;
         if let Some(w) = self.lock_watch().as_mut() {
             // Only time after the latest read can be hidden: the guest's
             // clock never goes backwards.
@@ -201,6 +205,7 @@ impl GuestClock {
             // of such polling, that made i386 Linux's PIT calibration of the
             // TSC see iterations too slow and give up.
             if now.saturating_duration_since(self.last_observed()) >= QUIET {
+                looked = true;
                 w.looks += 1;
                 let cpu = cpu_time_ns(w.cpu_clock);
                 let wall = now.saturating_duration_since(w.last);
@@ -224,7 +229,11 @@ impl GuestClock {
                 self.steal(late);
             }
         }
-        let ns = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        // The guest sees the clock as of when this returns (its TSC is read
+        // after it): after a look, that is past the look's cost, which the
+        // next read then cannot hide.
+        let seen = if looked { Instant::now() } else { now };
+        let ns = seen.saturating_duration_since(self.origin).as_nanos() as u64;
         self.observed_ns.fetch_max(ns, Ordering::Relaxed);
         self.stolen_at_look.store(self.stolen_ns.load(Ordering::Relaxed), Ordering::Relaxed);
         now
@@ -279,7 +288,13 @@ impl GuestClock {
     pub fn tsc(&self) -> u64 {
         self.read();
         let stolen_cycles = ((self.stolen_ns.load(Ordering::Relaxed) as u128 * tsc_per_ns_q32() as u128) >> 32) as u64;
-        host_tsc().wrapping_sub(stolen_cycles)
+        let t = host_tsc().wrapping_sub(stolen_cycles);
+        // Hidden time is counted in host nanoseconds and the TSC read a
+        // moment after the host clock: what rounding leaves, a few cycles
+        // back, is made up, so every read is past the one before.
+        let t = t.max(self.last_tsc.load(Ordering::Relaxed) + 1);
+        self.last_tsc.store(t, Ordering::Relaxed);
+        t
     }
 
     /// Hides the last `d` of host time, spent on the VMM's own work (such
@@ -299,14 +314,16 @@ impl GuestClock {
 mod tests {
     use super::*;
 
+    /// Stolen time moves the guest's clock back; its TSC, which never goes
+    /// back, stands just past its last value until host time catches up.
     #[test]
-    fn clock_steal_moves_now_and_tsc_back() {
+    fn clock_steal_moves_now_back_and_holds_the_tsc() {
         let c = GuestClock::new();
         let (n0, t0) = (c.now(), c.tsc());
         c.steal(Duration::from_millis(50));
-        let (n1, t1) = (c.now(), c.tsc());
+        let (n1, t1, t2) = (c.now(), c.tsc(), c.tsc());
         assert!(n1 < n0 + Duration::from_millis(10), "guest time went back by the stolen time");
-        assert!(t1 < t0, "the TSC lost the stolen cycles");
+        assert_eq!((t1, t2), (t0 + 1, t0 + 2), "the TSC lost the stolen cycles, and goes on from where it was");
         assert!(c.to_host(n1) >= n1 + Duration::from_millis(50));
     }
 
@@ -440,6 +457,23 @@ mod tests {
         c.hide(Duration::from_secs(1));
         let t2 = c.now();
         assert!(t2 >= t1, "the clock went back");
+    }
+
+    /// A read that looks at the CPU-time clock (a system call) reads the
+    /// TSC after it: the guest has seen the look's cost, so the next read
+    /// must not hide it. (It did, as the VMM's work: two reads right after
+    /// a look went back by the look's cost, and the sysinstr kernel's
+    /// "rdtsc monotonic" check failed now and then.)
+    #[test]
+    fn the_tsc_never_goes_back_after_a_look() {
+        let c = GuestClock::new();
+        c.watch_current_thread();
+        for _ in 0..500 {
+            spin(QUIET + Duration::from_micros(5)); // the next read looks
+            let t0 = c.tsc();
+            let t1 = c.tsc();
+            assert!(t1 >= t0, "the TSC went back by {} cycles", t0 - t1);
+        }
     }
 
     #[test]
