@@ -371,15 +371,18 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
     let mut dec = Decoder::with_ip(mode.bits, bytes, rip, DecoderOptions::NONE);
     let mut out = Vec::new();
     let mut info = InstructionInfoFactory::new();
+    // One that ends past 32-bit code's 4 GiB (EIP wraps to 0 there, the
+    // decoder's next IP does not) is left to the runtime.
+    let plan_of = |insn: &Instruction, info: &mut InstructionInfoFactory| {
+        let wraps = mode.bits == 32 && insn.next_ip() > 0xffff_ffff;
+        if insn.is_invalid() || wraps { Plan::Stop } else { plan_insn(insn, mode, info) }
+    };
     while out.len() < limit && dec.can_decode() {
         let mut insn = dec.decode();
         if mode.bits != 64 {
             host_form(&mut insn);
         }
-        // One that ends past 32-bit code's 4 GiB (EIP wraps to 0 there, the
-        // decoder's next IP does not) is left to the runtime.
-        let wraps = mode.bits == 32 && insn.next_ip() > 0xffff_ffff;
-        let plan = if insn.is_invalid() || wraps { Plan::Stop } else { plan_insn(&insn, mode, &mut info) };
+        let plan = plan_of(&insn, &mut info);
         if plan == Plan::Virtual(VirtualOp::Sti) {
             // The instruction after sti runs before any interrupt (the
             // shadow): it ends the TU, so that the dispatcher looks only
@@ -390,8 +393,7 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
                 if mode.bits != 64 {
                     host_form(&mut next);
                 }
-                let wraps = mode.bits == 32 && next.next_ip() > 0xffff_ffff;
-                let plan = if next.is_invalid() || wraps { Plan::Stop } else { plan_insn(&next, mode, &mut info) };
+                let plan = plan_of(&next, &mut info);
                 (next, plan)
             });
             match next {
