@@ -77,6 +77,15 @@ fn check_cpu(engine: &str, name: &str, kernel: &str) {
     assert_eq!(status, PASS_STATUS, "{name} ({engine})");
 }
 
+/// Some parts of the cpu kernels' workload alone (`parts=M`, as
+/// scripts/compare-cpu.py times them): the host's checksums for the same.
+fn check_cpu_parts(engine: &str, name: &str, kernel: &str, parts: u32) {
+    let append = format!("iterations=2 parts={parts}");
+    let (status, lines) = run(engine, kernel, name, &["--append", &append]);
+    assert_eq!(lines, common::cpu_parts_expected(name, 2, parts), "{name} {append} ({engine})");
+    assert_eq!(status, PASS_STATUS, "{name} {append} ({engine})");
+}
+
 /// Every test kernel under one engine.
 macro_rules! engine_tests {
     ($module:ident, $engine:literal) => {
@@ -127,6 +136,12 @@ macro_rules! engine_tests {
             #[test]
             fn cpu64_checksums_match_host() {
                 check_cpu(ENGINE, "cpu64", env!("BTVMM_KERNEL_CPU64"));
+            }
+
+            #[test]
+            fn cpu_parts_match_host() {
+                check_cpu_parts(ENGINE, "cpu", env!("BTVMM_KERNEL_CPU"), 5);
+                check_cpu_parts(ENGINE, "cpu64", env!("BTVMM_KERNEL_CPU64"), 10);
             }
         }
     };

@@ -81,8 +81,16 @@ impl Drop for MbiModules {
 /// build of the same workload.
 #[allow(dead_code)]
 pub fn cpu_expected(name: &str, iterations: u32) -> Vec<String> {
+    cpu_parts_expected(name, iterations, 15)
+}
+
+/// What the cpu kernels must print for `iterations=N parts=M` (the mask of
+/// the workload's parts in workload.h; 15 is all of them).
+#[allow(dead_code)]
+pub fn cpu_parts_expected(name: &str, iterations: u32, parts: u32) -> Vec<String> {
     let host = std::process::Command::new(env!("BTVMM_KERNEL_CPU_EXPECTED"))
         .arg(iterations.to_string())
+        .arg(parts.to_string())
         .output()
         .expect("run cpu_expected");
     let mut want: Vec<String> = String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();

@@ -93,16 +93,21 @@ static uint32_t memops(uint32_t seed) {
     return crc32(mem_b, MEM_BYTES);
 }
 
-void workload_run(uint32_t iterations, struct workload_result *r) {
-    r->combined = 0;
+void workload_run(uint32_t iterations, uint32_t parts, struct workload_result *r) {
+    r->sieve = r->crc = r->sort = r->mem = r->combined = 0;
     for (uint32_t it = 0; it < iterations; it++) {
         uint32_t seed = 0x1234u + it;
-        r->sieve = sieve();
-        for (uint32_t i = 0; i < CRC_BYTES; i++)
-            crc_buf[i] = (uint8_t)(lcg(&seed) >> 24);
-        r->crc = crc32(crc_buf, CRC_BYTES);
-        r->sort = heapsort_checksum(seed);
-        r->mem = memops(seed);
+        if (parts & WORKLOAD_SIEVE)
+            r->sieve = sieve();
+        if (parts & WORKLOAD_CRC) {
+            for (uint32_t i = 0; i < CRC_BYTES; i++)
+                crc_buf[i] = (uint8_t)(lcg(&seed) >> 24);
+            r->crc = crc32(crc_buf, CRC_BYTES);
+        }
+        if (parts & WORKLOAD_SORT)
+            r->sort = heapsort_checksum(seed);
+        if (parts & WORKLOAD_MEM)
+            r->mem = memops(seed);
         r->combined = (r->combined * 33u) ^ r->sieve ^ r->crc ^ r->sort ^ r->mem;
     }
 }
