@@ -64,6 +64,11 @@ fn measure_tsc_rate_q32(mut now_ns: impl FnMut() -> u64, mut tsc: impl FnMut() -
     (((c1.wrapping_sub(c0) as u128) << 32) / ns as u128) as u64
 }
 
+/// Host nanoseconds in `cycles` of the host TSC (at its measured rate).
+pub fn host_tsc_ns(cycles: u64) -> u64 {
+    (((cycles as u128) << 32) / u128::from(tsc_per_ns_q32().max(1))) as u64
+}
+
 /// The host's time stamp counter.
 #[inline]
 pub fn host_tsc() -> u64 {
@@ -313,6 +318,15 @@ impl GuestClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TSC cycles back to nanoseconds: the inverse of the measured rate.
+    #[test]
+    fn host_tsc_ns_inverts_the_rate() {
+        let second = (u128::from(tsc_per_ns_q32()) * 1_000_000_000) >> 32;
+        let ns = host_tsc_ns(second as u64);
+        assert!(ns.abs_diff(1_000_000_000) <= 1, "1 s of cycles read as {ns} ns");
+        assert_eq!(host_tsc_ns(0), 0);
+    }
 
     /// Stolen time moves the guest's clock back; its TSC, which never goes
     /// back, stands just past its last value until host time catches up.

@@ -549,41 +549,41 @@ impl Vcpu {
 
     /// Port input through the platform, timed for `--stats`.
     pub fn io_in(&mut self, port: u16, size: u8) -> u32 {
-        let t = std::time::Instant::now();
+        let t = crate::clock::host_tsc();
         let v = self.platform.io_in(port, size);
-        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        self.stats.device_cycles += crate::clock::host_tsc().saturating_sub(t);
         v
     }
 
     /// Port output through the platform, timed for `--stats`.
     pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
-        let t = std::time::Instant::now();
+        let t = crate::clock::host_tsc();
         self.platform.io_out(port, size, value);
         self.deadline_stale |= self.platform.deadline_moved();
-        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        self.stats.device_cycles += crate::clock::host_tsc().saturating_sub(t);
     }
 
     /// MMIO read outside RAM, timed for `--stats`.
     pub fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
-        let t = std::time::Instant::now();
+        let t = crate::clock::host_tsc();
         let v = self.platform.mmio_read(addr, size);
-        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        self.stats.device_cycles += crate::clock::host_tsc().saturating_sub(t);
         v
     }
 
     /// MMIO write outside RAM, timed for `--stats`.
     pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
-        let t = std::time::Instant::now();
+        let t = crate::clock::host_tsc();
         self.platform.mmio_write(addr, size, value);
         self.deadline_stale |= self.platform.deadline_moved();
-        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        self.stats.device_cycles += crate::clock::host_tsc().saturating_sub(t);
     }
 
     /// Brings time-driven devices up to date, timed for `--stats`.
     fn service_devices(&mut self) {
-        let t = std::time::Instant::now();
+        let t = crate::clock::host_tsc();
         self.platform.service();
-        self.stats.device_ns += t.elapsed().as_nanos() as u64;
+        self.stats.device_cycles += crate::clock::host_tsc().saturating_sub(t);
     }
 
     /// Delivers a fault raised by an instruction (or by fetching one).
