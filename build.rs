@@ -81,6 +81,10 @@ fn main() {
         println!("cargo:rustc-env=BTVMM_KERNEL_{}={}", k.name.to_uppercase(), final_path.display());
     }
 
+    // The kernels' C flags, for scripts/compare-cpu.py to build their code
+    // as host programs alike.
+    std::fs::write(dest.join("kernel-cflags.txt"), CFLAGS.join("\n") + "\n").expect("write kernel-cflags.txt");
+
     let expected = dest.join("cpu_expected");
     run(Command::new("gcc").args(["-O2", "-Wall", "-Werror", "-o"]).arg(&expected).args([
         src.join("cpu_expected.c"),

@@ -64,20 +64,23 @@ def host_argv(program, parts):
     return argv
 
 
-# The code-generation flags of build.rs's CFLAGS (the kernels' C code).
-GUEST_CFLAGS = ["-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector", "-mgeneral-regs-only",
-                "-mno-red-zone", "-fno-asynchronous-unwind-tables", "-fcf-protection=none"]
-
-
 def build_guest_code(bits):
     """The workload as kernel `bits` runs it, built as a host program into
-    target/kernels/guest-code<bits>; None (and why, on stderr) if gcc cannot
-    link it (-m32 needs gcc-multilib)."""
+    target/kernels/guest-code<bits>: workload.c compiled with the kernels'
+    own flags (build.rs's CFLAGS, which the build writes out), linked with
+    cpu_expected.c. None (and why, on stderr) if gcc cannot link it (-m32
+    needs gcc-multilib)."""
+    kernels = os.path.join(ROOT, "target", "kernels")
+    try:
+        with open(os.path.join(kernels, "kernel-cflags.txt")) as f:
+            cflags = f.read().split()
+    except OSError:
+        sys.exit("compare-cpu: no target/kernels/kernel-cflags.txt: build first: cargo build --release")
     src = os.path.join(ROOT, "tests", "kernels")
-    out = os.path.join(ROOT, "target", "kernels", f"guest-code{bits}")
+    out = os.path.join(kernels, f"guest-code{bits}")
     obj = out + ".workload.o"
     m = f"-m{bits}"
-    steps = [["gcc", m, *GUEST_CFLAGS, "-c", os.path.join(src, "workload.c"), "-o", obj],
+    steps = [["gcc", m, *cflags, "-c", os.path.join(src, "workload.c"), "-o", obj],
              ["gcc", m, "-O2", "-no-pie", "-o", out, os.path.join(src, "cpu_expected.c"), obj]]
     for argv in steps:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
