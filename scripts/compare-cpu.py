@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The CPU test kernel's ring-0 work (sieve, CRC, sort, memcpy, paging on)
 under btvmm's translator, btvmm's interpreter and QEMU's TCG, and the
-ratios between them (figures to report, not a test). The same workload
-built for the host (`cpu_expected`, a 64-bit program from the same C file)
-gives the native time that both are measured against.
+ratios between them (figures to report, not a test), and the same
+workload run natively (see below).
 
     scripts/compare-cpu.py [--kernel cpu|cpu64|all] [--iterations N] [--runs R]
                            [--parts sieve,crc,sort,mem] [--no-interp]

@@ -78,12 +78,21 @@ fn check_cpu(engine: &str, name: &str, kernel: &str) {
 }
 
 /// Some parts of the cpu kernels' workload alone (`parts=M`, as
-/// scripts/compare-cpu.py times them): the host's checksums for the same.
+/// scripts/compare-cpu.py times them): the host's checksums for the same,
+/// and each part that ran gives what it gives in a whole round (it worked
+/// on the same data).
 fn check_cpu_parts(engine: &str, name: &str, kernel: &str, parts: u32) {
     let append = format!("iterations=2 parts={parts}");
     let (status, lines) = run(engine, kernel, name, &["--append", &append]);
     assert_eq!(lines, common::cpu_parts_expected(name, 2, parts), "{name} {append} ({engine})");
     assert_eq!(status, PASS_STATUS, "{name} {append} ({engine})");
+    // Lines 1-4: sieve, crc32, sort, mem (parts 1, 2, 4, 8).
+    let whole = common::cpu_parts_expected(name, 2, 15);
+    for (bit, line) in [(1, 1), (2, 2), (4, 3), (8, 4)] {
+        if parts & bit != 0 {
+            assert_eq!(lines[line], whole[line], "{name} {append} ({engine}) against a whole round");
+        }
+    }
 }
 
 /// Every test kernel under one engine.

@@ -93,6 +93,7 @@ pub fn cpu_parts_expected(name: &str, iterations: u32, parts: u32) -> Vec<String
         .arg(parts.to_string())
         .output()
         .expect("run cpu_expected");
+    assert!(host.status.success(), "cpu_expected {iterations} {parts}: {}", host.status);
     let mut want: Vec<String> = String::from_utf8_lossy(&host.stdout).lines().map(|l| format!("{name}: {l}")).collect();
     want.push(format!("{name}: PASS"));
     want

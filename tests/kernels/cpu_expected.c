@@ -5,9 +5,14 @@
 #include <stdlib.h>
 #include "workload.h"
 
+/* A number as the kernels' cmdline_uint reads it: 0x for hex, else decimal. */
+static unsigned number(const char *s) {
+    return (unsigned)strtoul(s, NULL, s[0] == '0' && s[1] == 'x' ? 16 : 10);
+}
+
 int main(int argc, char **argv) {
-    unsigned n = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 0) : 30;
-    unsigned parts = argc > 2 ? (unsigned)strtoul(argv[2], NULL, 0) : WORKLOAD_ALL;
+    unsigned n = argc > 1 ? number(argv[1]) : 30;
+    unsigned parts = argc > 2 ? number(argv[2]) : WORKLOAD_ALL;
     struct workload_result r;
     workload_run(n, parts, &r);
     printf("iterations=%u\nsieve=%u\ncrc32=%08x\nsort=%08x\nmem=%08x\ncombined=%08x\n", n, r.sieve,
