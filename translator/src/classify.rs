@@ -66,6 +66,13 @@ pub fn is_hint_nop(insn: &iced_x86::Instruction) -> bool {
         && ((0x18..=0x1f).contains(&op.op_code()) || op.op_code() == 0x0d && insn.op0_kind() == iced_x86::OpKind::Memory)
 }
 
+/// Whether `a` is a canonical 48-bit address (bits 63-47 all equal), as
+/// both engines check 64-bit addresses and branch targets.
+#[inline(always)]
+pub fn is_canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
 /// The class of an instruction form, and why: a lookup in the table of
 /// every form, built by the rules below on first use (they match on the
 /// forms' names, too slow to run for every instruction translated).

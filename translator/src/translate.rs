@@ -417,10 +417,6 @@ fn plan_tu(bytes: &[u8], rip: u64, mode: Mode, limit: usize) -> Vec<(Instruction
     out
 }
 
-fn canonical(a: u64) -> bool {
-    (((a << 16) as i64) >> 16) as u64 == a
-}
-
 /// The host encoding (address-size prefix, opcode) of a loop, loope,
 /// loopne or jrcxz/jecxz that counts with the code size's own register
 /// (RCX in 64-bit code, ECX in 32-bit code, which the host names with an
@@ -455,7 +451,7 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     // the lower half) is #GP at the branch, with nothing pushed: the
     // runtime's. (Its exit would leave for the target, faulting there.)
     let direct = matches!(insn.op0_kind(), OpKind::NearBranch64);
-    if mode.bits == 64 && direct && !canonical(insn.near_branch_target()) {
+    if mode.bits == 64 && direct && !crate::classify::is_canonical(insn.near_branch_target()) {
         return Plan::Stop;
     }
     // Direct jumps become exit stubs of our own, in any code size.
@@ -498,20 +494,8 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
         return Plan::Stop;
     }
     let m = insn.mnemonic();
-    // Prefetches are hints with no architectural effect (they never fault):
-    // nothing to do, like nop.
-    if matches!(
-        m,
-        Mnemonic::Nop
-            | Mnemonic::Endbr32
-            | Mnemonic::Endbr64
-            | Mnemonic::Pause
-            | Mnemonic::Prefetchnta
-            | Mnemonic::Prefetcht0
-            | Mnemonic::Prefetcht1
-            | Mnemonic::Prefetcht2
-            | Mnemonic::Prefetchw
-    ) {
+    // Nothing to do (the prefetches and endbr are hint NOPs, above).
+    if matches!(m, Mnemonic::Nop | Mnemonic::Pause) {
         return Plan::Nothing;
     }
 
@@ -557,7 +541,7 @@ fn plan_insn(insn: &Instruction, mode: Mode, info: &mut InstructionInfoFactory) 
     // now: x87/SSE/AVX state is the runtime's (some x87 and SSE forms, like
     // fnstcw or stmxcsr, name no vector register at all).
     if !insn.cpuid_features().iter().all(|f| integer_feature(*f))
-        && !matches!(m, Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence | Mnemonic::Movnti | Mnemonic::Prefetchnta | Mnemonic::Prefetcht0 | Mnemonic::Prefetcht1 | Mnemonic::Prefetcht2 | Mnemonic::Prefetchw)
+        && !matches!(m, Mnemonic::Lfence | Mnemonic::Mfence | Mnemonic::Sfence | Mnemonic::Movnti)
     {
         return Plan::Stop;
     }

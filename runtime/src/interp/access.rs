@@ -501,10 +501,7 @@ fn addr_mask_of(r: Register) -> u64 {
     }
 }
 
-#[inline(always)]
-pub fn is_canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
-}
+pub use btvmm_translator::classify::is_canonical;
 
 /// # Safety
 /// `host..host+size` must be mapped and readable.

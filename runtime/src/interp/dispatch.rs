@@ -52,9 +52,8 @@ fn integer_handler(m: M) -> Option<Handler> {
         M::Lahf => integer::lahf,
         M::Sahf => integer::sahf,
         M::Xlatb => integer::xlat,
-        M::Nop | M::Pause | M::Prefetch | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1
-        | M::Prefetcht2 | M::Prefetchw | M::Lfence | M::Mfence | M::Sfence | M::Endbr32
-        | M::Endbr64 | M::Clflush | M::Clflushopt => integer::nop,
+        // The prefetches and endbr are hint NOPs, caught above.
+        M::Nop | M::Pause | M::Lfence | M::Mfence | M::Sfence | M::Clflush | M::Clflushopt => integer::nop,
         M::Add => integer::add,
         M::Adc => integer::adc,
         M::Sub => integer::sub,
