@@ -62,8 +62,10 @@ pub enum Reason {
 /// them so. (0F 0D with a register operand is #UD.)
 pub fn is_hint_nop(insn: &iced_x86::Instruction) -> bool {
     let op = insn.op_code();
+    // iced counts a fixed ModRM byte into the opcode (endbr64 is 0x1efa).
+    let byte = if op.op_code() > 0xff { op.op_code() >> 8 } else { op.op_code() };
     op.table() == iced_x86::OpCodeTableKind::T0F
-        && ((0x18..=0x1f).contains(&op.op_code()) || op.op_code() == 0x0d && insn.op0_kind() == iced_x86::OpKind::Memory)
+        && ((0x18..=0x1f).contains(&byte) || byte == 0x0d && insn.op0_kind() == iced_x86::OpKind::Memory)
 }
 
 /// Whether `a` is a canonical 48-bit address (bits 63-47 all equal), as

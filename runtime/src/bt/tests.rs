@@ -3295,7 +3295,9 @@ fn counted_branches_run_translated() {
 /// The reserved NOP space (0F 18-1F, 0F 0D) is a NOP that touches no
 /// memory, even through a wild address, under both engines; 0F 0D with a
 /// register operand is #UD (so the AMD host has them; found by the
-/// random-code test: the interpreter raised #UD for `0f 1b e1`).
+/// random-code test: the interpreter raised #UD for `0f 1b e1`). endbr32
+/// and endbr64 too, whose fixed ModRM byte iced counts into the opcode
+/// (both engines raised #UD for them when only `is_hint_nop` named them).
 #[test]
 fn reserved_nops_touch_no_memory() {
     let code = [
@@ -3305,6 +3307,10 @@ fn reserved_nops_touch_no_memory() {
         0x0f, 0x1f, 0xc0, // eax
         0x0f, 0x18, 0x38, // [rax], the reserved /7 hint
         0x0f, 0x0d, 0x00, // prefetch [rax]
+        0x0f, 0x0d, 0x08, // prefetchw [rax]
+        0x0f, 0x18, 0x00, // prefetchnta [rax]
+        0xf3, 0x0f, 0x1e, 0xfa, // endbr64
+        0xf3, 0x0f, 0x1e, 0xfb, // endbr32
         0x0f, 0x0d, 0xc8, // a register: #UD
     ];
     for bits in [32u32, 64] {
